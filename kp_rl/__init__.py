@@ -1,0 +1,19 @@
+"""kp_rl: unsupervised keypoints and keypoint dynamics (Minderer et al., NeurIPS 2019) as an RL perception plugin.
+
+Importing ``kp_rl`` registers the ``kp_rl/<domain>-<task>-v0`` Gymnasium environments.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # before anything imports dm_control / mujoco rendering
+
+from kp_rl.config import Config, get_preset, load_config  # noqa: E402
+from kp_rl.envs import make_env, register_envs  # noqa: E402
+
+__version__ = "0.1.0"
+
+register_envs()
+
+__all__ = ["Config", "get_preset", "load_config", "make_env", "register_envs", "__version__"]

@@ -1,0 +1,245 @@
+"""Typed configuration: dataclasses for every model and training knob, with the ``cpu`` and ``paper`` presets.
+
+The paper's values (Minderer et al. 2019, reference implementation) are written once, in :data:`PRESETS`.
+Configs round-trip through plain dicts (checkpoints) and YAML files (experiments)::
+
+    >>> cfg = get_preset("cpu")
+    >>> cfg.keypoints.num_keypoints
+    16
+    >>> Config.from_dict(cfg.to_dict()) == cfg
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class KeypointConfig:
+    """Sizes and loss weights of the keypoint autoencoder (encoder, Gaussian maps, decoder)."""
+
+    image_size: int = 64
+    num_keypoints: int = 64  # K
+    base_filters: int = 32  # filters at full resolution; doubled at every down-sampling
+    layers_per_scale: int = 2  # extra 3x3 convs per scale
+    num_scales: int = 3  # 64 -> 32 -> 16: heatmaps at 1/4 resolution
+    keypoint_sigma: float = 1.5  # Gaussian width in heatmap pixels
+    heatmap_eps: float = 1e-6  # added per pixel before normalising a heatmap
+    sparsity_weight: float = 5.0
+    separation_weight: float = 10.0
+    separation_sigma: float = 0.1
+    leaky_relu_slope: float = 0.2
+
+    @property
+    def heatmap_width(self) -> int:
+        return self.image_size // 2 ** (self.num_scales - 1)
+
+    def validate(self) -> None:
+        if self.image_size % 2 ** (self.num_scales - 1):
+            raise ConfigError(
+                f"keypoints.image_size={self.image_size} must be divisible by 2**(num_scales-1)="
+                f"{2 ** (self.num_scales - 1)}"
+            )
+        for name in ("num_keypoints", "base_filters", "num_scales", "image_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"keypoints.{name} must be >= 1, got {getattr(self, name)}")
+        if self.layers_per_scale < 0:
+            raise ConfigError(f"keypoints.layers_per_scale must be >= 0, got {self.layers_per_scale}")
+        if self.keypoint_sigma <= 0:
+            raise ConfigError(f"keypoints.keypoint_sigma must be > 0, got {self.keypoint_sigma}")
+
+
+@dataclass(frozen=True)
+class CNNConfig:
+    """The unstructured baseline's CNN autoencoder: same conv trunk, flat latent instead of keypoints."""
+
+    latent_dim: int = 192  # flat code; default K*3 of the paper preset (64*3)
+
+    def validate(self) -> None:
+        if self.latent_dim < 1:
+            raise ConfigError(f"cnn.latent_dim must be >= 1, got {self.latent_dim}")
+
+
+@dataclass(frozen=True)
+class DynamicsConfig:
+    """VRNN over keypoint (or CNN latent) vectors, with action input and a reward head."""
+
+    rnn_units: int = 512
+    latent_dim: int = 16
+    prior_hidden: int = 128
+    posterior_hidden: int = 128
+    decoder_hidden: int = 128
+    reward_hidden: int = 128
+    observed_steps: int = 8  # N
+    predicted_steps: int = 8  # M
+    num_samples: int = 10  # S, best-of-many
+    best_of_many: bool = True
+    stochastic: bool = True  # False: no z at all (deterministic RNN ablation)
+    kl_weight: float = 1.0  # the reference uses 0.0, which leaves its prior untrained (see README)
+    kl_anneal_steps: int = 1000
+    reward_weight: float = 1.0
+    coord_weight: float = 1.0
+    # scheduled sampling: probability of feeding the true keypoints, ramped linearly over ramp_fraction of training
+    sampling_observed_end: float = 0.1
+    sampling_predicted_end: float = 0.5
+    sampling_ramp_fraction: float = 0.8
+    min_std: float = 1e-4
+
+    @property
+    def sequence_length(self) -> int:
+        return self.observed_steps + self.predicted_steps
+
+    def validate(self) -> None:
+        for name in ("rnn_units", "latent_dim", "observed_steps", "num_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"dynamics.{name} must be >= 1, got {getattr(self, name)}")
+        if self.predicted_steps < 0:
+            raise ConfigError(f"dynamics.predicted_steps must be >= 0, got {self.predicted_steps}")
+        if self.kl_weight < 0:
+            raise ConfigError(f"dynamics.kl_weight must be >= 0, got {self.kl_weight}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, logging and checkpointing (shared by every training loop)."""
+
+    batch_size: int = 32
+    sequence_length: int = 16  # frames per training window (keypoint model: observed steps are what it sees)
+    steps: int = 10_000
+    lr: float = 1e-3
+    weight_decay: float = 1e-4  # L2 on conv kernels
+    clip_grad_norm: float = 10.0  # global norm (torch.nn.utils.clip_grad_norm_), not Keras' per-tensor clipnorm
+    log_every: int = 50
+    image_every: int = 500
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    eval_batches: int = 4
+    num_workers: int = 0
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+
+    def validate(self) -> None:
+        for name in ("batch_size", "sequence_length", "steps", "log_every", "checkpoint_every", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a model needs to be rebuilt: stored inside every checkpoint."""
+
+    preset: str = "paper"
+    keypoints: KeypointConfig = field(default_factory=KeypointConfig)
+    cnn: CNNConfig = field(default_factory=CNNConfig)
+    dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        self.keypoints.validate()
+        self.cnn.validate()
+        self.dynamics.validate()
+        self.train.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        return _build(cls, data, "config").validate()
+
+    def replace(self, **sections: dict[str, Any]) -> "Config":
+        """Return a copy with some fields of some sections changed, e.g. ``replace(train={"steps": 10})``."""
+        merged = self.to_dict()
+        for section, values in sections.items():
+            if section not in merged or not isinstance(merged[section], dict):
+                raise ConfigError(f"unknown config section {section!r}; expected one of {_sections()}")
+            merged[section] = {**merged[section], **values}
+        return Config.from_dict(merged)
+
+
+def _sections() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config) if f.name != "preset"]
+
+
+def _build(cls: type[T], data: Any, where: str) -> T:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(fields)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{where}.{name}")
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}.{name}: expected true/false, got {value!r}")
+            kwargs[name] = value
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{where}.{name}: expected a number, got {value!r}")
+            if isinstance(default, int) and not float(value).is_integer():
+                raise ConfigError(f"{where}.{name}: expected an integer, got {value!r}")
+            kwargs[name] = type(default)(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+PRESETS: dict[str, Config] = {
+    # The reference implementation's sizes and optimisation (64x64, K=64, 32 filters, 2 layers per scale).
+    "paper": Config(preset="paper"),
+    # Small enough to train a useful model on 2 CPU cores in minutes.
+    "cpu": Config(
+        preset="cpu",
+        keypoints=KeypointConfig(num_keypoints=16, base_filters=16, layers_per_scale=1),
+        cnn=CNNConfig(latent_dim=48),
+        dynamics=DynamicsConfig(rnn_units=128, latent_dim=8, prior_hidden=64, posterior_hidden=64,
+                                decoder_hidden=64, reward_hidden=64, num_samples=5, kl_anneal_steps=500),
+        train=TrainConfig(batch_size=16, sequence_length=8, steps=2000, image_every=250, eval_every=250,
+                          checkpoint_every=250),
+    ),
+}
+
+
+def get_preset(name: str) -> Config:
+    """Return a preset by name (``cpu`` or ``paper``)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def load_config(path: str | Path, base: str | None = None) -> Config:
+    """Load a YAML config: ``preset: cpu`` plus section overrides (``train: {steps: 100}``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    preset = get_preset(data.pop("preset", base or "cpu"))
+    try:
+        return preset.replace(**data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

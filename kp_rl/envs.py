@@ -1,0 +1,272 @@
+"""dm_control tasks as fast Gymnasium pixel environments, declared in the ``envs/*.yaml`` catalog.
+
+One YAML file per task (domain, task, camera, image size, action repeat, episode length, render switches);
+each becomes the Gymnasium id ``kp_rl/<domain>-<task>-v0`` when ``kp_rl`` is imported.
+
+The environment follows the usual pixel-DMC setup: ``visualize_reward=False`` (bodies are not coloured by
+reward, so pixels do not leak it), actions rescaled to [-1, 1], rewards summed over the repeated steps.
+Frames come from one reused ``mujoco.Renderer`` (shadows and reflections are switches). Every step's
+``info`` carries the low-dimensional state and the 2-D pixel coordinates of every body, projected through
+the camera: the ground truth of the tracking evaluation.
+
+Example:
+    >>> import gymnasium as gym, kp_rl
+    >>> env = gym.make("kp_rl/cartpole-swingup-v0")
+    >>> obs, info = env.reset(seed=0)
+    >>> obs.shape, obs.dtype, info["body_pixels"].shape
+    ((64, 64, 3), dtype('uint8'), (2, 2))
+    >>> env.close()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import yaml
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering on the CPU; must precede dm_control's import
+
+ENV_PREFIX = "kp_rl/"
+ENV_VERSION = "v0"
+
+
+class UnknownTaskError(ValueError):
+    """The environment id or task name is not in the catalog."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One catalog entry: how a dm_control task becomes a pixel environment."""
+
+    domain: str
+    task: str
+    camera: int = 0
+    image_size: int = 64
+    action_repeat: int = 1
+    episode_steps: int = 1000  # physics control steps per episode (agent steps = episode_steps / action_repeat)
+    shadows: bool = False
+    reflections: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.domain}-{self.task}"
+
+    @property
+    def env_id(self) -> str:
+        return f"{ENV_PREFIX}{self.name}-{ENV_VERSION}"
+
+    @property
+    def max_episode_steps(self) -> int:
+        """Agent steps per episode."""
+        return -(-self.episode_steps // self.action_repeat)
+
+    def replace(self, **changes: Any) -> "TaskSpec":
+        spec = dataclasses.replace(self, **changes)
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or not 8 <= self.image_size <= 1024:
+            raise ValueError(f"image_size must be an integer in [8, 1024], got {self.image_size!r}")
+        if not isinstance(self.action_repeat, int) or self.action_repeat < 1:
+            raise ValueError(f"action_repeat must be a positive integer, got {self.action_repeat!r}")
+        if not isinstance(self.episode_steps, int) or self.episode_steps < 1:
+            raise ValueError(f"episode_steps must be a positive integer, got {self.episode_steps!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> "TaskSpec":
+        data = yaml.safe_load(path.read_text())
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict) or not {"domain", "task"} <= set(data) or set(data) - fields:
+            raise ValueError(f"{path}: expected a mapping with domain, task and some of {sorted(fields)}")
+        spec = cls(**data)
+        spec.validate()
+        return spec
+
+
+def catalog_dir() -> Path:
+    """Where the ``envs/*.yaml`` catalog lives: ``$KP_RL_ENVS``, the source tree, or the installed copy."""
+    candidates = [
+        Path(os.environ["KP_RL_ENVS"]) if "KP_RL_ENVS" in os.environ else None,
+        Path(__file__).resolve().parent.parent / "envs",
+        Path(sys.prefix) / "share" / "kp_rl" / "envs",
+    ]
+    for path in candidates:
+        if path is not None and path.is_dir() and any(path.glob("*.yaml")):
+            return path
+    raise FileNotFoundError(f"kp_rl env catalog not found; looked in {[str(p) for p in candidates if p]}")
+
+
+def load_catalog() -> dict[str, TaskSpec]:
+    """All catalog entries by env id."""
+    specs = [TaskSpec.from_yaml(p) for p in sorted(catalog_dir().glob("*.yaml"))]
+    return {s.env_id: s for s in specs}
+
+
+def get_spec(name: str) -> TaskSpec:
+    """Look up a task by env id (``kp_rl/cartpole-swingup-v0``) or name (``cartpole-swingup``)."""
+    catalog = load_catalog()
+    env_id = name if name.startswith(ENV_PREFIX) else f"{ENV_PREFIX}{name}-{ENV_VERSION}"
+    if env_id not in catalog:
+        known = ", ".join(sorted(s.name for s in catalog.values()))
+        raise UnknownTaskError(f"unknown task {name!r}; known tasks: {known}")
+    return catalog[env_id]
+
+
+def camera_matrix(model: Any, data: Any, camera_id: int, height: int, width: int) -> np.ndarray:
+    """The 3x4 matrix that projects homogeneous world points to (column, row, 1) pixel coordinates."""
+    pos = data.cam_xpos[camera_id]
+    rot = data.cam_xmat[camera_id].reshape(3, 3)
+    focal = 0.5 * height / np.tan(np.deg2rad(model.cam_fovy[camera_id]) / 2.0)
+    extrinsic = np.concatenate([rot.T, -rot.T @ pos[:, None]], axis=1)  # world -> camera frame
+    # camera looks along -z with y up; image rows grow downwards
+    intrinsic = np.array([[-focal, 0.0, (width - 1) / 2.0], [0.0, focal, (height - 1) / 2.0], [0.0, 0.0, 1.0]])
+    return intrinsic @ extrinsic
+
+
+def project_points(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Project world points ``(N, 3)`` to pixel coordinates ``(N, 2)`` as (column, row)."""
+    homogeneous = np.concatenate([points, np.ones((len(points), 1))], axis=1)
+    projected = homogeneous @ matrix.T
+    return (projected[:, :2] / projected[:, 2:3]).astype(np.float32)
+
+
+def pixels_to_unit(pixels: np.ndarray, image_size: int) -> np.ndarray:
+    """Pixel (column, row) -> keypoint coordinates (x: -1 left .. +1 right, y: +1 top .. -1 bottom)."""
+    scale = 2.0 / (image_size - 1)
+    return np.stack([pixels[..., 0] * scale - 1.0, 1.0 - pixels[..., 1] * scale], axis=-1).astype(np.float32)
+
+
+class DMCPixelEnv(gym.Env):
+    """A dm_control task with uint8 RGB frames ``(H, W, 3)`` as observations.
+
+    Args:
+        spec: the catalog entry (or pass ``domain``/``task`` and friends through :func:`make_env`).
+        render_mode: ``None`` or ``"rgb_array"`` (``render()`` returns the last frame).
+
+    ``info`` on reset and every step: ``state`` (float32 flat dm_control observation), ``physics`` (full
+    physics state), ``body_pixels`` ((bodies, 2) float32 column/row of every non-world body),
+    ``discount``. Attributes: ``task_spec``, ``body_names``.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 30}
+
+    def __init__(self, spec: TaskSpec, render_mode: str | None = None):
+        import mujoco
+        from dm_control import suite
+
+        spec.validate()
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        self.task_spec = spec
+        self.render_mode = render_mode
+        try:
+            self._env = suite.load(spec.domain, spec.task, visualize_reward=False)
+        except ValueError as exc:
+            raise UnknownTaskError(f"dm_control has no task {spec.domain}/{spec.task}: {exc}") from exc
+        physics = self._env.physics
+        self._model, self._data = physics.model.ptr, physics.data.ptr
+        if not 0 <= spec.camera < self._model.ncam:
+            raise ValueError(f"{spec.name}: camera {spec.camera} out of range (model has {self._model.ncam})")
+        self._renderer = mujoco.Renderer(self._model, spec.image_size, spec.image_size)
+        self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = spec.shadows
+        self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = spec.reflections
+        self.body_names = [physics.model.id2name(i, "body") for i in range(1, self._model.nbody)]
+
+        action_spec = self._env.action_spec()
+        self._action_low = action_spec.minimum.astype(np.float64)
+        self._action_high = action_spec.maximum.astype(np.float64)
+        size = spec.image_size
+        self.observation_space = gym.spaces.Box(0, 255, (size, size, 3), np.uint8)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, action_spec.shape, np.float32)
+        self._frame: np.ndarray | None = None
+        self._control_steps = 0
+
+    # -- gym API -----------------------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._env.task.random.seed(seed)
+        elif self._control_steps == 0 and self._frame is None:
+            self._env.task.random.seed(int(self.np_random.integers(2**31)))
+        time_step = self._env.reset()
+        self._control_steps = 0
+        return self._render_frame(), self._info(time_step)
+
+    def step(self, action: np.ndarray):
+        action = np.asarray(action, dtype=np.float64)
+        if action.shape != self.action_space.shape:
+            raise ValueError(f"action shape {action.shape} != action space shape {self.action_space.shape}")
+        scaled = self._action_low + (np.clip(action, -1.0, 1.0) + 1.0) * 0.5 * (self._action_high - self._action_low)
+        reward = 0.0
+        for _ in range(self.task_spec.action_repeat):
+            time_step = self._env.step(scaled)
+            reward += time_step.reward or 0.0
+            self._control_steps += 1
+            if time_step.last() or self._control_steps >= self.task_spec.episode_steps:
+                break
+        terminated = bool(time_step.last() and time_step.discount == 0.0)
+        truncated = not terminated and (time_step.last() or self._control_steps >= self.task_spec.episode_steps)
+        return self._render_frame(), float(reward), terminated, truncated, self._info(time_step)
+
+    def render(self) -> np.ndarray | None:
+        if self.render_mode != "rgb_array":
+            return None
+        return self._frame.copy() if self._frame is not None else self._render_frame()
+
+    def close(self) -> None:
+        if getattr(self, "_renderer", None) is not None:
+            self._renderer.close()
+            self._renderer = None
+        super().close()
+
+    # -- helpers -----------------------------------------------------------------------------------------
+    def _render_frame(self) -> np.ndarray:
+        self._renderer.update_scene(self._data, camera=self.task_spec.camera)
+        self._frame = self._renderer.render()
+        return self._frame
+
+    def body_pixels(self) -> np.ndarray:
+        """(column, row) pixel coordinates of every non-world body in the current frame."""
+        size = self.task_spec.image_size
+        matrix = camera_matrix(self._model, self._data, self.task_spec.camera, size, size)
+        return project_points(matrix, self._data.xpos[1:])
+
+    def _info(self, time_step: Any) -> dict[str, Any]:
+        state = np.concatenate([np.asarray(v, np.float32).ravel() for v in time_step.observation.values()])
+        return {
+            "state": state,
+            "physics": self._env.physics.get_state().astype(np.float32),
+            "body_pixels": self.body_pixels(),
+            "discount": float(1.0 if time_step.discount is None else time_step.discount),
+        }
+
+
+def make_env(name: str, render_mode: str | None = None, **overrides: Any) -> DMCPixelEnv:
+    """Build a catalog task by name or id; keyword arguments override spec fields (``image_size=84``)."""
+    fields = {f.name for f in dataclasses.fields(TaskSpec)} - {"domain", "task"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"unknown environment option(s) {unknown}; expected some of {sorted(fields)}")
+    return DMCPixelEnv(get_spec(name).replace(**overrides), render_mode=render_mode)
+
+
+def register_envs() -> list[str]:
+    """Register every catalog task with Gymnasium (idempotent); returns the ids."""
+    ids = []
+    for env_id, spec in load_catalog().items():
+        if env_id not in gym.registry:
+            gym.register(env_id, entry_point="kp_rl.envs:make_env", kwargs={"name": spec.name},
+                         max_episode_steps=None, disable_env_checker=False)
+        ids.append(env_id)
+    return ids
