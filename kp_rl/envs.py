@@ -155,7 +155,7 @@ class DMCPixelEnv(gym.Env):
         render_mode: ``None`` or ``"rgb_array"`` (``render()`` returns the last frame).
 
     ``info`` on reset and every step: ``state`` (float32 flat dm_control observation), ``physics`` (full
-    physics state), ``body_pixels`` ((bodies, 2) float32 column/row of every non-world body),
+    physics state), ``body_pixels`` ((bodies, 2) float32 column/row of every non-world body's centre of mass),
     ``discount``. Attributes: ``task_spec``, ``body_names``.
     """
 
@@ -240,7 +240,7 @@ class DMCPixelEnv(gym.Env):
         """(column, row) pixel coordinates of every non-world body in the current frame."""
         size = self.task_spec.image_size
         matrix = camera_matrix(self._model, self._data, self.task_spec.camera, size, size)
-        return project_points(matrix, self._data.xpos[1:])
+        return project_points(matrix, self._data.xipos[1:])
 
     def _info(self, time_step: Any) -> dict[str, Any]:
         state = np.concatenate([np.asarray(v, np.float32).ravel() for v in time_step.observation.values()])

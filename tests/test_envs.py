@@ -102,7 +102,7 @@ def test_body_projection_matches_rendered_marker(name):
         checked += 1
     assert checked >= 1
     # body coordinates reported in info use the same projection
-    np.testing.assert_allclose(env.body_pixels(), project_points(matrix, data.xpos[1:]), atol=1e-4)
+    np.testing.assert_allclose(env.body_pixels(), project_points(matrix, data.xipos[1:]), atol=1e-4)
     env.close()
 
 
