@@ -87,7 +87,9 @@ class DynamicsConfig:
     num_samples: int = 10  # S, best-of-many
     best_of_many: bool = True
     stochastic: bool = True  # False: no z at all (deterministic RNN ablation)
-    kl_weight: float = 1.0  # the reference uses 0.0, which leaves its prior untrained (see README)
+    # The reference uses 0.0, which leaves its prior untrained. The coordinate loss is a mean over D features, so a
+    # weight w acts like a Gaussian likelihood of variance w*D/2: 1e-3 keeps the posterior informative (README).
+    kl_weight: float = 1e-3
     kl_anneal_steps: int = 1000
     reward_weight: float = 1.0
     coord_weight: float = 1.0
