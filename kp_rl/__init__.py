@@ -11,9 +11,10 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # before anything imports dm_control 
 
 from kp_rl.config import Config, get_preset, load_config  # noqa: E402
 from kp_rl.envs import make_env, register_envs  # noqa: E402
+from kp_rl.model import PerceptionModel, load  # noqa: E402
 
 __version__ = "0.1.0"
 
 register_envs()
 
-__all__ = ["Config", "get_preset", "load_config", "make_env", "register_envs", "__version__"]
+__all__ = ["Config", "PerceptionModel", "get_preset", "load", "load_config", "make_env", "register_envs", "__version__"]

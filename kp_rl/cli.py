@@ -32,6 +32,37 @@ def _inspect(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def _config(args: argparse.Namespace):
+    from kp_rl.config import get_preset, load_config
+
+    config = load_config(args.config, base=args.preset) if args.config else get_preset(args.preset)
+    train = {k: v for k, v in {"steps": args.steps, "seed": args.seed, "batch_size": args.batch_size}.items()
+             if v is not None}
+    return config.replace(train=train) if train else config
+
+
+def _train(args: argparse.Namespace) -> None:
+    from kp_rl.train import train_autoencoder, train_dynamics
+
+    if args.what in ("keypoints", "cnn"):
+        path = train_autoencoder(args.data, args.out, _config(args), representation=args.what, device=args.device,
+                                 progress=not args.quiet)
+    else:
+        if not args.keypoints:
+            raise ValueError("train dynamics needs --keypoints RUN (a trained keypoints or cnn run)")
+        overrides: dict = {}
+        if args.steps is not None:
+            overrides["train"] = {"dynamics_steps": args.steps}
+        if args.seed is not None:
+            overrides.setdefault("train", {})["seed"] = args.seed
+        ablation = {"no-best-of-many": {"best_of_many": False}, "deterministic": {"stochastic": False}}
+        if args.ablation:
+            overrides["dynamics"] = ablation[args.ablation]
+        path = train_dynamics(args.keypoints, args.data, args.out, overrides, device=args.device,
+                              progress=not args.quiet)
+    print(f"saved {path}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from kp_rl.demo import run_demo
 
@@ -58,6 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="dataset directory")
     p.add_argument("--out", default=None, help="directory for summary.json and frames.png")
     p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("train", help="train a keypoint / CNN autoencoder, or dynamics on a trained one")
+    p.add_argument("what", choices=["keypoints", "cnn", "dynamics"])
+    p.add_argument("--data", required=True, help="dataset directory (kp-rl collect)")
+    p.add_argument("--out", required=True, help="run directory: model.pt, history.json, tb/ (resumes if present)")
+    p.add_argument("--keypoints", help="dynamics only: the trained keypoints (or cnn) run to build on")
+    p.add_argument("--preset", default="cpu", choices=["cpu", "paper"])
+    p.add_argument("--config", help="YAML with a preset and section overrides")
+    p.add_argument("--steps", type=int, help="override the training steps of this stage")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--ablation", choices=["no-best-of-many", "deterministic"], help="dynamics ablations")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_train)
 
     p = sub.add_parser("demo", help="the embedded end-to-end demo on cartpole-swingup")
     p.add_argument("--out", default="results/demo")

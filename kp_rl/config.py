@@ -119,7 +119,9 @@ class TrainConfig:
 
     batch_size: int = 32
     sequence_length: int = 16  # frames per training window (keypoint model: observed steps are what it sees)
-    steps: int = 10_000
+    steps: int = 10_000  # autoencoder (keypoint or CNN) training steps
+    dynamics_steps: int = 10_000  # VRNN training steps (stage 2: autoencoder frozen)
+    dynamics_batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4  # L2 on conv kernels
     clip_grad_norm: float = 10.0  # global norm (torch.nn.utils.clip_grad_norm_), not Keras' per-tensor clipnorm
@@ -134,7 +136,8 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
 
     def validate(self) -> None:
-        for name in ("batch_size", "sequence_length", "steps", "log_every", "checkpoint_every", "eval_every"):
+        for name in ("batch_size", "sequence_length", "steps", "dynamics_steps", "dynamics_batch_size", "log_every",
+                     "checkpoint_every", "eval_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -216,8 +219,8 @@ PRESETS: dict[str, Config] = {
         cnn=CNNConfig(latent_dim=48),
         dynamics=DynamicsConfig(rnn_units=128, latent_dim=8, prior_hidden=64, posterior_hidden=64,
                                 decoder_hidden=64, reward_hidden=64, num_samples=5, kl_anneal_steps=500),
-        train=TrainConfig(batch_size=16, sequence_length=8, steps=2000, image_every=250, eval_every=250,
-                          checkpoint_every=250),
+        train=TrainConfig(batch_size=16, sequence_length=8, steps=2000, dynamics_steps=3000, image_every=250,
+                          eval_every=250, checkpoint_every=250),
     ),
 }
 

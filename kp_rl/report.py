@@ -65,3 +65,37 @@ def dataset_summary(root: str | Path, out: str | Path | None = None, episodes_sh
         save_figure(fig, out / "frames.png")
         atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+KEYPOINT_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                             [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
+                             [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0],
+                             [170, 255, 195]], dtype=np.float32)
+
+
+def draw_keypoints(frame: np.ndarray, keypoints: np.ndarray, radius: float = 1.5, min_mu: float = 0.05) -> np.ndarray:
+    """Draw keypoints as coloured dots on a frame (numpy only).
+
+    Args:
+        frame: uint8 ``(H, W, 3)``.
+        keypoints: ``(K, 3)`` (x, y, mu) with x: -1 left .. +1 right, y: +1 top .. -1 bottom; the dot's
+            opacity is mu (keypoints with mu < ``min_mu`` are not drawn).
+    Returns:
+        A new uint8 ``(H, W, 3)`` frame.
+
+    Example:
+        >>> out = draw_keypoints(np.zeros((9, 9, 3), np.uint8), np.array([[-1.0, 1.0, 1.0]]), radius=0.5)
+        >>> bool(out[0, 0].any()), bool(out[8, 8].any())
+        (True, False)
+    """
+    height, width = frame.shape[:2]
+    out = frame.astype(np.float32)
+    rows, cols = np.mgrid[0:height, 0:width]
+    for k, (x, y, mu) in enumerate(np.asarray(keypoints, np.float32)):
+        if mu < min_mu:
+            continue
+        col, row = (x + 1.0) * 0.5 * (width - 1), (1.0 - y) * 0.5 * (height - 1)
+        mask = (rows - row) ** 2 + (cols - col) ** 2 <= radius**2
+        alpha = float(np.clip(mu, 0.0, 1.0))
+        out[mask] = (1 - alpha) * out[mask] + alpha * KEYPOINT_COLOURS[k % len(KEYPOINT_COLOURS)]
+    return out.round().clip(0, 255).astype(np.uint8)

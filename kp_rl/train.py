@@ -1,0 +1,366 @@
+"""Training: the frame autoencoder (keypoints or CNN) first, then the VRNN on its frozen features.
+
+Both stages share one loop (:func:`fit`): device ``auto`` (CUDA when present, bf16 autocast there), a tqdm
+progress bar, TensorBoard scalars (every loss term separately) and image grids, validation every
+``eval_every`` steps, an atomic checkpoint every ``checkpoint_every`` steps and resume from it.
+
+Staged, not joint: the paper trains vision and dynamics together with a stop-gradient between them, so
+the dynamics never shape the keypoints; training the autoencoder to convergence first and then the VRNN
+on its (frozen) keypoints optimises the same objectives, lets the VRNN train on pre-computed features
+(fast on a CPU), and lets one keypoint model serve several dynamics models.
+
+Example (a few steps on a tiny dataset):
+    >>> import tempfile, kp_rl
+    >>> from kp_rl.data import collect
+    >>> root, run = tempfile.mkdtemp(), tempfile.mkdtemp()
+    >>> _ = collect("cartpole-swingup", root, 3, max_steps=17, progress=False, env_kwargs={"image_size": 32})
+    >>> cfg = kp_rl.get_preset("cpu").replace(keypoints={"image_size": 32, "num_keypoints": 4, "base_filters": 4},
+    ...     train={"steps": 3, "dynamics_steps": 3, "batch_size": 2, "log_every": 1}, dynamics={"rnn_units": 16})
+    >>> path = train_autoencoder(root, run, cfg, progress=False)
+    >>> path = train_dynamics(path, root, run + "/dyn", progress=False)
+    >>> kp_rl.load(path).has_dynamics
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from kp_rl.config import Config, get_preset
+from kp_rl.data import DatasetError, SequenceDataset, atomic_write_json, read_manifest
+from kp_rl.keypoints import preprocess_frames
+from kp_rl.model import PerceptionModel, load, read_checkpoint, resolve_device
+
+MODEL_FILE = "model.pt"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _forever(loader: DataLoader) -> Iterator[Any]:
+    while True:
+        yield from loader
+
+
+def _data_spec(root: Path, dataset: SequenceDataset) -> dict[str, Any]:
+    spec: dict[str, Any] = {"path": str(root), "image_shape": list(dataset.image_shape),
+                            "action_dim": dataset.action_dim}
+    try:
+        manifest = read_manifest(root)
+        spec.update(env_id=manifest["env_id"], task=manifest["task"], seed=manifest["seed"])
+    except DatasetError:
+        spec.update(env_id=None)
+    return spec
+
+
+def _validation(data: Path, sequence_length: int) -> SequenceDataset | None:
+    """The held-out episodes, or None when the dataset is too small to hold any out (a warning is logged)."""
+    try:
+        return SequenceDataset(data, sequence_length, split="val", keys=("image", "action", "reward"))
+    except DatasetError as exc:
+        print(f"kp-rl: no validation set ({exc})")
+        return None
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def fit(
+    model: PerceptionModel,
+    parameters: list[torch.nn.Parameter],
+    loss_fn: Callable[[dict[str, Tensor], int], tuple[Tensor, dict[str, Tensor]]],
+    train_data: Dataset,
+    val_data: Dataset | None,
+    out: Path,
+    *,
+    steps: int,
+    batch_size: int,
+    stage: str,
+    l2_parameters: list[torch.nn.Parameter] = (),
+    images_fn: Callable[[dict[str, Tensor]], Tensor] | None = None,
+    progress: bool = True,
+) -> Path:
+    """The shared training loop. Resumes from ``out/model.pt`` when it holds an unfinished run of ``stage``.
+
+    Args:
+        model: the bundle to train (saved whole at every checkpoint).
+        parameters: the parameters the optimiser updates (the rest stay frozen).
+        loss_fn: ``(batch on device, step) -> (loss, {name: scalar})``; every name is logged.
+        train_data, val_data: datasets of dict items; validation runs every ``eval_every`` steps.
+        out: run directory (``model.pt``, ``history.json``, ``tb/`` TensorBoard logs).
+        steps, batch_size: budget.
+        stage: name stored in the checkpoint's train state (``autoencoder`` or ``dynamics``).
+        l2_parameters: tensors that get ``weight_decay * sum(w**2)`` added to the loss.
+        images_fn: batch -> uint8 image grid (3, H, W) for TensorBoard, every ``image_every`` steps.
+    Returns:
+        Path of the final checkpoint.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+
+    cfg = model.config.train
+    device = model.device
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / MODEL_FILE
+    optimizer = torch.optim.Adam(parameters, lr=cfg.lr)
+    start_step, history = 0, {"train": [], "val": []}
+    if path.exists():
+        state = read_checkpoint(path)["train_state"] or {}
+        if state.get("stage") == stage:
+            optimizer.load_state_dict(state["optimizer"])
+            start_step, history = state["step"], state["history"]
+            torch.set_rng_state(state["torch_rng"])
+    if start_step >= steps:
+        return path
+
+    generator = torch.Generator().manual_seed(cfg.seed + start_step)
+    loader = DataLoader(train_data, batch_size=batch_size, shuffle=True, drop_last=len(train_data) >= batch_size,
+                        num_workers=cfg.num_workers, generator=generator)
+    batches = _forever(loader)
+    writer = SummaryWriter(str(out / "tb"), purge_step=start_step)
+
+    def to_device(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    def save(step: int) -> None:
+        model.save(path, train_state={"stage": stage, "step": step, "optimizer": optimizer.state_dict(),
+                                      "history": history, "torch_rng": torch.get_rng_state()})
+        atomic_write_json(out / "history.json", history)
+
+    def validate(step: int) -> None:
+        if val_data is None or len(val_data) == 0:
+            return
+        model.eval()
+        sums: dict[str, float] = {}
+        count = 0
+        val_loader = DataLoader(val_data, batch_size=batch_size, shuffle=False)
+        with torch.no_grad():
+            for i, batch in enumerate(val_loader):
+                if i >= cfg.eval_batches:
+                    break
+                with _autocast(device, cfg.amp):
+                    _, parts = loss_fn(to_device(batch), step)
+                for name, value in parts.items():
+                    sums[name] = sums.get(name, 0.0) + float(value)
+                count += 1
+        model.train()
+        row = {"step": step, **{k: v / count for k, v in sums.items()}}
+        history["val"].append(row)
+        for name, value in row.items():
+            if name != "step":
+                writer.add_scalar(f"val/{name}", value, step)
+
+    model.train()
+    bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=f"train {stage}", disable=not progress,
+               unit="step")
+    tick = time.perf_counter()
+    try:
+        for step in bar:
+            batch = to_device(next(batches))
+            with _autocast(device, cfg.amp):
+                loss, parts = loss_fn(batch, step)
+            if l2_parameters and cfg.weight_decay > 0:
+                loss = loss + cfg.weight_decay * sum(p.pow(2).sum() for p in l2_parameters)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{stage} loss is {float(loss)} at step {step}; lower train.lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.clip_grad_norm)
+            optimizer.step()
+            done = step + 1
+            if done % cfg.log_every == 0 or done == steps:
+                elapsed = time.perf_counter() - tick
+                row = {"step": done, **{k: float(v) for k, v in parts.items()}, "grad_norm": float(grad_norm),
+                       "steps_per_s": cfg.log_every / max(elapsed, 1e-9)}
+                history["train"].append(row)
+                for name, value in row.items():
+                    if name != "step":
+                        writer.add_scalar(f"train/{name}", value, done)
+                bar.set_postfix(loss=f"{row['loss']:.4g}")
+                tick = time.perf_counter()
+            if images_fn is not None and (done % cfg.image_every == 0 or done == steps):
+                model.eval()
+                with torch.no_grad():
+                    writer.add_image(f"{stage}/frames_reconstructions_keypoints", images_fn(batch), done)
+                model.train()
+            if done % cfg.eval_every == 0 or done == steps:
+                validate(done)
+            if done % cfg.checkpoint_every == 0 or done == steps:
+                save(done)
+    finally:
+        bar.close()
+        writer.close()
+    return path
+
+
+# -- stage 1: autoencoder ----------------------------------------------------------------------------------
+def _autoencoder_images(model: PerceptionModel, batch: dict[str, Tensor], rows: int = 4) -> Tensor:
+    """Grid: per example one row of [frame | reconstruction | keypoints on frame] for the first 4 steps."""
+    from kp_rl.report import draw_keypoints
+
+    frames = preprocess_frames(batch["image"][:rows])
+    reconstruction, out = model.autoencoder(frames)
+    to_uint8 = lambda x: ((x.float().clamp(-0.5, 0.5) + 0.5) * 255).round().byte().movedim(-3, -1).cpu().numpy()
+    truth, recon = to_uint8(frames), to_uint8(reconstruction)
+    tiles = []
+    for b in range(truth.shape[0]):
+        row = []
+        for t in range(min(4, truth.shape[1])):
+            overlay = truth[b, t]
+            if model.representation == "keypoints":
+                overlay = draw_keypoints(overlay, out.keypoints[b, t].float().cpu().numpy())
+            row.append(np.concatenate([truth[b, t], recon[b, t], overlay], axis=1))
+        tiles.append(np.concatenate(row, axis=1))
+    return torch.from_numpy(np.concatenate(tiles, axis=0)).permute(2, 0, 1)
+
+
+def train_autoencoder(
+    data: str | Path,
+    out: str | Path,
+    config: Config | None = None,
+    representation: str = "keypoints",
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """Train the keypoint autoencoder (or the CNN baseline's) on a dataset; returns ``out/model.pt``.
+
+    Resumes an unfinished run in ``out`` (its stored config wins over ``config``).
+    """
+    out, data = Path(out), Path(data)
+    path = out / MODEL_FILE
+    if path.exists():
+        model = load(path, device=resolve_device(device))
+        if model.representation != representation:
+            raise ValueError(f"{path} holds a {model.representation!r} run; cannot resume it as {representation!r}")
+        config = model.config
+    config = (config or get_preset("cpu")).validate()
+    seed_everything(config.train.seed)
+    train_set = SequenceDataset(data, config.train.sequence_length, split="train")
+    val_set = _validation(data, config.train.sequence_length)
+    height, width, _ = train_set.image_shape
+    if (height, width) != (config.keypoints.image_size,) * 2:
+        raise ValueError(f"dataset {data} has {height}x{width} frames but keypoints.image_size is "
+                         f"{config.keypoints.image_size}; set it to match (or collect with --image-size)")
+    if not path.exists():
+        model = PerceptionModel(config, representation, action_dim=train_set.action_dim,
+                                data_spec=_data_spec(data, train_set)).to(resolve_device(device))
+    model.train()
+    autoencoder = model.autoencoder
+
+    def loss_fn(batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        return autoencoder.loss(preprocess_frames(batch["image"]))
+
+    return fit(model, list(autoencoder.parameters()), loss_fn, train_set, val_set, out,
+               steps=config.train.steps, batch_size=config.train.batch_size, stage="autoencoder",
+               l2_parameters=list(autoencoder.l2_parameters()),
+               images_fn=lambda batch: _autoencoder_images(model, batch), progress=progress)
+
+
+# -- stage 2: dynamics on frozen features --------------------------------------------------------------------
+class FeatureSequences(Dataset):
+    """Windows of pre-computed features with their actions and rewards (the VRNN's training data)."""
+
+    def __init__(self, model: PerceptionModel, frames_dataset: SequenceDataset, sequence_length: int,
+                 batch_size: int = 256):
+        self.sequence_length = sequence_length
+        self.episodes = []
+        with torch.inference_mode():
+            for episode in frames_dataset.episodes:
+                features = torch.cat([model.encode(episode["image"][i:i + batch_size]).float().cpu()
+                                      for i in range(0, len(episode["image"]), batch_size)])
+                self.episodes.append({"features": features,
+                                      "action": torch.as_tensor(episode["action"], dtype=torch.float32),
+                                      "reward": torch.as_tensor(episode["reward"], dtype=torch.float32)})
+        lengths = [len(e["features"]) for e in self.episodes]
+        if not lengths or max(lengths) < sequence_length:
+            raise DatasetError(f"window of {sequence_length} steps is longer than every episode "
+                               f"(longest: {max(lengths, default=0)})")
+        self.index = [(e, s) for e, n in enumerate(lengths) for s in range(n - sequence_length + 1)]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        e, s = self.index[i]
+        return {k: v[s:s + self.sequence_length] for k, v in self.episodes[e].items()}
+
+
+def train_dynamics(
+    autoencoder_run: str | Path,
+    data: str | Path,
+    out: str | Path,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """Train the VRNN (+ reward head) on the frozen features of a trained autoencoder; returns ``out/model.pt``.
+
+    Args:
+        autoencoder_run: checkpoint (or run directory) of :func:`train_autoencoder`.
+        data: dataset directory (with actions and rewards).
+        out: run directory of the dynamics model; the saved bundle holds autoencoder + VRNN.
+        overrides: config changes for this stage, e.g. ``{"dynamics": {"best_of_many": False}}``.
+    """
+    out, data = Path(out), Path(data)
+    resume = (out / MODEL_FILE).exists()
+    source = out / MODEL_FILE if resume else Path(autoencoder_run)
+    model = load(source, device=resolve_device(device))
+    if not resume:
+        if overrides:
+            model = _with_config(model, model.config.replace(**overrides))
+        model.add_dynamics()
+        model.to(resolve_device(device))
+    elif not model.has_dynamics:
+        raise ValueError(f"{out / MODEL_FILE} is not a dynamics run; choose another --out directory")
+    config = model.config
+    seed_everything(config.train.seed)
+    frames_train = SequenceDataset(data, 1, split="train", keys=("image", "action", "reward"))
+    frames_val = _validation(data, 1)
+    if frames_train.action_dim != model.action_dim:
+        raise ValueError(f"dataset {data} has action_dim {frames_train.action_dim}, the model was built for "
+                         f"{model.action_dim}")
+    model.eval()
+    length = config.dynamics.sequence_length
+    train_set = FeatureSequences(model, frames_train, length)
+    val_set = FeatureSequences(model, frames_val, length) if frames_val is not None else None
+    dynamics = model.dynamics
+    model.train()
+    model.autoencoder.eval()
+    steps = config.train.dynamics_steps
+
+    def loss_fn(batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        return dynamics.loss(batch["features"], batch["action"], batch["reward"], step, steps)
+
+    return fit(model, list(dynamics.parameters()), loss_fn, train_set, val_set, out, steps=steps,
+               batch_size=config.train.dynamics_batch_size, stage="dynamics", progress=progress)
+
+
+def _with_config(model: PerceptionModel, config: Config) -> PerceptionModel:
+    """The same trained autoencoder under a changed config (dynamics/train sections only)."""
+    if config.keypoints != model.config.keypoints or config.cnn != model.config.cnn:
+        raise ValueError("overrides may change the dynamics and train sections only: the autoencoder is trained")
+    fresh = PerceptionModel(config, model.representation, model.action_dim, data_spec=model.data_spec)
+    fresh.autoencoder.load_state_dict(model.autoencoder.state_dict())
+    return fresh.to(model.device)
+
+
+def steps_per_second(history: dict[str, list[dict[str, float]]]) -> float:
+    """Median training speed recorded in a run's history."""
+    rates = [row["steps_per_s"] for row in history.get("train", [])[1:] if math.isfinite(row["steps_per_s"])]
+    return float(np.median(rates)) if rates else float("nan")

@@ -1,0 +1,124 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kp_rl
+from kp_rl.data import collect
+from kp_rl.model import CheckpointError, load, read_checkpoint, resolve_device
+from kp_rl.train import train_autoencoder, train_dynamics
+
+TINY = dict(keypoints={"image_size": 32, "num_keypoints": 4, "base_filters": 4, "layers_per_scale": 0},
+            cnn={"latent_dim": 12},
+            dynamics={"rnn_units": 16, "latent_dim": 4, "prior_hidden": 16, "posterior_hidden": 16,
+                      "decoder_hidden": 16, "reward_hidden": 16, "observed_steps": 4, "predicted_steps": 4,
+                      "num_samples": 3},
+            train={"steps": 30, "dynamics_steps": 30, "batch_size": 4, "dynamics_batch_size": 8,
+                   "sequence_length": 4, "log_every": 5, "eval_every": 10, "checkpoint_every": 10,
+                   "image_every": 15, "lr": 3e-3})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    collect("cartpole-swingup", root, 4, max_steps=15, progress=False, env_kwargs={"image_size": 32})
+    return root
+
+
+@pytest.fixture(scope="module")
+def config():
+    return kp_rl.get_preset("cpu").replace(**TINY)
+
+
+@pytest.fixture(scope="module")
+def keypoint_run(data, config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("kp")
+    train_autoencoder(data, out, config, progress=False)
+    return out
+
+
+def test_autoencoder_training_logs_checkpoints_and_learns(keypoint_run):
+    history = json.loads((keypoint_run / "history.json").read_text())
+    train = history["train"]
+    assert {"loss", "reconstruction", "sparsity", "separation", "grad_norm"} <= set(train[0])
+    assert train[-1]["reconstruction"] < train[0]["reconstruction"]
+    assert [row["step"] for row in history["val"]] == [10, 20, 30]
+    assert list((keypoint_run / "tb").glob("events.out.tfevents*"))
+    model = load(keypoint_run)
+    assert model.representation == "keypoints" and not model.training
+    assert model.data_spec["env_id"] == "kp_rl/cartpole-swingup-v0" and model.data_spec["action_dim"] == 1
+    frames = torch.zeros(5, 32, 32, 3, dtype=torch.uint8)
+    assert model.encode(frames).shape == (5, 12)
+
+
+def test_resume_continues_from_checkpoint(data, config, tmp_path):
+    short = config.replace(train={"steps": 10})
+    train_autoencoder(data, tmp_path, short, progress=False)
+    assert read_checkpoint(tmp_path / "model.pt")["train_state"]["step"] == 10
+    # the stored run config wins; raise its budget as a user would by editing steps
+    ckpt = read_checkpoint(tmp_path / "model.pt")
+    ckpt["config"]["train"]["steps"] = 20
+    torch.save(ckpt, tmp_path / "model.pt")
+    train_autoencoder(data, tmp_path, config, progress=False)
+    state = read_checkpoint(tmp_path / "model.pt")["train_state"]
+    assert state["step"] == 20
+    assert [row["step"] for row in state["history"]["train"]] == [5, 10, 15, 20]
+
+
+def test_dynamics_training_and_cnn_baseline(data, config, keypoint_run, tmp_path):
+    path = train_dynamics(keypoint_run, data, tmp_path / "dyn", progress=False)
+    model = load(path, require_dynamics=True)
+    history = json.loads((tmp_path / "dyn" / "history.json").read_text())
+    assert {"kl", "coord_observed", "coord_predicted", "reward_predicted"} <= set(history["train"][0])
+    # the autoencoder inside is the frozen one it was built on
+    source = load(keypoint_run)
+    for (name, a), b in zip(model.autoencoder.state_dict().items(), source.autoencoder.state_dict().values()):
+        assert torch.equal(a, b), name
+    cnn_path = train_autoencoder(data, tmp_path / "cnn", config, representation="cnn", progress=False)
+    cnn_dyn = train_dynamics(cnn_path, data, tmp_path / "cnn-dyn", {"dynamics": {"stochastic": False}},
+                             progress=False)
+    cnn = load(cnn_dyn, representation="cnn", require_dynamics=True)
+    assert cnn.feature_dim == 12 and not cnn.config.dynamics.stochastic
+
+
+def test_load_errors_name_the_problem(keypoint_run, tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="without dynamics"):
+        load(keypoint_run, require_dynamics=True)
+    with pytest.raises(CheckpointError, match="'keypoints' model; a 'cnn' model is needed"):
+        load(keypoint_run, representation="cnn")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load(tmp_path / "junk.pt")
+    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a kp_rl model checkpoint"):
+        load(tmp_path / "foreign.pt")
+    ckpt = read_checkpoint(keypoint_run)
+    ckpt["version"] = 99
+    torch.save(ckpt, tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match="version 99 is not supported"):
+        load(tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="CUDA is not available|does not exist"):
+        resolve_device("cuda:7")
+    with pytest.raises(ValueError, match="unknown device|unsupported device"):
+        resolve_device("tpu")
+
+
+def test_image_size_mismatch_is_reported(data, config, tmp_path):
+    with pytest.raises(ValueError, match="32x32 frames but keypoints.image_size is 64"):
+        train_autoencoder(data, tmp_path, config.replace(keypoints={"image_size": 64}), progress=False)
+
+
+def test_cli_train_errors(data, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "kp_rl.cli", "train", *args], capture_output=True, text=True)
+
+    result = run("keypoints", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "r"))
+    assert result.returncode == 2 and "dataset directory not found" in result.stderr
+    result = run("dynamics", "--data", str(data), "--out", str(tmp_path / "r"))
+    assert result.returncode == 2 and "needs --keypoints" in result.stderr
+    result = run("dynamics", "--data", str(data), "--out", str(tmp_path / "r"), "--keypoints", str(tmp_path / "x"))
+    assert result.returncode == 2 and "checkpoint not found" in result.stderr
