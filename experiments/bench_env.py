@@ -10,7 +10,6 @@ Shimmy measured alongside. Writes results/bench_env/{results.json, bench_env.png
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -49,7 +48,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=8, help="episodes per collection measurement")
     parser.add_argument("--out", default="results/bench_env")
     args = parser.parse_args()
-    import shimmy  # noqa: F401  (registers dm_control/... ids)
+    import shimmy  # noqa: F401  # registers the dm_control/... ids
 
     domain, task = args.task.split("-", 1)
     spec = kp_rl.envs.get_spec(args.task)

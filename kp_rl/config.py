@@ -215,7 +215,7 @@ PRESETS: dict[str, Config] = {
     # Small enough to train a useful model on 2 CPU cores in minutes.
     "cpu": Config(
         preset="cpu",
-        keypoints=KeypointConfig(num_keypoints=16, base_filters=16, layers_per_scale=1),
+        keypoints=KeypointConfig(num_keypoints=16, base_filters=8, layers_per_scale=1),
         cnn=CNNConfig(latent_dim=48),
         dynamics=DynamicsConfig(rnn_units=128, latent_dim=8, prior_hidden=64, posterior_hidden=64,
                                 decoder_hidden=64, reward_hidden=64, num_samples=5, kl_anneal_steps=500),

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import scipy.linalg
@@ -497,3 +497,32 @@ def small_video_net(in_channels: int = 3, width: int = 8, features: int = 32, se
         torch.manual_seed(seed)
         net = _SmallVideoNet(in_channels, width, features)
     return net.eval()
+
+
+@torch.inference_mode()
+def evaluate_reward_prediction(dynamics: torch.nn.Module, windows: dict[str, Tensor], observed: int,
+                     num_samples: int) -> dict[str, Any]:
+    """Open-loop reward prediction of a VRNN over the predicted part of windows.
+
+    Args:
+        dynamics: a :class:`kp_rl.dynamics.KeypointVRNN`.
+        windows: a batch with ``features`` (B, N + M, D), ``action`` (B, N + M, A), ``reward`` (B, N + M).
+        observed: N, the steps the model observes (with the posterior) before predicting open loop.
+        num_samples: S for the best-of-S figure (stochastic models only).
+    Returns:
+        ``prior_mean``: :func:`reward_prediction_error` of the prediction from the prior mean; and for
+        stochastic models ``best_of_samples``: the same for the best of S prior samples per window
+        (oracle-selected, an optimistic figure).
+    """
+    dynamics.eval()
+    features, actions, rewards = windows["features"], windows["action"], windows["reward"]
+    truth = rewards[:, observed:]
+    _, mean_rewards = dynamics.predict(features[:, :observed], actions, 1, sample=False)
+    out = {"prior_mean": reward_prediction_error(mean_rewards[0, :, observed:], truth)}
+    if dynamics.cfg.stochastic and num_samples > 1:
+        _, samples = dynamics.predict(features[:, :observed], actions, num_samples, sample=True)
+        samples = samples[:, :, observed:]  # (S, B, M)
+        best = (samples - truth).pow(2).mean(-1).argmin(0)  # (B,)
+        out["best_of_samples"] = reward_prediction_error(samples[best, torch.arange(len(best))], truth)
+        out["best_of_samples"]["num_samples"] = num_samples
+    return out

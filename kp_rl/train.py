@@ -273,25 +273,37 @@ def train_autoencoder(
 
 
 # -- stage 2: dynamics on frozen features --------------------------------------------------------------------
-class FeatureSequences(Dataset):
-    """Windows of pre-computed features with their actions and rewards (the VRNN's training data)."""
+@torch.inference_mode()
+def encode_episodes(model: PerceptionModel, episodes: list[dict[str, np.ndarray]], batch_size: int = 256) -> list[np.ndarray]:
+    """Every frame of every episode through the (frozen) autoencoder: one ``(L, feature_dim)`` array each."""
+    return [np.concatenate([model.encode(e["image"][i:i + batch_size]).float().cpu().numpy()
+                            for i in range(0, len(e["image"]), batch_size)]) for e in episodes]
 
-    def __init__(self, model: PerceptionModel, frames_dataset: SequenceDataset, sequence_length: int,
-                 batch_size: int = 256):
+
+class FeatureSequences(Dataset):
+    """Windows of per-episode ``features`` with their ``action`` and ``reward`` arrays (the VRNN's data).
+
+    Args:
+        episodes: dicts with ``features`` (L, D), ``action`` (L, A), ``reward`` (L,) arrays.
+        sequence_length: steps per window (observed + predicted).
+        stride: step between window starts.
+    """
+
+    def __init__(self, episodes: list[dict[str, Any]], sequence_length: int, stride: int = 1):
         self.sequence_length = sequence_length
-        self.episodes = []
-        with torch.inference_mode():
-            for episode in frames_dataset.episodes:
-                features = torch.cat([model.encode(episode["image"][i:i + batch_size]).float().cpu()
-                                      for i in range(0, len(episode["image"]), batch_size)])
-                self.episodes.append({"features": features,
-                                      "action": torch.as_tensor(episode["action"], dtype=torch.float32),
-                                      "reward": torch.as_tensor(episode["reward"], dtype=torch.float32)})
+        self.episodes = [{k: torch.as_tensor(np.asarray(e[k]), dtype=torch.float32)
+                          for k in ("features", "action", "reward")} for e in episodes]
         lengths = [len(e["features"]) for e in self.episodes]
         if not lengths or max(lengths) < sequence_length:
             raise DatasetError(f"window of {sequence_length} steps is longer than every episode "
                                f"(longest: {max(lengths, default=0)})")
-        self.index = [(e, s) for e, n in enumerate(lengths) for s in range(n - sequence_length + 1)]
+        self.index = [(e, s) for e, n in enumerate(lengths) for s in range(0, n - sequence_length + 1, stride)]
+
+    @classmethod
+    def from_frames(cls, model: PerceptionModel, frames: SequenceDataset, sequence_length: int,
+                    stride: int = 1) -> "FeatureSequences":
+        features = encode_episodes(model, frames.episodes)
+        return cls([{**e, "features": f} for e, f in zip(frames.episodes, features)], sequence_length, stride)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -299,6 +311,11 @@ class FeatureSequences(Dataset):
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         e, s = self.index[i]
         return {k: v[s:s + self.sequence_length] for k, v in self.episodes[e].items()}
+
+    def stacked(self, limit: int) -> dict[str, Tensor]:
+        """The first ``limit`` windows as one batch (for evaluation)."""
+        items = [self[i] for i in range(min(limit, len(self)))]
+        return {k: torch.stack([item[k] for item in items]) for k in items[0]}
 
 
 def train_dynamics(
@@ -308,6 +325,7 @@ def train_dynamics(
     overrides: dict[str, dict[str, Any]] | None = None,
     device: str = "auto",
     progress: bool = True,
+    datasets: tuple[Dataset, Dataset | None] | None = None,
 ) -> Path:
     """Train the VRNN (+ reward head) on the frozen features of a trained autoencoder; returns ``out/model.pt``.
 
@@ -316,6 +334,8 @@ def train_dynamics(
         data: dataset directory (with actions and rewards).
         out: run directory of the dynamics model; the saved bundle holds autoencoder + VRNN.
         overrides: config changes for this stage, e.g. ``{"dynamics": {"best_of_many": False}}``.
+        datasets: pre-computed ``(train, val)`` :class:`FeatureSequences` of this autoencoder's features
+            (saves re-encoding the data when several dynamics models share one autoencoder).
     """
     out, data = Path(out), Path(data)
     resume = (out / MODEL_FILE).exists()
@@ -324,21 +344,25 @@ def train_dynamics(
     if not resume:
         if overrides:
             model = _with_config(model, model.config.replace(**overrides))
+        seed_everything(model.config.train.seed)  # the VRNN's initial weights follow the run's seed
         model.add_dynamics()
         model.to(resolve_device(device))
     elif not model.has_dynamics:
         raise ValueError(f"{out / MODEL_FILE} is not a dynamics run; choose another --out directory")
     config = model.config
     seed_everything(config.train.seed)
-    frames_train = SequenceDataset(data, 1, split="train", keys=("image", "action", "reward"))
-    frames_val = _validation(data, 1)
-    if frames_train.action_dim != model.action_dim:
-        raise ValueError(f"dataset {data} has action_dim {frames_train.action_dim}, the model was built for "
-                         f"{model.action_dim}")
-    model.eval()
     length = config.dynamics.sequence_length
-    train_set = FeatureSequences(model, frames_train, length)
-    val_set = FeatureSequences(model, frames_val, length) if frames_val is not None else None
+    if datasets is None:
+        frames_train = SequenceDataset(data, 1, split="train", keys=("image", "action", "reward"))
+        frames_val = _validation(data, 1)
+        if frames_train.action_dim != model.action_dim:
+            raise ValueError(f"dataset {data} has action_dim {frames_train.action_dim}, the model was built for "
+                             f"{model.action_dim}")
+        model.eval()
+        train_set = FeatureSequences.from_frames(model, frames_train, length)
+        val_set = FeatureSequences.from_frames(model, frames_val, length) if frames_val is not None else None
+    else:
+        train_set, val_set = datasets
     dynamics = model.dynamics
     model.train()
     model.autoencoder.eval()

@@ -1,0 +1,110 @@
+"""Evaluate a trained model on held-out episodes: reconstruction, tracking, reward prediction, video.
+
+What ``kp-rl eval --model RUN --data DIR --out OUT`` runs; the experiments and the demo use the same
+functions, so every reported figure is computed one way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kp_rl.data import SequenceDataset, atomic_write_json
+from kp_rl.envs import pixels_to_unit
+from kp_rl.keypoints import preprocess_frames
+from kp_rl.losses import reconstruction_loss
+from kp_rl.metrics import evaluate_reward_prediction, reward_prediction_error, tracking_error
+from kp_rl.model import PerceptionModel, load
+from kp_rl.train import FeatureSequences, encode_episodes
+
+
+@torch.inference_mode()
+def reconstruction_errors(model: PerceptionModel, data: str | Path, mean_frame: torch.Tensor | None = None,
+                          length: int = 8, max_windows: int = 256) -> dict[str, float]:
+    """Mean per-frame reconstruction error (sum of squares / 2, the training loss) on held-out windows.
+
+    Also the error of predicting the training set's mean frame (``mean_frame``; computed when not given).
+    """
+    if mean_frame is None:
+        train = SequenceDataset(data, 1, split="train", keys=("image",))
+        mean_frame = preprocess_frames(np.concatenate([e["image"] for e in train.episodes])).mean(0)
+    val = SequenceDataset(data, length, split="val", stride=length, keys=("image",))
+    windows = torch.stack([val[i]["image"] for i in range(min(len(val), max_windows))])
+    model_err = mean_err = 0.0
+    for chunk in windows.split(32):
+        frames = preprocess_frames(chunk).to(model.device)
+        reconstruction, _ = model.autoencoder(frames)
+        model_err += float(reconstruction_loss(reconstruction, frames)) * len(chunk)
+        mean_err += float(reconstruction_loss(mean_frame.to(frames.device).expand_as(frames), frames)) * len(chunk)
+    return {"model": model_err / len(windows), "mean_frame": mean_err / len(windows), "windows": len(windows)}
+
+
+def tracking(model: PerceptionModel, data: str | Path) -> dict[str, float]:
+    """Held-out linear tracking error of the model's features vs the true body centres (unit coordinates)."""
+    splits = {}
+    for split in ("train", "val"):
+        frames = SequenceDataset(data, 1, split=split, keys=("image", "true_object_pos"))
+        features = np.concatenate(encode_episodes(model, frames.episodes))
+        coords = np.concatenate([e["true_object_pos"] for e in frames.episodes])
+        splits[split] = (features, pixels_to_unit(coords, model.image_size))
+    err = tracking_error(*splits["train"], *splits["val"])
+    pixels = (model.image_size - 1) / 2.0
+    return {**err, "keypoint_rmse_px": err["keypoint_rmse"] * pixels, "mean_baseline_rmse_px":
+            err["mean_baseline_rmse"] * pixels}
+
+
+def reward_prediction(model: PerceptionModel, data: str | Path, stride: int = 4,
+                      max_windows: int = 512) -> dict[str, Any]:
+    """Open-loop reward prediction on held-out windows (observe N, predict M), with a mean-reward baseline."""
+    if not model.has_dynamics:
+        raise ValueError("reward prediction needs a model with dynamics")
+    dyn = model.config.dynamics
+    frames = SequenceDataset(data, 1, split="val", keys=("image", "action", "reward"))
+    windows = FeatureSequences.from_frames(model, frames, dyn.sequence_length, stride=stride).stacked(max_windows)
+    scores = evaluate_reward_prediction(model.dynamics, windows, dyn.observed_steps, dyn.num_samples)
+    train = SequenceDataset(data, 1, split="train", keys=("image", "reward"))
+    mean_reward = float(np.concatenate([e["reward"][1:] for e in train.episodes]).mean())
+    truth = windows["reward"][:, dyn.observed_steps:]
+    scores["mean_reward_baseline"] = reward_prediction_error(np.full(tuple(truth.shape), mean_reward), truth)
+    scores["windows"] = len(truth)
+    return scores
+
+
+def evaluate(model_path: str | Path, data: str | Path, out: str | Path | None = None,
+             device: str = "cpu") -> dict[str, Any]:
+    """Every applicable evaluation of a checkpoint on a dataset's held-out episodes; JSON (+ video) in ``out``."""
+    model = load(model_path, device=device)
+    report: dict[str, Any] = {"model": str(model_path), "data": str(data), "representation": model.representation,
+                              "reconstruction": reconstruction_errors(model, data), "tracking": tracking(model, data)}
+    if model.has_dynamics:
+        report["reward_prediction"] = reward_prediction(model, data)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "eval.json", _jsonable(report))
+        if model.has_dynamics:
+            from kp_rl.video import predict_frames, write_comparison
+
+            dyn = model.config.dynamics
+            episode = SequenceDataset(data, 1, split="val", keys=("image", "action")).episodes[0]
+            horizon = min(len(episode["image"]) - 1, dyn.observed_steps + 3 * dyn.predicted_steps)
+            frames, actions = episode["image"][None, 1:1 + horizon], episode["action"][None, 1:1 + horizon]
+            predicted = predict_frames(model, frames[:, :dyn.observed_steps], actions, num_samples=3)
+            rows = {"truth": frames[0], **{f"sample {s + 1}": predicted["frames"][s, 0] for s in range(3)}}
+            write_comparison(rows, out / "video_prediction", observed=dyn.observed_steps)
+    return report
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return np.asarray(value).tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
