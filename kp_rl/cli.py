@@ -63,10 +63,45 @@ def _train(args: argparse.Namespace) -> None:
     print(f"saved {path}")
 
 
+def _rl(args: argparse.Namespace) -> None:
+    from kp_rl.agents import train_agent
+    from kp_rl.envs import get_spec
+
+    env_id = args.env if "/" in args.env and not args.env.startswith("kp_rl/") else get_spec(args.env).env_id
+    curve = train_agent(env_id, args.agent, args.steps, args.out, seed=args.seed, model=args.model,
+                        eval_every=args.eval_every, eval_episodes=args.eval_episodes, device=args.device,
+                        progress=not args.quiet)
+    print(f"{args.agent} on {env_id}: final eval return {curve['returns'][-1]:.1f} after {curve['steps'][-1]} steps "
+          f"({curve['seconds'][-1] / 60:.1f} min); curve in {Path(args.out) / 'curve.json'}")
+
+
+def _run(args: argparse.Namespace) -> None:
+    from kp_rl.experiment import run_experiment
+
+    run_experiment(args.spec, runs=args.runs, data=args.data, results=args.results, progress=not args.quiet)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from kp_rl.evaluate import evaluate
+
+    report = evaluate(args.model, args.data, args.out, device=args.device)
+    rec, track = report["reconstruction"], report["tracking"]
+    print(f"reconstruction error (held-out, per frame): {rec['model']:.3f}  (mean-frame baseline {rec['mean_frame']:.3f})")
+    print(f"tracking RMSE (held-out, linear from features): {track['keypoint_rmse_px']:.2f} px  "
+          f"(mean-position baseline {track['mean_baseline_rmse_px']:.2f} px)")
+    if "reward_prediction" in report:
+        rp = report["reward_prediction"]
+        print(f"reward prediction over the predicted steps: MSE {rp['prior_mean']['mse_mean']:.4f}, "
+              f"R^2 {rp['prior_mean']['r2_mean']:.3f}  (mean-reward baseline MSE "
+              f"{rp['mean_reward_baseline']['mse_mean']:.4f})")
+    if args.out:
+        print(f"wrote {Path(args.out) / 'eval.json'}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from kp_rl.demo import run_demo
 
-    run_demo(out=Path(args.out), data=Path(args.data), quick=args.quick)
+    run_demo(out=Path(args.out), data=Path(args.data), quick=args.quick, runs=Path(args.runs))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,9 +140,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("eval", help="evaluate a trained model on a dataset's held-out episodes")
+    p.add_argument("--model", required=True, help="checkpoint or run directory")
+    p.add_argument("--data", required=True, help="dataset directory")
+    p.add_argument("--out", help="directory for eval.json (and video_prediction.gif/png with dynamics)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("rl", help="train an SB3 agent from the agents/ catalog, with evaluation")
+    p.add_argument("--env", required=True, help="env id or task name (pixel observations)")
+    p.add_argument("--agent", required=True, help="catalog name (e.g. sac-keypoints-belief) or a YAML file")
+    p.add_argument("--steps", type=int, required=True, help="agent steps")
+    p.add_argument("--out", required=True, help="run directory (curve.json, agent.zip; resumes if present)")
+    p.add_argument("--model", help="kp-rl run for keypoints / cnn-vrnn agents")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=5000)
+    p.add_argument("--eval-episodes", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_rl)
+
+    p = sub.add_parser("run", help="run an experiment grid (tasks x agents x seeds) from a YAML spec")
+    p.add_argument("spec", help="experiments/<name>.yaml")
+    p.add_argument("--runs", default="runs")
+    p.add_argument("--data", default="data")
+    p.add_argument("--results", default="results")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_run)
+
     p = sub.add_parser("demo", help="the embedded end-to-end demo on cartpole-swingup")
     p.add_argument("--out", default="results/demo")
     p.add_argument("--data", default="data/demo-cartpole")
+    p.add_argument("--runs", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     p.set_defaults(func=_demo)
     return parser

@@ -1,0 +1,242 @@
+"""SB3 agents from the ``agents/*.yaml`` catalog, for every observation kind, with evaluation and resume.
+
+Observation kinds: ``keypoints`` (frozen keypoint model in a vector wrapper, stacked), ``keypoints+belief``
+(keypoints + VRNN belief), ``cnn-vrnn`` (the unstructured baseline's latent + belief), ``pixels`` (SB3
+CnnPolicy on stacked frames), ``state`` (oracle). :func:`train_agent` writes to its run directory:
+``agent.zip`` (+ ``replay_buffer.pkl`` for off-policy agents, so a run resumes), ``curve.json`` (evaluation
+returns against env steps *and* wall-clock seconds) and TensorBoard logs.
+
+Example:
+    >>> spec = get_agent("sac-state")
+    >>> spec.algo, spec.observation, spec.policy
+    ('SAC', 'state', 'MlpPolicy')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import gymnasium as gym
+import yaml
+
+from kp_rl.data import atomic_write_json
+
+OBSERVATION_KINDS = ("keypoints", "keypoints+belief", "cnn-vrnn", "pixels", "state")
+ALGOS = ("SAC", "PPO")
+
+
+class UnknownAgentError(ValueError):
+    """The agent name is not in the catalog."""
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """One catalog entry: algorithm, observation kind, policy and hyperparameters."""
+
+    name: str
+    algo: str
+    observation: str
+    policy: str = "MlpPolicy"
+    model: str = "none"  # none | autoencoder | dynamics: what --model must provide
+    frame_stack: int = 1
+    n_envs: int = 1
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    policy_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.algo not in ALGOS:
+            raise ValueError(f"agent {self.name}: algo must be one of {ALGOS}, got {self.algo!r}")
+        if self.observation not in OBSERVATION_KINDS:
+            raise ValueError(f"agent {self.name}: observation must be one of {OBSERVATION_KINDS}, "
+                             f"got {self.observation!r}")
+        if self.frame_stack < 1 or self.n_envs < 1:
+            raise ValueError(f"agent {self.name}: frame_stack and n_envs must be >= 1")
+
+    @property
+    def needs_model(self) -> bool:
+        return self.observation in ("keypoints", "keypoints+belief", "cnn-vrnn")
+
+
+def agents_dir() -> Path:
+    """``$KP_RL_AGENTS``, the source tree's ``agents/`` or the installed copy."""
+    candidates = [Path(os.environ["KP_RL_AGENTS"]) if "KP_RL_AGENTS" in os.environ else None,
+                  Path(__file__).resolve().parent.parent / "agents", Path(sys.prefix) / "share" / "kp_rl" / "agents"]
+    for path in candidates:
+        if path is not None and path.is_dir() and any(path.glob("*.yaml")):
+            return path
+    raise FileNotFoundError(f"kp_rl agent catalog not found; looked in {[str(p) for p in candidates if p]}")
+
+
+def load_agent_catalog() -> dict[str, AgentSpec]:
+    specs = {}
+    for path in sorted(agents_dir().glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        known = {f.name for f in dataclasses.fields(AgentSpec)} - {"name"}
+        if not isinstance(data, dict) or set(data) - known:
+            raise ValueError(f"{path}: expected a mapping with some of {sorted(known)}")
+        spec = AgentSpec(name=path.stem, **{k: v if v is not None else {} for k, v in data.items()})
+        spec.validate()
+        specs[spec.name] = spec
+    return specs
+
+
+def get_agent(name: str | Path) -> AgentSpec:
+    """An agent by catalog name (``sac-keypoints``) or by path to a YAML file of the same form."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise UnknownAgentError(f"agent file not found: {path}")
+        data = yaml.safe_load(path.read_text())
+        spec = AgentSpec(name=path.stem, **data)
+        spec.validate()
+        return spec
+    catalog = load_agent_catalog()
+    if str(name) not in catalog:
+        raise UnknownAgentError(f"unknown agent {str(name)!r}; known agents: {', '.join(sorted(catalog))}")
+    return catalog[str(name)]
+
+
+def make_vec_env(env_id: str, spec: AgentSpec, model: Any = None, n_envs: int | None = None, seed: int = 0,
+                 device: str = "cpu", env_kwargs: dict[str, Any] | None = None):
+    """The SB3 VecEnv an agent of ``spec`` trains on: Monitor-wrapped envs (true returns) + perception.
+
+    Args:
+        env_id: a Gymnasium id whose observations are pixels (e.g. ``kp_rl/cartpole-swingup-v0``).
+        spec: the agent spec (observation kind, frame stack, n_envs).
+        model: PerceptionModel or checkpoint path, for the keypoint and cnn-vrnn kinds.
+    """
+    from stable_baselines3.common.monitor import Monitor
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecFrameStack
+
+    from kp_rl import wrappers
+    from kp_rl.model import load
+
+    if spec.needs_model and model is None:
+        raise ValueError(f"agent {spec.name} ({spec.observation}) needs --model: a trained kp-rl run")
+    if isinstance(model, (str, Path)):
+        model = load(model, device=device, representation="cnn" if spec.observation == "cnn-vrnn" else "keypoints",
+                     require_dynamics=spec.observation != "keypoints")
+
+    def factory(rank: int) -> Callable[[], gym.Env]:
+        def make() -> gym.Env:
+            env = gym.make(env_id, **(env_kwargs or {}))
+            if spec.observation == "state":
+                env = wrappers.StateObservation(env)
+            env = Monitor(env)
+            env.reset(seed=seed + rank)
+            return env
+
+        return make
+
+    venv = DummyVecEnv([factory(i) for i in range(n_envs or spec.n_envs)])
+    venv.seed(seed)
+    if spec.needs_model:
+        venv = wrappers.VecKeypointObservation(venv, model, belief=spec.observation != "keypoints", device=device)
+    if spec.frame_stack > 1:
+        venv = VecFrameStack(venv, spec.frame_stack)
+    return venv
+
+
+def build_agent(spec: AgentSpec, venv: Any, seed: int = 0, tensorboard_log: str | None = None,
+                device: str = "cpu"):
+    import stable_baselines3 as sb3
+
+    algo = getattr(sb3, spec.algo)
+    return algo(spec.policy, venv, seed=seed, tensorboard_log=tensorboard_log, device=device, verbose=0,
+                policy_kwargs=dict(spec.policy_kwargs), **spec.hyperparameters)
+
+
+def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path, seed: int = 0,
+                model: Any = None, eval_every: int = 5000, eval_episodes: int = 5, device: str = "cpu",
+                checkpoint_every: int = 10_000, env_kwargs: dict[str, Any] | None = None,
+                progress: bool = True) -> dict[str, Any]:
+    """Train an agent for ``steps`` env steps with periodic evaluation; resumes an unfinished run in ``out``.
+
+    Returns the learning curve (also in ``out/curve.json``): ``steps``, ``seconds`` (wall-clock spent
+    training, summed over resumed sessions), ``returns`` (mean eval return), ``returns_std``.
+    """
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.evaluation import evaluate_policy
+    from tqdm.auto import tqdm
+
+    from kp_rl.model import resolve_device
+
+    spec = agent if isinstance(agent, AgentSpec) else get_agent(agent)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    device = str(resolve_device(device))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    venv = make_vec_env(env_id, spec, model, seed=seed, device=device, env_kwargs=env_kwargs)
+    eval_env = make_vec_env(env_id, spec, model, n_envs=1, seed=seed + 10_000, device=device, env_kwargs=env_kwargs)
+    curve_path, agent_path, buffer_path = out / "curve.json", out / "agent.zip", out / "replay_buffer.pkl"
+    curve: dict[str, Any] = {"env_id": env_id, "agent": spec.name, "seed": seed, "steps": [], "seconds": [],
+                             "returns": [], "returns_std": [], "done": False}
+    if agent_path.exists() and curve_path.exists():
+        import json
+
+        import stable_baselines3 as sb3
+
+        curve = json.loads(curve_path.read_text())
+        algo = getattr(sb3, spec.algo).load(agent_path, env=venv, device=device,
+                                            tensorboard_log=str(out / "tb"))
+        if buffer_path.exists() and hasattr(algo, "load_replay_buffer"):
+            algo.load_replay_buffer(buffer_path)
+    else:
+        algo = build_agent(spec, venv, seed=seed, tensorboard_log=str(out / "tb"), device=device)
+    if curve["done"] and algo.num_timesteps >= steps:
+        return curve
+
+    def save() -> None:
+        tmp = out / ".agent.tmp.zip"
+        algo.save(tmp)
+        tmp.replace(agent_path)
+        if hasattr(algo, "save_replay_buffer"):
+            tmp_buffer = out / ".replay_buffer.tmp.pkl"
+            algo.save_replay_buffer(tmp_buffer)
+            tmp_buffer.replace(buffer_path)
+        atomic_write_json(curve_path, curve)
+
+    class Progress(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.clock = time.perf_counter()
+            self.spent = curve["seconds"][-1] if curve["seconds"] else 0.0
+            self.bar = tqdm(total=steps, initial=algo.num_timesteps, unit="step", desc=f"rl {spec.name}",
+                            disable=not progress)
+
+        def _on_step(self) -> bool:
+            self.bar.update(self.training_env.num_envs)
+            n = self.num_timesteps
+            if n % eval_every < self.training_env.num_envs or n >= steps:
+                self.spent += time.perf_counter() - self.clock
+                mean, std = evaluate_policy(self.model, eval_env, n_eval_episodes=eval_episodes, deterministic=True)
+                curve["steps"].append(int(n))
+                curve["seconds"].append(round(self.spent, 2))
+                curve["returns"].append(float(mean))
+                curve["returns_std"].append(float(std))
+                self.logger.record("eval/mean_return", mean)
+                self.bar.set_postfix(ret=f"{mean:.1f}")
+                self.clock = time.perf_counter()
+            if n % checkpoint_every < self.training_env.num_envs:
+                save()
+            return True
+
+        def _on_training_end(self) -> None:
+            self.bar.close()
+
+    remaining = steps - algo.num_timesteps
+    try:
+        algo.learn(remaining, callback=Progress(), reset_num_timesteps=False, tb_log_name="sb3")
+    finally:
+        venv.close()
+        eval_env.close()
+    curve["done"] = True
+    save()
+    return curve

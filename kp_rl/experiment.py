@@ -1,0 +1,197 @@
+"""Experiment grids: tasks x agents x seeds from a YAML spec, with the perception models they need.
+
+A spec (see ``experiments/structured_vs_unstructured_cpu.yaml``)::
+
+    name: structured_vs_unstructured_cpu
+    tasks: [cartpole-swingup, reacher-easy, finger-spin]
+    agents: [sac-keypoints-belief, sac-pixels, sac-state]
+    seeds: [0, 1, 2]
+    steps: 7500            # agent steps per run (or env_steps: 60000, divided by each task's action repeat)
+    eval_every: 1500
+    eval_episodes: 5
+    perception: {preset: cpu, episodes: 100, autoencoder_steps: 1000, dynamics_steps: 2000}
+
+:func:`run_experiment` collects data and trains the keypoint / CNN models a task's agents need (once per
+task, resumable), trains every (task, agent, seed) cell (skipping finished ones, resuming unfinished
+ones), then writes ``results/<name>/results.json`` and plots via :func:`summarise`: final returns with IQM
+and bootstrap confidence intervals (rliable), learning curves against env steps and against wall-clock,
+and the compute each agent used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from kp_rl.agents import get_agent
+from kp_rl.data import atomic_write_json
+
+PERCEPTION_DEFAULTS = {"preset": "cpu", "episodes": 100, "autoencoder_steps": 1000, "dynamics_steps": 2000}
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    name: str
+    tasks: list[str]
+    agents: list[str]
+    seeds: list[int]
+    steps: int | None = None  # agent steps per run, or
+    env_steps: int | None = None  # env steps per run (agent steps = env_steps / the task's action repeat)
+    eval_every: int = 5000
+    eval_episodes: int = 5
+    perception: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ExperimentSpec":
+        from kp_rl.envs import get_spec
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"experiment spec not found: {path}")
+        data = yaml.safe_load(path.read_text())
+        required = {"tasks", "agents", "seeds"}
+        if not isinstance(data, dict) or not required <= set(data) or ("steps" in data) == ("env_steps" in data):
+            raise ValueError(f"{path}: an experiment spec needs {sorted(required)} and one of steps / env_steps")
+        unknown = set(data) - {"name", "tasks", "agents", "seeds", "steps", "env_steps", "eval_every", "eval_episodes",
+                               "perception"}
+        if unknown:
+            raise ValueError(f"{path}: unknown field(s) {sorted(unknown)}")
+        spec = cls(name=data.get("name", path.stem), tasks=list(data["tasks"]), agents=list(data["agents"]),
+                   seeds=[int(s) for s in data["seeds"]], steps=data.get("steps"), env_steps=data.get("env_steps"),
+                   eval_every=int(data.get("eval_every", 5000)), eval_episodes=int(data.get("eval_episodes", 5)),
+                   perception={**PERCEPTION_DEFAULTS, **(data.get("perception") or {})})
+        for task in spec.tasks:
+            get_spec(task)  # unknown task -> clear error before any work
+        for agent in spec.agents:
+            get_agent(agent)
+        return spec
+
+    def agent_steps(self, task: str) -> int:
+        from kp_rl.envs import get_spec
+
+        return int(self.steps) if self.steps else int(self.env_steps) // get_spec(task).action_repeat
+
+    def cells(self) -> list[tuple[str, str, int]]:
+        return [(t, a, s) for t in self.tasks for a in self.agents for s in self.seeds]
+
+
+def perception_models(spec: ExperimentSpec, task: str, data_root: Path, runs: Path,
+                      progress: bool = True) -> dict[str, Path]:
+    """Collect the task's data and train the models its agents need; returns kind -> checkpoint path."""
+    from kp_rl.config import get_preset
+    from kp_rl.data import collect
+    from kp_rl.train import train_autoencoder, train_dynamics
+
+    kinds = {get_agent(a).observation for a in spec.agents}
+    p = spec.perception
+    needed = {"keypoints": bool(kinds & {"keypoints", "keypoints+belief"}), "cnn": "cnn-vrnn" in kinds}
+    if not any(needed.values()):
+        return {}
+    data = data_root / task
+    collect(task, data, int(p["episodes"]), seed=0, workers=2, progress=progress)
+    config = get_preset(p["preset"]).replace(train={"steps": int(p["autoencoder_steps"]),
+                                                   "dynamics_steps": int(p["dynamics_steps"])})
+    paths: dict[str, Path] = {}
+    for representation, wanted in needed.items():
+        if not wanted:
+            continue
+        ae = train_autoencoder(data, runs / "models" / task / representation, config, representation, progress=progress)
+        paths[representation] = ae
+        paths[f"{representation}+dynamics"] = train_dynamics(ae, data, runs / "models" / task / f"{representation}-dyn",
+                                                              progress=progress)
+    return paths
+
+
+def model_for(agent: str, models: dict[str, Path]) -> Path | None:
+    observation = get_agent(agent).observation
+    return {"keypoints": models.get("keypoints"), "keypoints+belief": models.get("keypoints+dynamics"),
+            "cnn-vrnn": models.get("cnn+dynamics")}.get(observation)
+
+
+def run_cell(spec: ExperimentSpec, task: str, agent: str, seed: int, model: Path | None, runs: Path,
+             progress: bool = True) -> dict[str, Any]:
+    from kp_rl.agents import train_agent
+    from kp_rl.envs import get_spec
+
+    env_id = get_spec(task).env_id
+    return train_agent(env_id, agent, spec.agent_steps(task), runs / task / agent / f"seed{seed}", seed=seed, model=model,
+                       eval_every=spec.eval_every, eval_episodes=spec.eval_episodes, progress=progress)
+
+
+def run_experiment(path: str | Path, runs: str | Path = "runs", data: str | Path = "data",
+                   results: str | Path = "results", progress: bool = True) -> dict[str, Any]:
+    """Run every cell of a spec locally (finished cells are skipped) and summarise the results."""
+    spec = ExperimentSpec.from_yaml(path)
+    runs_dir = Path(runs) / spec.name
+    curves: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for task in spec.tasks:
+        models = perception_models(spec, task, Path(data), runs_dir, progress)
+        for agent in spec.agents:
+            for seed in spec.seeds:
+                curves[(task, agent, seed)] = run_cell(spec, task, agent, seed, model_for(agent, models), runs_dir,
+                                                       progress)
+    return summarise(spec, curves, Path(results) / spec.name)
+
+
+def iqm_with_ci(scores: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Interquartile mean and its 95% stratified-bootstrap CI (rliable) of a (runs,) or (runs, tasks) array."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim == 1:
+        scores = scores[:, None]
+    point, interval = rly.get_interval_estimates({"x": scores}, lambda x: np.array([metrics.aggregate_iqm(x)]),
+                                                 reps=reps, random_state=np.random.RandomState(seed))
+    return float(point["x"][0]), float(interval["x"][0][0]), float(interval["x"][1][0])
+
+
+def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str, Any]], out: Path) -> dict[str, Any]:
+    """Final-return IQM + 95% CIs per (task, agent), curves vs steps and wall-clock, compute per agent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kp_rl.bench import machine
+    from kp_rl.report import save_figure
+
+    table: dict[str, Any] = {}
+    for task in spec.tasks:
+        table[task] = {}
+        for agent in spec.agents:
+            runs = [curves[(task, agent, s)] for s in spec.seeds]
+            finals = np.array([r["returns"][-1] for r in runs])
+            iqm, low, high = iqm_with_ci(finals)
+            table[task][agent] = {"final_returns": finals.tolist(), "iqm": iqm, "ci95": [low, high],
+                                  "seconds": [r["seconds"][-1] for r in runs], "steps": spec.agent_steps(task)}
+    print(f"\n{'task':20s} {'agent':24s} {'IQM return':>11s} {'95% CI':>17s} {'min/run':>8s}")
+    for task, rows in table.items():
+        for agent, row in rows.items():
+            print(f"{task:20s} {agent:24s} {row['iqm']:11.1f} [{row['ci95'][0]:7.1f},{row['ci95'][1]:7.1f}] "
+                  f"{np.mean(row['seconds']) / 60:8.1f}")
+    summary = {"spec": spec.__dict__, "table": table, "machine": machine(),
+               "curves": {f"{t}/{a}/seed{s}": c for (t, a, s), c in curves.items()}}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", summary)
+    for axis in ("steps", "seconds"):
+        fig, axes = plt.subplots(1, len(spec.tasks), figsize=(4.5 * len(spec.tasks), 3.2), squeeze=False)
+        for ax, task in zip(axes[0], spec.tasks):
+            for i, agent in enumerate(spec.agents):
+                runs = [curves[(task, agent, s)] for s in spec.seeds]
+                length = min(len(r["returns"]) for r in runs)
+                x = np.mean([r[axis][:length] for r in runs], axis=0) / (60.0 if axis == "seconds" else 1.0)
+                y = np.array([r["returns"][:length] for r in runs])
+                ax.plot(x, y.mean(0), label=agent, color=f"C{i}")
+                ax.fill_between(x, y.min(0), y.max(0), color=f"C{i}", alpha=0.2)
+            ax.set_title(task, fontsize=9)
+            ax.set_xlabel("agent steps" if axis == "steps" else "wall-clock minutes (training + evaluation)")
+            ax.set_ylabel("eval return (mean; band: min-max over seeds)")
+        axes[0][0].legend(fontsize=7)
+        save_figure(fig, out / f"curves_{axis}.png")
+    print(f"wrote {out}/results.json, curves_steps.png, curves_seconds.png")
+    return summary
