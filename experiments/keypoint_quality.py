@@ -34,11 +34,11 @@ from kp_rl.bench import machine
 from kp_rl.data import SequenceDataset, atomic_write_json, collect
 from kp_rl.envs import pixels_to_unit
 from kp_rl.keypoints import add_coord_channels, build_encoder_trunk, preprocess_frames, trunk_channels
-from kp_rl.losses import reconstruction_loss
 from kp_rl.metrics import tracking_error
 from kp_rl.model import PerceptionModel
 from kp_rl.report import draw_keypoints, save_figure
-from kp_rl.train import seed_everything, train_autoencoder
+from kp_rl.evaluate import reconstruction_errors
+from kp_rl.train import encode_episodes, seed_everything, train_autoencoder
 
 
 def frames_and_coords(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -48,24 +48,8 @@ def frames_and_coords(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return frames, pixels_to_unit(coords, frames.shape[1])
 
 
-@torch.inference_mode()
-def encode(model: PerceptionModel, frames: np.ndarray, batch: int = 256) -> np.ndarray:
-    return np.concatenate([model.encode(frames[i:i + batch]).cpu().numpy() for i in range(0, len(frames), batch)])
-
-
-@torch.inference_mode()
-def reconstruction_errors(model: PerceptionModel, root: Path, mean_frame: torch.Tensor,
-                          length: int = 8, max_windows: int = 256) -> dict[str, float]:
-    """Mean per-frame reconstruction error (sum of squares / 2) on held-out windows, model vs mean frame."""
-    data = SequenceDataset(root, length, split="val", stride=length)
-    windows = torch.stack([data[i]["image"] for i in range(min(len(data), max_windows))])
-    model_err, mean_err = [], []
-    for chunk in windows.split(32):
-        frames = preprocess_frames(chunk)
-        reconstruction, _ = model.autoencoder(frames)
-        model_err.append(float(reconstruction_loss(reconstruction, frames)) * len(chunk))
-        mean_err.append(float(reconstruction_loss(mean_frame.expand_as(frames), frames)) * len(chunk))
-    return {"model": sum(model_err) / len(windows), "mean_frame": sum(mean_err) / len(windows)}
+def encode(model: PerceptionModel, frames: np.ndarray) -> np.ndarray:
+    return encode_episodes(model, [{"image": frames}])[0]
 
 
 class SupervisedRegressor(nn.Module):

@@ -17,4 +17,17 @@ __version__ = "0.1.0"
 
 register_envs()
 
+_SUBMODULES = ("agents", "data", "dynamics", "evaluate", "experiment", "keypoints", "losses", "metrics", "sb3", "train",
+               "video", "wrappers")
+
+
+def __getattr__(name: str):
+    """``kp_rl.wrappers``, ``kp_rl.sb3``, ... import on first use (they pull in Stable-Baselines3)."""
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"kp_rl.{name}")
+    raise AttributeError(f"module 'kp_rl' has no attribute {name!r}")
+
+
 __all__ = ["Config", "PerceptionModel", "get_preset", "load", "load_config", "make_env", "register_envs", "__version__"]

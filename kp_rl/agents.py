@@ -226,7 +226,7 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
                 self.clock = time.perf_counter()
             if n % checkpoint_every < self.training_env.num_envs:
                 save()
-            return True
+            return n < steps  # on-policy algorithms would otherwise finish their rollout past the budget
 
         def _on_training_end(self) -> None:
             self.bar.close()

@@ -66,10 +66,15 @@ class CNNConfig:
     """The unstructured baseline's CNN autoencoder: same conv trunk, flat latent instead of keypoints."""
 
     latent_dim: int = 192  # flat code; default K*3 of the paper preset (64*3)
+    # Channels of the spatial code around the flat latent (the counterpart of the K Gaussian maps). The two
+    # Linear layers cost 2 * map_channels * h * w * latent_dim parameters: small keeps the baseline's size
+    # comparable to the keypoint model's.
+    map_channels: int = 4
 
     def validate(self) -> None:
-        if self.latent_dim < 1:
-            raise ConfigError(f"cnn.latent_dim must be >= 1, got {self.latent_dim}")
+        if self.latent_dim < 1 or self.map_channels < 1:
+            raise ConfigError(f"cnn.latent_dim and cnn.map_channels must be >= 1, got {self.latent_dim}, "
+                              f"{self.map_channels}")
 
 
 @dataclass(frozen=True)
@@ -216,7 +221,7 @@ PRESETS: dict[str, Config] = {
     "cpu": Config(
         preset="cpu",
         keypoints=KeypointConfig(num_keypoints=16, base_filters=8, layers_per_scale=1),
-        cnn=CNNConfig(latent_dim=48),
+        cnn=CNNConfig(latent_dim=48, map_channels=1),
         dynamics=DynamicsConfig(rnn_units=128, latent_dim=8, prior_hidden=64, posterior_hidden=64,
                                 decoder_hidden=64, reward_hidden=64, num_samples=5, kl_anneal_steps=500),
         train=TrainConfig(batch_size=16, sequence_length=8, steps=2000, dynamics_steps=3000, image_every=250,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,8 @@ class DMCPixelEnv(gym.Env):
         if not 0 <= spec.camera < self._model.ncam:
             raise ValueError(f"{spec.name}: camera {spec.camera} out of range (model has {self._model.ncam})")
         self._renderer = mujoco.Renderer(self._model, spec.image_size, spec.image_size)
+        # an env the user never closes still releases its GL context before the interpreter exits
+        self._finalizer = weakref.finalize(self, self._renderer.close)
         self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = spec.shadows
         self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = spec.reflections
         self.body_names = [physics.model.id2name(i, "body") for i in range(1, self._model.nbody)]
@@ -226,7 +229,7 @@ class DMCPixelEnv(gym.Env):
 
     def close(self) -> None:
         if getattr(self, "_renderer", None) is not None:
-            self._renderer.close()
+            self._finalizer()
             self._renderer = None
         super().close()
 

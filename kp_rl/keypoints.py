@@ -40,10 +40,6 @@ from torch import Tensor, nn
 from kp_rl.config import CNNConfig, KeypointConfig
 from kp_rl.losses import reconstruction_loss, separation_loss, sparsity_loss
 
-# Channels of the CNN baseline's spatial code (the counterpart of the K Gaussian maps). Small on purpose:
-# the two Linear layers around the flat latent then cost 2 * CNN_MAP_CHANNELS * h * w * latent_dim
-# parameters, which keeps the baseline within ~1.5x of the keypoint model (see count_parameters).
-CNN_MAP_CHANNELS = 4
 
 
 # ---------------------------------------------------------------------------------------------- pixels
@@ -61,6 +57,8 @@ def preprocess_frames(frames: np.ndarray | Tensor, device: torch.device | str | 
     Raises:
         ValueError: on anything else, naming the shape and dtype received.
     """
+    if isinstance(frames, np.ndarray):
+        frames = np.ascontiguousarray(frames)  # dm_control / Shimmy frames can have negative strides
     frames = torch.as_tensor(frames, device=device)
     shape, dtype = tuple(frames.shape), frames.dtype
     if dtype == torch.uint8:
@@ -265,6 +263,7 @@ class _FrameAutoencoder(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.appearance = build_encoder_trunk(cfg, in_channels=3)
+        self.map_channels = map_channels
         self.decoder = ImageDecoder(cfg, in_channels=2 * map_channels + trunk_channels(cfg) + 2)
 
     @property
@@ -411,8 +410,8 @@ class KeypointAutoencoder(_FrameAutoencoder):
 class CNNAutoencoder(_FrameAutoencoder):
     """The unstructured baseline: same trunks and decoder, a flat (tanh-bounded) latent instead of keypoints.
 
-    Encoder: coordinate channels, encoder trunk, 1x1 conv to ``CNN_MAP_CHANNELS``, flatten, Linear to
-    ``latent_dim``, tanh. Decoder: Linear from the latent back to ``CNN_MAP_CHANNELS`` maps at heatmap
+    Encoder: coordinate channels, encoder trunk, 1x1 conv to ``cnn.map_channels``, flatten, Linear to
+    ``latent_dim``, tanh. Decoder: Linear from the latent back to ``cnn.map_channels`` maps at heatmap
     resolution, which take the place of the Gaussian maps in the keypoint model's decoder.
 
     Args:
@@ -421,13 +420,13 @@ class CNNAutoencoder(_FrameAutoencoder):
     """
 
     def __init__(self, cfg: KeypointConfig, cnn: CNNConfig) -> None:
-        super().__init__(cfg, map_channels=CNN_MAP_CHANNELS)
+        super().__init__(cfg, map_channels=cnn.map_channels)
         cnn.validate()
         self.cnn = cnn
-        code_size = CNN_MAP_CHANNELS * cfg.heatmap_width**2
+        code_size = cnn.map_channels * cfg.heatmap_width**2
         self.encoder = nn.Sequential(
             build_encoder_trunk(cfg, in_channels=3 + 2),
-            *_conv_act(cfg, trunk_channels(cfg), CNN_MAP_CHANNELS, kernel_size=1),
+            *_conv_act(cfg, trunk_channels(cfg), cnn.map_channels, kernel_size=1),
             nn.Flatten(),
             nn.Linear(code_size, cnn.latent_dim),
             nn.Tanh(),
@@ -446,7 +445,7 @@ class CNNAutoencoder(_FrameAutoencoder):
 
     def _feature_maps(self, features: Tensor) -> Tensor:
         size = self.cfg.heatmap_width
-        return self.to_maps(features).unflatten(-1, (CNN_MAP_CHANNELS, size, size))
+        return self.to_maps(features).unflatten(-1, (self.map_channels, size, size))
 
     def forward(self, frames: np.ndarray | Tensor) -> tuple[Tensor, Tensor]:
         """Reconstruct ``(B, T, 3, H, W)`` frames from their latents (reference: frame 0).

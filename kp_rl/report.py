@@ -67,35 +67,48 @@ def dataset_summary(root: str | Path, out: str | Path | None = None, episodes_sh
     return summary
 
 
-KEYPOINT_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-                             [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
-                             [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0],
-                             [170, 255, 195]], dtype=np.float32)
+def _palette(count: int) -> np.ndarray:
+    """``count`` distinct saturated colours (evenly spaced hues), float ``(count, 3)`` in [0, 255]."""
+    hue = np.arange(count) / max(count, 1)
+    k = (np.array([5.0, 3.0, 1.0]) + hue[:, None] * 6.0) % 6.0  # HSV -> RGB with s = v = 1
+    return 255.0 * (1.0 - np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0))
 
 
-def draw_keypoints(frame: np.ndarray, keypoints: np.ndarray, radius: float = 1.5, min_mu: float = 0.05) -> np.ndarray:
-    """Draw keypoints as coloured dots on a frame (numpy only).
+def draw_keypoints(frame: np.ndarray, keypoints: np.ndarray, radius: float | None = None) -> np.ndarray:
+    """Draw keypoints as coloured dots; dot size and opacity grow with ``mu``.
 
     Args:
         frame: uint8 ``(H, W, 3)``.
-        keypoints: ``(K, 3)`` (x, y, mu) with x: -1 left .. +1 right, y: +1 top .. -1 bottom; the dot's
-            opacity is mu (keypoints with mu < ``min_mu`` are not drawn).
+        keypoints: ``(K, 3)`` rows ``(x, y, mu)``; x: -1 left .. +1 right, y: +1 top .. -1 bottom, mu in [0, 1]
+            (a keypoint with ``mu = 0`` is invisible). Colours follow the keypoint index.
+        radius: dot radius in pixels at ``mu = 1`` (default ``max(1.5, H / 32)``).
     Returns:
-        A new uint8 ``(H, W, 3)`` frame.
+        A new uint8 ``(H, W, 3)`` image.
 
     Example:
-        >>> out = draw_keypoints(np.zeros((9, 9, 3), np.uint8), np.array([[-1.0, 1.0, 1.0]]), radius=0.5)
-        >>> bool(out[0, 0].any()), bool(out[8, 8].any())
-        (True, False)
+        >>> frame = np.zeros((32, 32, 3), np.uint8)
+        >>> out = draw_keypoints(frame, np.array([[-1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]))
+        >>> bool(out[0, 0].max() > 0), bool(out[16, 16].max() == 0)   # top-left dot drawn; mu = 0 invisible
+        (True, True)
     """
+    frame = np.asarray(frame)
+    keypoints = np.asarray(keypoints, np.float32)
+    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[-1] != 3:
+        raise ValueError(f"expected a uint8 (H, W, 3) frame, got {frame.dtype} of shape {frame.shape}")
+    if keypoints.ndim != 2 or keypoints.shape[-1] != 3:
+        raise ValueError(f"expected keypoints (K, 3), got shape {keypoints.shape}")
     height, width = frame.shape[:2]
+    radius = max(1.5, height / 32) if radius is None else radius
+    mu = np.clip(keypoints[:, 2], 0.0, 1.0)
+    cols = (keypoints[:, 0] + 1.0) * 0.5 * (width - 1)
+    rows = (1.0 - keypoints[:, 1]) * 0.5 * (height - 1)
+    sizes = radius * (0.5 + 0.5 * mu)
+    dist2 = (np.arange(height)[None, :, None] - rows[:, None, None]) ** 2 + \
+            (np.arange(width)[None, None, :] - cols[:, None, None]) ** 2  # (K, H, W)
+    alpha = (dist2 <= sizes[:, None, None] ** 2) * mu[:, None, None]  # (K, H, W)
+    colors = _palette(len(keypoints))
     out = frame.astype(np.float32)
-    rows, cols = np.mgrid[0:height, 0:width]
-    for k, (x, y, mu) in enumerate(np.asarray(keypoints, np.float32)):
-        if mu < min_mu:
-            continue
-        col, row = (x + 1.0) * 0.5 * (width - 1), (1.0 - y) * 0.5 * (height - 1)
-        mask = (rows - row) ** 2 + (cols - col) ** 2 <= radius**2
-        alpha = float(np.clip(mu, 0.0, 1.0))
-        out[mask] = (1 - alpha) * out[mask] + alpha * KEYPOINT_COLOURS[k % len(KEYPOINT_COLOURS)]
-    return out.round().clip(0, 255).astype(np.uint8)
+    for k in np.argsort(mu):  # brightest keypoints drawn last, on top
+        a = alpha[k][..., None]
+        out = out * (1.0 - a) + colors[k] * a
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)

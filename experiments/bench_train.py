@@ -1,0 +1,140 @@
+"""Training and inference speed of the keypoint model, `cpu` vs `paper` preset, measured in one run.
+
+  * training frames/s: one optimiser step of the autoencoder loss on a batch of windows (the preset's
+    batch size x sequence length), frames per second, median of several repeats;
+  * VRNN training steps/s (the preset's dynamics batch of N + M steps);
+  * encoder latency: ``model.encode`` on 1 frame and on a batch of 16 frames (what the RL wrappers call per
+    env step / per vector step), milliseconds, median.
+The speed-up figures are ratios to the `paper` preset measured alongside. Runs on CUDA when present
+(bf16 autocast, as in training), else on the CPU.
+
+    python experiments/bench_train.py [--repeats 5] [--device auto]
+
+Writes results/bench_train/{results.json, bench_train.png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import kp_rl
+from kp_rl.bench import machine
+from kp_rl.data import atomic_write_json
+from kp_rl.keypoints import count_parameters
+from kp_rl.model import PerceptionModel, resolve_device
+from kp_rl.report import save_figure
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_preset(name: str, repeats: int, device: torch.device) -> dict[str, float]:
+    config = kp_rl.get_preset(name)
+    train, dyn = config.train, config.dynamics
+    model = PerceptionModel(config, "keypoints", action_dim=1, with_dynamics=True).to(device)
+    size = config.keypoints.image_size
+    frames = torch.randint(0, 256, (train.batch_size, train.sequence_length, size, size, 3), dtype=torch.uint8,
+                           device=device)
+    params = list(model.autoencoder.parameters())
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    from kp_rl.keypoints import preprocess_frames
+
+    def ae_step() -> None:
+        with autocast:
+            loss, _ = model.autoencoder.loss(preprocess_frames(frames))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    ae_seconds = timed(ae_step, repeats, device)
+
+    features = torch.rand(train.dynamics_batch_size, dyn.sequence_length, model.feature_dim, device=device)
+    actions = torch.rand(train.dynamics_batch_size, dyn.sequence_length, 1, device=device) * 2 - 1
+    rewards = torch.rand(train.dynamics_batch_size, dyn.sequence_length, device=device)
+    dyn_optimizer = torch.optim.Adam(model.dynamics.parameters(), lr=1e-3)
+
+    def dyn_step() -> None:
+        with autocast:
+            loss, _ = model.dynamics.loss(features, actions, rewards, 100, 1000)
+        dyn_optimizer.zero_grad()
+        loss.backward()
+        dyn_optimizer.step()
+
+    dyn_seconds = timed(dyn_step, repeats, device)
+    model.eval()
+    latency = {}
+    for batch in (1, 16):
+        single = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8).numpy()
+
+        def encode() -> None:
+            with torch.inference_mode():
+                model.encode(single)
+
+        latency[batch] = timed(encode, repeats * 4, device) * 1000
+    return {"parameters_autoencoder": count_parameters(model.autoencoder),
+            "parameters_vrnn": count_parameters(model.dynamics),
+            "train_batch_frames": train.batch_size * train.sequence_length,
+            "train_frames_per_s": train.batch_size * train.sequence_length / ae_seconds,
+            "train_step_s": ae_seconds, "vrnn_steps_per_s": 1.0 / dyn_seconds,
+            "encode_1_frame_ms": latency[1], "encode_16_frames_ms": latency[16]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default="results/bench_train")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    rows = {name: bench_preset(name, args.repeats, device) for name in ("cpu", "paper")}
+    for key in ("train_frames_per_s", "vrnn_steps_per_s"):
+        rows["cpu"][f"{key}_vs_paper"] = rows["cpu"][key] / rows["paper"][key]
+    print(f"device: {device} ({machine()['cuda'] or machine()['cpu']})")
+    print(f"{'preset':8s} {'AE params':>10s} {'train frames/s':>15s} {'VRNN steps/s':>13s} {'encode 1 (ms)':>14s} "
+          f"{'encode 16 (ms)':>15s}")
+    for name, r in rows.items():
+        print(f"{name:8s} {r['parameters_autoencoder']:10d} {r['train_frames_per_s']:15.1f} {r['vrnn_steps_per_s']:13.1f} "
+              f"{r['encode_1_frame_ms']:14.2f} {r['encode_16_frames_ms']:15.2f}")
+    print(f"cpu preset trains {rows['cpu']['train_frames_per_s_vs_paper']:.1f}x the paper preset's frames/s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / f"results_{device.type}.json", {"device": str(device), "presets": rows,
+                                                             "repeats": args.repeats, "machine": machine()})
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
+    names = list(rows)
+    axes[0].bar(names, [rows[n]["train_frames_per_s"] for n in names])
+    axes[0].set_ylabel(f"training frames/s ({device.type})")
+    axes[1].bar([f"{n}\n1 frame" for n in names] + [f"{n}\n16 frames" for n in names],
+                [rows[n]["encode_1_frame_ms"] for n in names] + [rows[n]["encode_16_frames_ms"] for n in names])
+    axes[1].set_ylabel("encode latency (ms)")
+    save_figure(fig, out / f"bench_train_{device.type}.png")
+    print(f"wrote {out}/results_{device.type}.json and bench_train_{device.type}.png")
+
+
+if __name__ == "__main__":
+    main()

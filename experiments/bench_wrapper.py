@@ -1,0 +1,170 @@
+"""Wrapper overhead: env steps/s of the raw pixel env vs the same env behind the keypoint wrappers.
+
+Single env: ``kp_rl/<task>-v0`` raw vs :class:`~kp_rl.wrappers.KeypointObservation` (features, and features +
+belief). Vector of ``--n-envs``: ``DummyVecEnv`` raw vs :class:`~kp_rl.wrappers.VecKeypointObservation` (all
+frames encoded in one batch). The model is the ``--preset`` model with random weights (speed does not depend
+on the weights) unless ``--model`` points to a checkpoint. Configurations are measured in interleaved rounds
+(raw, wrapped, raw, ...) so that drifting machine load hits all of them alike; each figure is the median over
+rounds, and each ratio the median of the per-round ratios to the raw env of the same round.
+Writes results/bench_wrapper/{results.json, bench_wrapper.png}.
+
+    python experiments/bench_wrapper.py [--task cartpole-swingup] [--steps 300] [--repeats 7] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+from typing import Callable
+
+import gymnasium as gym
+import numpy as np
+import torch
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
+
+import kp_rl
+from kp_rl.bench import machine, median_rate
+from kp_rl.data import atomic_write_json
+from kp_rl.report import save_figure
+from kp_rl.wrappers import KeypointObservation, VecKeypointObservation
+
+
+def single_stepper(env: gym.Env, steps: int) -> Callable[[], int]:
+    env.reset(seed=0)
+    action = np.zeros(env.action_space.shape, env.action_space.dtype)
+
+    def run() -> int:
+        for _ in range(steps):
+            *_, terminated, truncated, _ = env.step(action)
+            if terminated or truncated:
+                env.reset()
+        return steps
+
+    return run
+
+
+def vec_stepper(venv: VecEnv, steps: int) -> Callable[[], int]:
+    venv.seed(0)
+    venv.reset()
+    actions = np.zeros((venv.num_envs, *venv.action_space.shape), venv.action_space.dtype)
+
+    def run() -> int:
+        for _ in range(steps):
+            venv.step(actions)  # auto-resets finished sub-envs
+        return steps * venv.num_envs
+
+    return run
+
+
+def encode_latency(model: kp_rl.PerceptionModel, batch: int, size: int, threads: int, calls: int) -> float:
+    """Milliseconds per ``model.encode`` call on ``batch`` frames with ``threads`` torch threads (median of 3)."""
+    frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), np.uint8))
+    previous = torch.get_num_threads()
+
+    def run() -> int:
+        with torch.inference_mode():
+            for _ in range(calls):
+                model.encode(frames)
+        return calls
+
+    torch.set_num_threads(threads)
+    try:
+        return 1e3 / median_rate(run, repeats=3)["median"]
+    finally:
+        torch.set_num_threads(previous)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="cartpole-swingup")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=300, help="env steps per measurement (single env)")
+    parser.add_argument("--n-envs", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds")
+    parser.add_argument("--preset", default="cpu", help="model size when --model is not given")
+    parser.add_argument("--model", default=None, help="checkpoint to time instead of a random-weight preset model")
+    parser.add_argument("--num-threads", type=int, default=1,
+                        help="torch threads while the wrappers encode (their num_threads; 0: torch's global setting)")
+    parser.add_argument("--out", default="results/bench_wrapper")
+    args = parser.parse_args()
+    threads = args.num_threads or None
+    default_threads = torch.get_num_threads()
+
+    if args.model:
+        model = kp_rl.load(args.model)
+    else:
+        cfg = kp_rl.get_preset(args.preset).replace(keypoints={"image_size": args.size})
+        model = kp_rl.PerceptionModel(cfg, "keypoints", action_dim=1, with_dynamics=True).eval()
+
+    def make() -> gym.Env:
+        return kp_rl.make_env(args.task, image_size=args.size)
+
+    n, single, vec = args.n_envs, "single: raw", f"{args.n_envs} envs: DummyVecEnv raw"
+    envs: dict[str, tuple[str, gym.Env | VecEnv]] = {  # label -> (the raw peer it is compared with, env)
+        single: (single, make()),
+        "single: KeypointObservation": (single, KeypointObservation(make(), model, num_threads=threads)),
+        "single: KeypointObservation(belief)": (single, KeypointObservation(make(), model, belief=True,
+                                                                            num_threads=threads)),
+        vec: (vec, DummyVecEnv([make] * n)),
+        f"{n} envs: VecKeypointObservation": (vec, VecKeypointObservation(DummyVecEnv([make] * n), model,
+                                                                          num_threads=threads)),
+        f"{n} envs: VecKeypointObservation(belief)": (vec, VecKeypointObservation(
+            DummyVecEnv([make] * n), model, belief=True, num_threads=threads)),
+    }
+    configs = {label: (base, vec_stepper(env, max(1, args.steps // n)) if isinstance(env, VecEnv)
+                       else single_stepper(env, args.steps)) for label, (base, env) in envs.items()}
+    for _, run in configs.values():  # warm-up
+        run()
+    rates: dict[str, list[float]] = {label: [] for label in configs}
+    for _ in range(args.repeats):
+        for label, (_, run) in configs.items():
+            rates[label].append(median_rate(run, repeats=1, warmup=0)["median"])
+    rows = {}
+    for label, (base, _) in configs.items():
+        ratios = [r / b for r, b in zip(rates[label], rates[base])]
+        rows[label] = {"median": statistics.median(rates[label]), "min": min(rates[label]),
+                       "max": max(rates[label]), "repeats": args.repeats, "vs_raw": statistics.median(ratios)}
+    latency = {}  # the wrappers' thread count vs torch's default (one thread per core)
+    for count, calls in sorted({(threads or default_threads, 100), (default_threads, 10)}):
+        for batch in (1, args.n_envs):
+            latency[f"batch {batch}, {count} thread(s)"] = encode_latency(model, batch, args.size, count, calls)
+    for _, env in envs.values():
+        env.close()
+
+    title = f"{args.task}, {args.size}x{args.size}, {args.model or args.preset + ' preset'}"
+    print(f"{'env steps/s (' + title + ')':60s} {'median':>9s} {'vs raw':>8s}")
+    for label, row in rows.items():
+        print(f"{label:60s} {row['median']:9.0f} {row['vs_raw']:7.2f}x")
+    print(f"wrappers' torch threads: {threads or default_threads} (torch default here: {default_threads})")
+    print("model.encode latency (ms): " + ", ".join(f"{k}: {v:.2f}" for k, v in latency.items()))
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", {
+        "task": args.task, "size": args.size, "steps": args.steps, "n_envs": args.n_envs,
+        "model": args.model or f"{args.preset} preset (random weights)", "feature_dim": model.feature_dim,
+        "wrapper_threads": threads or default_threads, "env_steps_per_s": rows, "encode_ms": latency,
+        "machine": machine(),
+    })
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 3))
+    labels = list(rows)[::-1]
+    ax.barh(labels, [rows[k]["median"] for k in labels],
+            xerr=[[rows[k]["median"] - rows[k]["min"] for k in labels],
+                  [rows[k]["max"] - rows[k]["median"] for k in labels]],
+            color=["tab:blue" if "raw" in k else "tab:orange" for k in labels])
+    for y, k in enumerate(labels):
+        ax.text(rows[k]["max"], y, f"  {rows[k]['vs_raw']:.2f}x", va="center", fontsize=8)
+    ax.set_xlim(0, 1.15 * max(row["max"] for row in rows.values()))
+    ax.set_xlabel(f"env steps/s ({title}; median of {args.repeats} rounds; ratio to raw)")
+    save_figure(fig, out / "bench_wrapper.png")
+    print(f"wrote {out}/results.json and bench_wrapper.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""Stable-Baselines3 pieces: features extractors over a trained perception model, and a TensorBoard callback.
+
+* :class:`KeypointExtractor` / :class:`CNNExtractor` — ``BaseFeaturesExtractor`` s for pixel observations
+  that run the keypoint encoder (or the CNN baseline's encoder) inside the policy: frozen by default, or
+  fine-tuned with the agent's loss (``fine_tune=True``). Frame-stacked observations (``VecFrameStack``) are
+  encoded frame by frame and concatenated.
+* :class:`KeypointOverlayCallback` — logs keypoints drawn on frames (and, with :class:`kp_rl.wrappers.WorldModel`
+  envs, the reward-prediction error) to TensorBoard.
+
+A frozen encoder is cheaper as a wrapper (:class:`kp_rl.wrappers.KeypointObservation`: encoded once per env
+step, not again for every replay-buffer sample); the extractor is the way to train it with the agent.
+
+What the extractor receives: SB3 transposes channels-last image observations to channels-first
+(``VecTransposeImage``) and, with the policy's ``normalize_images=True`` (default), divides by 255, so
+``forward`` gets float ``(B, 3 * n_stack, H, W)`` in [0, 1] and maps it to the model's [-0.5, 0.5]. Pass
+``images_normalized=False`` if the policy uses ``normalize_images=False`` (values in [0, 255]).
+
+Example:
+    >>> import gymnasium as gym, kp_rl, tempfile, os
+    >>> from stable_baselines3 import PPO
+    >>> from kp_rl.sb3 import KeypointExtractor
+    >>> cfg = kp_rl.get_preset("cpu").replace(keypoints={"image_size": 32, "num_keypoints": 4, "base_filters": 4})
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.pt")
+    >>> kp_rl.PerceptionModel(cfg, action_dim=1).save(path)
+    >>> agent = PPO("CnnPolicy", gym.make("kp_rl/cartpole-swingup-v0", image_size=32), n_steps=16, batch_size=16,
+    ...             policy_kwargs=dict(features_extractor_class=KeypointExtractor,
+    ...                                features_extractor_kwargs=dict(model_path=path)))
+    >>> agent.policy.features_extractor.features_dim
+    12
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Image
+from stable_baselines3.common.preprocessing import is_image_space_channels_first
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from torch import Tensor, nn
+
+from kp_rl.model import PerceptionModel, load
+from kp_rl.report import draw_keypoints
+
+__all__ = ["CNNExtractor", "KeypointExtractor", "KeypointOverlayCallback"]
+
+
+# ------------------------------------------------------------------------------------- features extractors
+
+
+class _PerceptionExtractor(BaseFeaturesExtractor):
+    """Shared by :class:`KeypointExtractor` and :class:`CNNExtractor` (they differ only in ``representation``)."""
+
+    representation: str = ""
+
+    def __init__(self, observation_space: spaces.Space, model_path: str | Path, fine_tune: bool = False,
+                 images_normalized: bool = True) -> None:
+        name = type(self).__name__
+        shape = getattr(observation_space, "shape", None)
+        if not isinstance(observation_space, spaces.Box) or len(shape) != 3:
+            raise ValueError(f"{name} expects image observations (C, H, W) or (H, W, C), got {observation_space}")
+        channels_first = is_image_space_channels_first(observation_space)
+        channels, size = (shape[0], shape[1:]) if channels_first else (shape[-1], shape[:2])
+        if channels % 3:
+            raise ValueError(f"{name} expects RGB frames (3 channels, or 3 * n_stack when frame-stacked), got "
+                             f"{channels} channels in observation space of shape {shape}")
+        model = load(model_path, "cpu", representation=self.representation)  # SB3 moves the policy later
+        if tuple(size) != (model.image_size, model.image_size):
+            raise ValueError(f"{name}: observations are {size[0]}x{size[1]} frames but the model at {model_path} "
+                             f"expects {model.image_size}x{model.image_size}")
+        self.n_stack = channels // 3
+        super().__init__(observation_space, features_dim=self.n_stack * model.feature_dim)
+        self.autoencoder: nn.Module = model.autoencoder
+        self.channels_first = channels_first
+        self.fine_tune = bool(fine_tune)
+        self.scale = 1.0 if images_normalized else 1.0 / 255.0
+        self.model_path = str(model_path)
+        if not self.fine_tune:
+            self.autoencoder.requires_grad_(False)
+            self.autoencoder.eval()
+
+    def train(self, mode: bool = True) -> "_PerceptionExtractor":
+        """A frozen encoder stays in eval mode whatever the policy's mode."""
+        super().train(mode)
+        if not self.fine_tune:
+            self.autoencoder.eval()
+        return self
+
+    def forward(self, observations: Tensor) -> Tensor:
+        """Float ``(B, 3 * n_stack, H, W)`` (or channels-last) images -> ``(B, n_stack * feature_dim)``."""
+        frames = observations.float()
+        if not self.channels_first:
+            frames = frames.movedim(-1, 1)
+        frames = frames.unflatten(1, (self.n_stack, 3)) * self.scale - 0.5  # (B, n_stack, 3, H, W) in [-0.5, 0.5]
+        with torch.set_grad_enabled(self.fine_tune and torch.is_grad_enabled()):
+            return self.autoencoder.features(frames).flatten(1)
+
+
+class KeypointExtractor(_PerceptionExtractor):
+    """Pixels -> keypoints ``(x, y, mu) * K`` per frame, as the policy's features (``features_dim = n_stack * K * 3``).
+
+    Args:
+        observation_space: uint8 image space, ``(3 * n_stack, H, W)`` as SB3 hands it (or channels-last).
+        model_path: checkpoint of a ``keypoints`` model (:func:`kp_rl.load`); it must still exist when the agent
+            is loaded again (``SAC.load``), which rebuilds the extractor and then restores the saved weights.
+        fine_tune: train the encoder with the agent's loss (default: frozen, eval mode, no gradients).
+        images_normalized: observations arrive divided by 255 (SB3's ``normalize_images=True``).
+
+    Raises:
+        ValueError: not an image space, channels not a multiple of 3, or a frame size the model does not take.
+        kp_rl.model.CheckpointError: missing or foreign checkpoint, or a ``cnn`` model.
+
+    Example:
+        >>> import kp_rl, tempfile, os, torch
+        >>> from gymnasium import spaces
+        >>> cfg = kp_rl.get_preset("cpu").replace(keypoints={"image_size": 32, "num_keypoints": 4,
+        ...                                                  "base_filters": 4})
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.pt")
+        >>> kp_rl.PerceptionModel(cfg).save(path)
+        >>> extractor = KeypointExtractor(spaces.Box(0, 255, (6, 32, 32), "uint8"), path)   # 2 stacked frames
+        >>> extractor.features_dim
+        24
+        >>> extractor(torch.rand(5, 6, 32, 32)).shape
+        torch.Size([5, 24])
+    """
+
+    representation = "keypoints"
+
+
+class CNNExtractor(_PerceptionExtractor):
+    """Pixels -> the CNN baseline's flat latent per frame (the unstructured CNN-VRNN agent's perception).
+
+    Same arguments and behaviour as :class:`KeypointExtractor`, for a ``cnn`` checkpoint
+    (``features_dim = n_stack * latent_dim``).
+
+    Example:
+        >>> import kp_rl, tempfile, os, torch
+        >>> from gymnasium import spaces
+        >>> cfg = kp_rl.get_preset("cpu").replace(keypoints={"image_size": 32, "base_filters": 4},
+        ...                                       cnn={"latent_dim": 8})
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.pt")
+        >>> kp_rl.PerceptionModel(cfg, representation="cnn").save(path)
+        >>> CNNExtractor(spaces.Box(0, 255, (3, 32, 32), "uint8"), path, fine_tune=True).features_dim
+        8
+    """
+
+    representation = "cnn"
+
+
+# ----------------------------------------------------------------------------------------------- drawing
+
+
+# ---------------------------------------------------------------------------------------------- callback
+
+
+class KeypointOverlayCallback(BaseCallback):
+    """Log keypoints drawn on frames (``kp/overlay``) and the reward-prediction error to TensorBoard.
+
+    Every ``log_every`` calls it takes ``num_frames`` frames (a fixed array, or a short random-action clip from
+    ``source`` reset with ``seed``: use an env other than the training one), encodes them, draws the keypoints
+    (:func:`draw_keypoints`, frames upscaled ``scale`` times) side by side and records the image, excluded
+    from stdout/log/json/csv. On every step it also collects ``|info["predicted_reward"] - r|`` from the
+    training envs' infos when present (:class:`kp_rl.wrappers.WorldModel`; ``r`` is ``info["true_reward"]``
+    when the reward was replaced) and records the mean since the last log as ``kp/reward_abs_error``.
+
+    Args:
+        source: an env with uint8 image observations or ``rgb_array`` rendering, or uint8 frames ``(N, H, W, 3)``.
+        model: a ``keypoints`` :class:`~kp_rl.model.PerceptionModel` or its checkpoint path.
+        log_every: log every this many calls (env steps of the vectorised env).
+        num_frames: frames per image when ``source`` is an env.
+        scale: nearest-neighbour upscaling of the frames before drawing.
+        seed: reset seed of ``source``.
+        verbose: SB3 verbosity.
+
+    Example:
+        >>> import kp_rl, numpy as np
+        >>> cfg = kp_rl.get_preset("cpu").replace(keypoints={"image_size": 32, "num_keypoints": 4,
+        ...                                                  "base_filters": 4})
+        >>> callback = KeypointOverlayCallback(np.zeros((2, 32, 32, 3), np.uint8), kp_rl.PerceptionModel(cfg))
+        >>> callback.overlay().shape                   # 2 frames of 32x32, upscaled 4x, side by side
+        (128, 256, 3)
+    """
+
+    def __init__(self, source: gym.Env | np.ndarray, model: PerceptionModel | str | Path, log_every: int = 1000,
+                 num_frames: int = 4, scale: int = 4, seed: int = 0, verbose: int = 0) -> None:
+        super().__init__(verbose)
+        self.perception = load(model) if isinstance(model, (str, Path)) else model.eval()
+        if self.perception.representation != "keypoints":
+            raise ValueError(f"KeypointOverlayCallback needs a 'keypoints' model, got a "
+                             f"{self.perception.representation!r} model")
+        if log_every < 1 or num_frames < 1 or scale < 1:
+            raise ValueError(f"log_every, num_frames and scale must be >= 1, got {log_every}, {num_frames}, {scale}")
+        size = self.perception.image_size
+        if isinstance(source, gym.Env):
+            pixels = isinstance(source.observation_space, spaces.Box) and source.observation_space.dtype == np.uint8
+            if not pixels and source.render_mode != "rgb_array":
+                raise ValueError(f"KeypointOverlayCallback: the env gives no frames (observation space "
+                                 f"{source.observation_space}, render_mode={source.render_mode!r})")
+            self._frames = None
+        else:
+            frames = np.asarray(source)
+            if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (size, size, 3):
+                raise ValueError(f"KeypointOverlayCallback: expected uint8 frames (N, {size}, {size}, 3), got "
+                                 f"{frames.dtype} of shape {frames.shape}")
+            self._frames = frames
+        self.source = source
+        self.log_every, self.num_frames, self.scale, self.seed = log_every, num_frames, scale, seed
+        self._error_sum, self._error_count = 0.0, 0
+
+    def _clip(self) -> np.ndarray:
+        if self._frames is not None:
+            return self._frames
+        env = self.source
+        pixels = env.observation_space.dtype == np.uint8 and len(env.observation_space.shape) == 3
+        env.action_space.seed(self.seed)
+        observation, _ = env.reset(seed=self.seed)
+        frames = [observation if pixels else env.render()]
+        for _ in range(self.num_frames - 1):
+            observation, _, terminated, truncated, _ = env.step(env.action_space.sample())
+            frames.append(observation if pixels else env.render())
+            if terminated or truncated:
+                break
+        return np.stack(frames)
+
+    def overlay(self) -> np.ndarray:
+        """The logged picture: uint8 ``(H * scale, N * W * scale, 3)``, frames with their keypoints, left to right."""
+        frames = self._clip()
+        with torch.inference_mode():
+            keypoints = self.perception.encode(frames).unflatten(-1, (-1, 3)).cpu().numpy()
+        big = frames.repeat(self.scale, axis=1).repeat(self.scale, axis=2)
+        return np.concatenate([draw_keypoints(f, k) for f, k in zip(big, keypoints)], axis=1)
+
+    def _collect_reward_error(self) -> None:
+        infos: Sequence[dict[str, Any]] = self.locals.get("infos") or ()
+        rewards = self.locals.get("rewards")
+        for i, info in enumerate(infos):
+            if "predicted_reward" in info:
+                true = info.get("true_reward", rewards[i] if rewards is not None else None)
+                if true is not None:
+                    self._error_sum += abs(float(info["predicted_reward"]) - float(true))
+                    self._error_count += 1
+
+    def _on_step(self) -> bool:
+        self._collect_reward_error()
+        if self.n_calls % self.log_every == 0:
+            self.logger.record("kp/overlay", Image(self.overlay(), "HWC"), exclude=("stdout", "log", "json", "csv"))
+            if self._error_count:
+                self.logger.record("kp/reward_abs_error", self._error_sum / self._error_count)
+                self._error_sum, self._error_count = 0.0, 0
+        return True

@@ -1,0 +1,95 @@
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import kp_rl
+from kp_rl.agents import OBSERVATION_KINDS, UnknownAgentError, get_agent, load_agent_catalog, make_vec_env, train_agent
+from kp_rl.experiment import ExperimentSpec, iqm_with_ci
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    cfg = kp_rl.get_preset("cpu").replace(
+        keypoints={"image_size": 32, "num_keypoints": 4, "base_filters": 4, "layers_per_scale": 0},
+        dynamics={"rnn_units": 16, "latent_dim": 4})
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    kp_rl.PerceptionModel(cfg, action_dim=1, with_dynamics=True).save(path)
+    return path
+
+
+def test_catalog_covers_every_observation_kind_for_sac_and_ppo():
+    catalog = load_agent_catalog()
+    for algo in ("SAC", "PPO"):
+        assert {s.observation for s in catalog.values() if s.algo == algo} == set(OBSERVATION_KINDS)
+    assert catalog["sac-pixels"].policy == "CnnPolicy" and catalog["sac-pixels"].frame_stack == 3
+    with pytest.raises(UnknownAgentError, match="unknown agent 'sac-magic'"):
+        get_agent("sac-magic")
+
+
+@pytest.mark.parametrize("name,dim", [("sac-state", 5), ("sac-keypoints", 2 * 12), ("sac-keypoints-belief", None),
+                                      ("sac-pixels", None)])
+def test_vec_env_observations_per_kind(name, dim, model_path):
+    venv = make_vec_env("kp_rl/cartpole-swingup-v0", get_agent(name), model_path, n_envs=2,
+                        env_kwargs={"image_size": 32})
+    obs = venv.reset()
+    if name == "sac-pixels":
+        assert obs.shape == (2, 32, 32, 9) and obs.dtype == np.uint8
+    elif name == "sac-keypoints-belief":
+        assert obs.shape[0] == 2 and obs.shape[1] > 12 and obs.dtype == np.float32
+    else:
+        assert obs.shape == (2, dim)
+    venv.close()
+    if get_agent(name).needs_model:
+        with pytest.raises(ValueError, match="needs --model"):
+            make_vec_env("kp_rl/cartpole-swingup-v0", get_agent(name))
+
+
+def test_train_agent_writes_curve_and_resumes(model_path, tmp_path):
+    spec = get_agent("sac-keypoints-belief")
+    spec = dataclasses.replace(spec, hyperparameters={**spec.hyperparameters, "learning_starts": 20, "batch_size": 16})
+    kwargs = dict(model=model_path, eval_every=30, eval_episodes=1, env_kwargs={"image_size": 32}, progress=False)
+    curve = train_agent("kp_rl/cartpole-swingup-v0", spec, 60, tmp_path, **kwargs)
+    assert curve["steps"] == [30, 60] and len(curve["returns"]) == 2 and curve["done"]
+    assert (tmp_path / "agent.zip").exists() and (tmp_path / "replay_buffer.pkl").exists()
+    assert json.loads((tmp_path / "curve.json").read_text())["steps"] == [30, 60]
+    again = train_agent("kp_rl/cartpole-swingup-v0", spec, 90, tmp_path, **kwargs)  # a bigger budget continues
+    assert again["steps"] == [30, 60, 90] and again["seconds"][-1] >= curve["seconds"][-1]
+
+
+def test_iqm_confidence_interval_brackets_the_point_estimate():
+    iqm, low, high = iqm_with_ci(np.array([1.0, 2.0, 3.0, 4.0, 100.0]))
+    assert low <= iqm <= high and iqm < 10  # robust to the outlier
+
+
+def test_experiment_spec_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks: [cartpole-flip]\nagents: [sac-state]\nseeds: [0]\nsteps: 10\n")
+    with pytest.raises(ValueError, match="unknown task"):
+        ExperimentSpec.from_yaml(bad)
+    bad.write_text("tasks: [cartpole-swingup]\nagents: [sac-state]\nseeds: [0]\n")
+    with pytest.raises(ValueError, match="one of steps / env_steps"):
+        ExperimentSpec.from_yaml(bad)
+    with pytest.raises(FileNotFoundError, match="experiment spec not found"):
+        ExperimentSpec.from_yaml(tmp_path / "missing.yaml")
+    spec = ExperimentSpec.from_yaml("experiments/structured_vs_unstructured_gpu.yaml")
+    assert spec.agent_steps("cartpole-swingup") == 12_500 and spec.agent_steps("walker-walk") == 50_000
+
+
+def test_kp_rl_run_state_grid_end_to_end(tmp_path):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text("name: tiny\ntasks: [cartpole-swingup]\nagents: [ppo-state]\nseeds: [0, 1]\nsteps: 64\n"
+                    "eval_every: 32\neval_episodes: 1\n")
+    cmd = [sys.executable, "-m", "kp_rl.cli", "run", str(spec), "--runs", str(tmp_path / "runs"),
+           "--results", str(tmp_path / "results"), "--quiet"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "results" / "tiny" / "results.json").read_text())
+    row = summary["table"]["cartpole-swingup"]["ppo-state"]
+    assert len(row["final_returns"]) == 2 and row["ci95"][0] <= row["iqm"] <= row["ci95"][1]
+    assert (tmp_path / "results" / "tiny" / "curves_seconds.png").exists()
+    rerun = subprocess.run(cmd, capture_output=True, text=True)  # finished cells are skipped
+    assert rerun.returncode == 0 and "ppo-state" in rerun.stdout

@@ -1,0 +1,340 @@
+"""Tests of kp_rl.wrappers: spaces and bounds, env checkers, beliefs, vectorised encoding, world model, bad input."""
+
+from __future__ import annotations
+
+import doctest
+import warnings
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+import kp_rl
+import kp_rl.wrappers
+from kp_rl.model import CheckpointError, PerceptionModel
+from kp_rl.wrappers import KeypointObservation, VecKeypointObservation, WorldModel
+
+SIZE, K = 32, 4
+TINY = dict(keypoints={"image_size": SIZE, "num_keypoints": K, "base_filters": 4, "layers_per_scale": 0},
+            cnn={"latent_dim": 8},
+            dynamics={"rnn_units": 16, "latent_dim": 4, "prior_hidden": 8, "posterior_hidden": 8,
+                      "decoder_hidden": 8, "reward_hidden": 8})
+BELIEF_DIM = 16 + 4
+
+
+def tiny_model(representation: str = "keypoints", dynamics: bool = True, size: int = SIZE) -> PerceptionModel:
+    torch.manual_seed(0)
+    sections = {**TINY, "keypoints": {**TINY["keypoints"], "image_size": size}}
+    return PerceptionModel(kp_rl.get_preset("cpu").replace(**sections), representation, action_dim=1,
+                           with_dynamics=dynamics).eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> PerceptionModel:
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory, model: PerceptionModel) -> Path:
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    model.save(path)
+    return path
+
+
+def pixel_env(size: int = SIZE, **kwargs) -> gym.Env:
+    return gym.make("kp_rl/cartpole-swingup-v0", image_size=size, **kwargs)
+
+
+def rollout(env: gym.Env, steps: int, seed: int = 0) -> list[np.ndarray]:
+    env.action_space.seed(seed)
+    observations = [env.reset(seed=seed)[0]]
+    for _ in range(steps):
+        observations.append(env.step(env.action_space.sample())[0])
+    return observations
+
+
+# ---------------------------------------------------------------------------------------------- spaces
+
+
+@pytest.mark.parametrize("representation, belief", [("keypoints", False), ("keypoints", True), ("cnn", False)])
+def test_observation_space_and_bounds(representation: str, belief: bool) -> None:
+    model = tiny_model(representation)
+    env = KeypointObservation(pixel_env(), model, belief=belief)
+    feature_dim = K * 3 if representation == "keypoints" else 8
+    space = env.observation_space
+    assert space.shape == (feature_dim + (BELIEF_DIM if belief else 0),) and space.dtype == np.float32
+    if representation == "keypoints":
+        np.testing.assert_array_equal(space.low[:3], [-1, -1, 0])
+        np.testing.assert_array_equal(space.high[:feature_dim], 1)
+    assert np.isinf(space.high[feature_dim:]).all()
+    for obs in rollout(env, 5):
+        assert obs.shape == space.shape and obs.dtype == np.float32 and space.contains(obs)
+    env.close()
+
+
+@pytest.mark.parametrize("belief", [False, True])
+def test_env_checkers_pass(model_path: Path, belief: bool) -> None:
+    from gymnasium.utils.env_checker import check_env
+
+    env = KeypointObservation(pixel_env(), model_path, belief=belief)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unbounded belief dims are reported as warnings, not errors
+        check_env(env)
+        sb3_check_env(env)
+    env.close()
+
+
+def test_shimmy_state_env_gets_keypoints_from_renders(model: PerceptionModel) -> None:
+    import shimmy  # noqa: F401  (registers dm_control/...)
+
+    env = gym.make("dm_control/cartpole-swingup-v0", render_mode="rgb_array",
+                   render_kwargs={"width": SIZE, "height": SIZE})
+    assert isinstance(env.observation_space, gym.spaces.Dict)
+    wrapped = KeypointObservation(env, model, belief=True)
+    observations = rollout(wrapped, 3)
+    for obs in observations:
+        assert obs.shape == (K * 3 + BELIEF_DIM,) and wrapped.observation_space.contains(obs)
+    with torch.inference_mode():  # the features are those of the rendered frame
+        frame = np.ascontiguousarray(env.render())  # dm_control's frames have negative strides
+        np.testing.assert_allclose(observations[-1][: K * 3], model.encode(frame[None])[0].numpy(), atol=1e-6)
+    wrapped.close()
+
+
+# ---------------------------------------------------------------------------------------------- belief
+
+
+def test_belief_follows_the_vrnn_and_resets(model: PerceptionModel) -> None:
+    env = KeypointObservation(pixel_env(), model, belief=True)
+    raw = pixel_env()
+    observations, frames = rollout(env, 4), rollout(raw, 4)
+    actions_env = gym.spaces.Box(-1, 1, (1,), np.float32)
+    actions_env.seed(0)
+    with torch.inference_mode():  # the same chain by hand: zero action first, then the actions taken
+        state = model.dynamics.initial_state(1)
+        actions = [np.zeros(1, np.float32)] + [actions_env.sample() for _ in range(4)]
+        for t, (frame, action) in enumerate(zip(frames, actions)):
+            features = model.encode(frame[None])
+            state, _ = model.dynamics.observe_step(state, features, torch.as_tensor(action)[None])
+            expected = torch.cat([features, model.dynamics.belief(state)], -1)[0].numpy()
+            np.testing.assert_allclose(observations[t], expected, atol=1e-5)
+    assert not np.allclose(observations[1][K * 3:], observations[4][K * 3:])  # the belief moves
+    # same seed -> same first observation, whatever episode came before
+    rollout(env, 3, seed=7)
+    np.testing.assert_array_equal(env.reset(seed=0)[0], observations[0])
+    env.close()
+    raw.close()
+
+
+# ------------------------------------------------------------------------------------------ vector env
+
+
+def test_vec_wrapper_matches_per_env_wrapping(model: PerceptionModel) -> None:
+    n, steps, limit = 3, 6, 4  # episodes of 4 steps: every sub-env auto-resets once
+    venv = VecKeypointObservation(DummyVecEnv([lambda: pixel_env(max_episode_steps=limit)] * n), model,
+                                  belief=True)
+    singles = [KeypointObservation(pixel_env(max_episode_steps=limit), model, belief=True) for _ in range(n)]
+    venv.seed(10)
+    obs = venv.reset()
+    expected = [env.reset(seed=10 + i)[0] for i, env in enumerate(singles)]
+    np.testing.assert_allclose(obs, np.stack(expected), atol=1e-5)
+    rng = np.random.default_rng(0)
+    terminal_seen = 0
+    for _ in range(steps):
+        actions = rng.uniform(-1, 1, (n, 1)).astype(np.float32)
+        obs, _, dones, infos = venv.step(actions)
+        assert obs.shape == (n, K * 3 + BELIEF_DIM) and obs.dtype == np.float32
+        for i, env in enumerate(singles):
+            single, _, terminated, truncated, _ = env.step(actions[i])
+            assert dones[i] == (terminated or truncated)
+            if dones[i]:
+                terminal = infos[i]["terminal_observation"]
+                assert terminal.shape == (K * 3 + BELIEF_DIM,)
+                np.testing.assert_allclose(terminal, single, atol=1e-5)
+                single = env.reset()[0]
+                terminal_seen += 1
+            np.testing.assert_allclose(obs[i], single, atol=1e-5)
+    assert terminal_seen == n
+    venv.close()
+
+
+# ----------------------------------------------------------------------------------------- world model
+
+
+def test_world_model_info_and_reward_replacement(model: PerceptionModel) -> None:
+    env = WorldModel(pixel_env(), model)
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (SIZE, SIZE, 3) and info["predicted_features"].shape == (K * 3,)
+    obs, reward, *_, info = env.step(np.array([0.5], np.float32))
+    assert isinstance(info["predicted_reward"], float) and "true_reward" not in info
+    assert info["predicted_features"].shape == (K * 3,) and info["predicted_features"].dtype == np.float32
+    assert env.belief.shape == (BELIEF_DIM,)
+    with torch.inference_mode():  # what the docstring promises: observe_step's outputs
+        state = model.dynamics.initial_state(1)
+        state, _ = model.dynamics.observe_step(state, model.encode(env.reset(seed=0)[0][None]), torch.zeros(1, 1))
+        state, out = model.dynamics.observe_step(state, model.encode(env.step(np.array([0.5], np.float32))[0][None]),
+                                                 torch.full((1, 1), 0.5))
+    assert info["predicted_reward"] == pytest.approx(out.reward.item(), abs=1e-6)
+    np.testing.assert_allclose(info["predicted_features"], out.features[0].numpy(), atol=1e-6)
+
+    replaced = WorldModel(pixel_env(), model, replace_reward=True)
+    replaced.reset(seed=0)
+    _, reward2, *_, info2 = replaced.step(np.array([0.5], np.float32))
+    assert reward2 == info2["predicted_reward"] == pytest.approx(info["predicted_reward"])
+    assert info2["true_reward"] == reward
+    env.close()
+    replaced.close()
+
+
+def test_world_model_reuses_keypoint_observations(model: PerceptionModel, model_path: Path) -> None:
+    on_pixels = WorldModel(pixel_env(), model)
+    composed = WorldModel(KeypointObservation(pixel_env(), model_path, belief=True), model)
+    assert composed._source == "features"  # the same weights: no second encoding
+    for env in (on_pixels, composed):
+        env.reset(seed=3)
+    for _ in range(3):
+        action = np.array([0.3], np.float32)
+        a, b = on_pixels.step(action)[-1], composed.step(action)[-1]
+        assert a["predicted_reward"] == pytest.approx(b["predicted_reward"], abs=1e-5)
+    on_pixels.close()
+    composed.close()
+
+
+def test_world_model_imagine_shapes(model: PerceptionModel) -> None:
+    env = WorldModel(pixel_env(), model)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.imagine(np.zeros((5, 1)))
+    env.reset(seed=0)
+    one = env.imagine(np.zeros((5, 1), np.float32))
+    assert one["features"].shape == (1, 1, 5, K * 3) and one["rewards"].shape == (1, 1, 5)
+    many = env.imagine(np.zeros((3, 5, 1), np.float32), num_samples=2)
+    assert many["features"].shape == (2, 3, 5, K * 3) and many["rewards"].shape == (2, 3, 5)
+    assert many["features"].dtype == np.float32
+    with pytest.raises(ValueError, match=r"\(N, M, 1\)"):
+        env.imagine(np.zeros((3, 5, 2)))
+    env.close()
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def test_frame_size_mismatch_names_both_sizes(model: PerceptionModel) -> None:
+    model64 = tiny_model(size=64)
+    with pytest.raises(ValueError, match="32x32.*64x64"):
+        KeypointObservation(pixel_env(32), model64)
+    with pytest.raises(ValueError, match="32x32.*64x64"):
+        VecKeypointObservation(DummyVecEnv([lambda: pixel_env(32)]), model64)
+    with pytest.raises(ValueError, match="32x32.*64x64"):
+        WorldModel(pixel_env(32), model64)
+    import shimmy  # noqa: F401
+
+    rendering = KeypointObservation(gym.make("dm_control/cartpole-swingup-v0", render_mode="rgb_array",
+                                             render_kwargs={"width": 48, "height": 48}), model)
+    with pytest.raises(ValueError, match="48x48.*32x32"):  # rendered size is known at the first frame
+        rendering.reset(seed=0)
+
+
+def test_env_without_frames_is_rejected(model: PerceptionModel) -> None:
+    with pytest.raises(ValueError, match="render_mode='rgb_array'"):
+        KeypointObservation(gym.make("Pendulum-v1"), model)
+    with pytest.raises(ValueError, match="render_mode='rgb_array'"):
+        WorldModel(gym.make("Pendulum-v1"), model)
+    with pytest.raises(ValueError, match="AddRenderObservation"):
+        VecKeypointObservation(DummyVecEnv([lambda: gym.make("Pendulum-v1")]), model)
+
+
+@pytest.mark.parametrize("device", ["cuda:7", "tpu"])
+def test_unknown_device_is_rejected(model_path: Path, device: str) -> None:
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    for make in (lambda: KeypointObservation(pixel_env(), model_path, device=device),
+                 lambda: WorldModel(pixel_env(), model_path, device=device)):
+        with pytest.raises(ValueError, match=device):
+            make()
+
+
+def test_wrong_models_are_rejected(tmp_path: Path, model: PerceptionModel) -> None:
+    no_dynamics = tmp_path / "autoencoder.pt"
+    tiny_model(dynamics=False).save(no_dynamics)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(1)}, foreign)
+    with pytest.raises(CheckpointError, match="not a kp_rl model"):
+        KeypointObservation(pixel_env(), foreign)
+    with pytest.raises(CheckpointError, match="not found"):
+        KeypointObservation(pixel_env(), tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="without dynamics"):
+        KeypointObservation(pixel_env(), no_dynamics, belief=True)
+    with pytest.raises(CheckpointError, match="without dynamics"):
+        WorldModel(pixel_env(), no_dynamics)
+    with pytest.raises(ValueError, match="needs a model with dynamics"):
+        WorldModel(pixel_env(), tiny_model(dynamics=False))
+    with pytest.raises(ValueError, match="needs a model with dynamics"):
+        VecKeypointObservation(DummyVecEnv([pixel_env]), tiny_model(dynamics=False), belief=True)
+    with pytest.raises(TypeError, match="PerceptionModel or a checkpoint path"):
+        KeypointObservation(pixel_env(), object())
+    wide = kp_rl.make_env("reacher-easy", image_size=SIZE)  # 2-dim actions, the model's dynamics take 1
+    with pytest.raises(ValueError, match="1-dim actions.*has 2"):
+        WorldModel(wide, model)
+    KeypointObservation(wide, model)  # without the belief the action size does not matter
+
+
+def test_thread_count_is_set_while_encoding_and_restored(model: PerceptionModel,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    previous = torch.get_num_threads()
+    env = KeypointObservation(pixel_env(), model, num_threads=1)
+    seen, encode = [], model.encode
+    monkeypatch.setattr(model, "encode", lambda frames: seen.append(torch.get_num_threads()) or encode(frames))
+    env.reset(seed=0)
+    assert seen == [1] and torch.get_num_threads() == previous
+    with pytest.raises(ValueError, match="num_threads must be a positive integer or None, got 0"):
+        KeypointObservation(pixel_env(), model, num_threads=0)
+
+
+class DiscretePixels(gym.Env):
+    """Random frames and 3 discrete actions: the belief sees them one-hot."""
+
+    observation_space = gym.spaces.Box(0, 255, (SIZE, SIZE, 3), np.uint8)
+    action_space = gym.spaces.Discrete(3)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        return self.observation_space.sample(), 0.0, False, False, {}
+
+
+def test_discrete_actions_enter_the_belief_one_hot() -> None:
+    torch.manual_seed(0)
+    model = PerceptionModel(kp_rl.get_preset("cpu").replace(**TINY), action_dim=3, with_dynamics=True).eval()
+    env = WorldModel(DiscretePixels(), model)
+    obs, _ = env.reset(seed=0)
+    state = env.state
+    obs, *_ = env.step(2)
+    with torch.inference_mode():
+        expected, _ = model.dynamics.observe_step(state, model.encode(obs[None]), torch.tensor([[0.0, 0.0, 1.0]]))
+        np.testing.assert_allclose(env.belief, model.dynamics.belief(expected)[0].numpy(), atol=1e-6)
+
+
+def test_docstring_examples_run() -> None:
+    assert doctest.testmod(kp_rl.wrappers, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+def test_state_observation_is_the_low_dimensional_state() -> None:
+    from gymnasium.utils.env_checker import check_env
+
+    from kp_rl.wrappers import StateObservation
+
+    env = StateObservation(gym.make("kp_rl/cartpole-swingup-v0", image_size=16))
+    obs, info = env.reset(seed=0)
+    np.testing.assert_array_equal(obs, info["state"])
+    obs, *_, info = env.step(env.action_space.sample())
+    np.testing.assert_array_equal(obs, info["state"])
+    check_env(env.unwrapped)
+    check_env(env)
+    env.close()
+    with pytest.raises(ValueError, match="info carries 'state'"):
+        StateObservation(gym.make("Pendulum-v1"))
