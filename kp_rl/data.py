@@ -37,11 +37,12 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from collections import OrderedDict
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 MANIFEST = "manifest.json"
 FORMAT = "kp_rl.episodes"
@@ -385,14 +386,255 @@ class SequenceDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         episode_index, start = self.index[i]
-        episode = self.episodes[episode_index]
-        window = slice(start, start + self.sequence_length)
-        item = {}
-        for key in self.keys:
-            if key in episode:
-                item[key] = torch.from_numpy(np.ascontiguousarray(episode[key][window]))
-            elif key == "action":
-                item[key] = torch.zeros(self.sequence_length, 0)
-            elif key in ("reward", "discount"):
-                item[key] = torch.zeros(self.sequence_length)
-        return item
+        return _window(self.episodes[episode_index], self.keys, start, self.sequence_length)
+
+
+def _window(episode: dict[str, np.ndarray], keys: Sequence[str], start: int, length: int) -> dict[str, torch.Tensor]:
+    """Steps ``start .. start + length`` of ``keys``; a missing ``action`` / ``reward`` / ``discount`` is zeros."""
+    window = slice(start, start + length)
+    item = {}
+    for key in keys:
+        if key in episode:
+            item[key] = torch.from_numpy(np.ascontiguousarray(episode[key][window]))
+        elif key == "action":
+            item[key] = torch.zeros(length, 0)
+        elif key in ("reward", "discount"):
+            item[key] = torch.zeros(length)
+    return item
+
+
+# -- streaming (datasets larger than memory) ---------------------------------------------------------------
+STREAMING_MIN_FRAMES = 250_000  # `sequence_dataset(streaming=None)` streams above this (~3 GB of 64x64 frames)
+
+
+def shard_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Array shapes of a shard read from the ``.npy`` headers only (nothing is decompressed beyond them)."""
+    path = Path(path)
+    shapes = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if not name.endswith(".npy"):
+                    continue
+                with archive.open(name) as member:
+                    version = np.lib.format.read_magic(member)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shapes[name[:-4]] = tuple(read(member)[0])
+    except FileNotFoundError as exc:
+        raise DatasetError(f"missing shard {path}") from exc
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DatasetError(f"corrupt shard {path}: {exc}") from exc
+    image = shapes.get("image")
+    if image is None or len(image) != 4 or image[-1] != 3:
+        raise DatasetError(f"foreign shard {path}: expected an 'image' array of uint8 (T, H, W, 3)")
+    return shapes
+
+
+def episode_lengths(root: str | Path, files: Sequence[Path]) -> list[int]:
+    """Frames per shard: from the manifest entries (``frames``), else from each shard's ``.npy`` header."""
+    root = Path(root)
+    if (root / MANIFEST).exists():
+        frames = {e["file"]: e.get("frames") for e in read_manifest(root)["episodes"]}
+        if all(frames.get(f.name) is not None for f in files):
+            return [int(frames[f.name]) for f in files]
+    return [shard_shapes(f)["image"][0] for f in files]
+
+
+def count_frames(root: str | Path) -> int:
+    """Frames in a dataset directory, without loading any episode."""
+    files = episode_files(root)
+    return sum(episode_lengths(root, files))
+
+
+class StreamingSequenceDataset(Dataset):
+    """:class:`SequenceDataset` for data larger than memory: shards are read on demand, a few at a time.
+
+    The window index (same order as :class:`SequenceDataset`) comes from the manifest's per-episode frame
+    counts (reference-format folders: the shards' ``.npy`` headers, read once), and episodes are loaded
+    when a window needs them into a small LRU cache of ``cache_size`` episodes. Each DataLoader worker
+    holds its own cache (the cache is not pickled), so memory is ``workers x cache_size x episode``.
+    Random window order would load an episode per window: train with :class:`EpisodeBlockSampler`, which
+    shuffles within blocks of ``cache_size`` episodes.
+
+    Args:
+        root, sequence_length, split, val_fraction, stride, keys: as for :class:`SequenceDataset`.
+        cache_size: episodes held in memory per process (per DataLoader worker).
+
+    Example:
+        >>> import tempfile
+        >>> root = tempfile.mkdtemp()
+        >>> _ = collect("cartpole-swingup", root, episodes=3, max_steps=5, progress=False)
+        >>> data = StreamingSequenceDataset(root, 4, split="all", cache_size=1)
+        >>> len(data), data.num_frames, tuple(data[0]["image"].shape), data.cached_episodes
+        (9, 18, (4, 64, 64, 3), (0,))
+    """
+
+    streaming = True
+
+    def __init__(
+        self,
+        root: str | Path,
+        sequence_length: int,
+        split: str = "train",
+        val_fraction: float = 0.1,
+        stride: int = 1,
+        keys: Iterable[str] = ("image", "action", "reward"),
+        cache_size: int = 8,
+    ):
+        if sequence_length < 1 or stride < 1:
+            raise DatasetError(f"sequence_length and stride must be >= 1, got {sequence_length}, {stride}")
+        if cache_size < 1:
+            raise DatasetError(f"cache_size must be >= 1, got {cache_size}")
+        self.root = Path(root)
+        self.sequence_length = sequence_length
+        self.stride = stride
+        self.keys = tuple(keys)
+        self.cache_size = cache_size
+        self.files = split_episodes(episode_files(self.root), split, val_fraction)
+        missing = [f for f in self.files if not f.is_file()]
+        if missing:
+            raise DatasetError(f"missing shard {missing[0]}")
+        self.lengths = episode_lengths(self.root, self.files)
+        if not self.lengths or max(self.lengths) < sequence_length:
+            raise DatasetError(f"window of {sequence_length} frames is longer than every episode in {self.root} "
+                               f"(longest: {max(self.lengths, default=0)} frames)")
+        counts = [max(0, (n - sequence_length) // stride + 1) for n in self.lengths]
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # window ids of episode e
+        shapes = shard_shapes(self.files[0])
+        self.image_shape = tuple(shapes["image"][1:])
+        self.action_dim = shapes["action"][-1] if "action" in shapes and "action" in self.keys else 0
+        self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+
+    @property
+    def num_frames(self) -> int:
+        return int(sum(self.lengths))
+
+    @property
+    def cached_episodes(self) -> tuple[int, ...]:
+        """Indices of the episodes in this process's cache, least recently used first."""
+        return tuple(self._cache)
+
+    @property
+    def episodes(self) -> Sequence[dict[str, np.ndarray]]:
+        """The episodes as a lazy sequence (each loaded through the cache when indexed)."""
+        return _LazyEpisodes(self)
+
+    def episode(self, index: int) -> dict[str, np.ndarray]:
+        """Episode ``index`` of this split, from the cache or its shard."""
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        path = self.files[index]
+        episode = load_episode(path, keys=self.keys)
+        if len(episode["image"]) != self.lengths[index]:
+            raise DatasetError(f"corrupt shard {path}: {len(episode['image'])} frames, the manifest says "
+                               f"{self.lengths[index]}")
+        self._cache[index] = episode
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return episode
+
+    def window(self, i: int) -> tuple[int, int]:
+        """``(episode, start frame)`` of window ``i``."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"window {i} out of range for {len(self)} windows")
+        i %= len(self)
+        episode = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return episode, int(i - self.starts[episode]) * self.stride
+
+    def episode_windows(self, episode: int) -> range:
+        """Window ids that lie in ``episode``."""
+        return range(int(self.starts[episode]), int(self.starts[episode + 1]))
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        episode, start = self.window(i)
+        return _window(self.episode(episode), self.keys, start, self.sequence_length)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": OrderedDict()}  # workers start with an empty cache
+
+
+class _LazyEpisodes(Sequence):
+    def __init__(self, dataset: StreamingSequenceDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset.files)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:  # type: ignore[override]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        return self.dataset.episode(index % len(self))
+
+
+class EpisodeBlockSampler(Sampler[int]):
+    """Window order for :class:`StreamingSequenceDataset`: shuffled, but a few episodes at a time.
+
+    Each epoch the episodes are put in a random order and grouped into blocks of ``block_episodes``; the
+    windows of a block are shuffled together and blocks follow one another, so a cache of
+    ``block_episodes`` episodes loads each shard about once per epoch. With ``num_replicas > 1`` rank ``r``
+    takes every ``num_replicas``-th window of that order (as :class:`~torch.utils.data.DistributedSampler`
+    does), so the ranks read the same few episodes at any time. ``shuffle=False`` gives the dataset order.
+
+    Args:
+        dataset: a :class:`StreamingSequenceDataset`.
+        block_episodes: episodes per block (default: the dataset's ``cache_size``).
+        shuffle: random order (False: windows in index order).
+        seed: base seed; the order of epoch ``e`` depends on ``seed`` and :meth:`set_epoch` (e).
+        num_replicas, rank: distributed sharding.
+        drop_last: drop the tail that does not divide among the replicas (else repeat the head to pad).
+    """
+
+    def __init__(self, dataset: StreamingSequenceDataset, block_episodes: int | None = None, shuffle: bool = True,
+                 seed: int = 0, num_replicas: int = 1, rank: int = 0, drop_last: bool = False):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
+        self.dataset = dataset
+        self.block_episodes = block_episodes or dataset.cache_size
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.num_replicas, self.rank, self.drop_last = num_replicas, rank, drop_last
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> np.ndarray:
+        n = len(self.dataset)
+        if not self.shuffle:
+            return np.arange(n)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        episodes = rng.permutation(len(self.dataset.files))
+        blocks = [np.concatenate([np.asarray(self.dataset.episode_windows(int(e)), dtype=np.int64)
+                                  for e in episodes[i:i + self.block_episodes]])
+                  for i in range(0, len(episodes), self.block_episodes)]
+        return np.concatenate([rng.permutation(block) for block in blocks])
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.num_replicas if self.drop_last else -(-n // self.num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        order = self._order()
+        total = len(self) * self.num_replicas
+        if total > len(order):
+            order = np.resize(order, total)  # repeats the head
+        return iter(order[:total][self.rank::self.num_replicas].tolist())
+
+
+def sequence_dataset(root: str | Path, sequence_length: int, *, streaming: bool | None = None,
+                     cache_size: int = 8, **kwargs: Any) -> SequenceDataset | StreamingSequenceDataset:
+    """A :class:`SequenceDataset` (in memory) or :class:`StreamingSequenceDataset` (shards on demand).
+
+    Args:
+        streaming: True / False, or None: stream when the directory holds more than
+            :data:`STREAMING_MIN_FRAMES` frames (counted from the manifest, without loading episodes).
+        kwargs: ``split``, ``val_fraction``, ``stride``, ``keys``.
+    """
+    if streaming is None:
+        streaming = count_frames(root) > STREAMING_MIN_FRAMES
+    if streaming:
+        return StreamingSequenceDataset(root, sequence_length, cache_size=cache_size, **kwargs)
+    return SequenceDataset(root, sequence_length, **kwargs)

@@ -34,10 +34,13 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from kp_rl import distributed
 from kp_rl.config import Config, get_preset
-from kp_rl.data import DatasetError, SequenceDataset, atomic_write_json, read_manifest
+from kp_rl.data import (DatasetError, EpisodeBlockSampler, SequenceDataset, StreamingSequenceDataset,
+                        atomic_write_json, read_manifest, sequence_dataset)
 from kp_rl.keypoints import preprocess_frames
 from kp_rl.model import PerceptionModel, load, read_checkpoint, resolve_device
 
@@ -51,8 +54,12 @@ def seed_everything(seed: int) -> None:
 
 
 def _forever(loader: DataLoader) -> Iterator[Any]:
+    epoch = 0
     while True:
+        if hasattr(loader.sampler, "set_epoch"):  # distributed / block samplers: a new order each pass
+            loader.sampler.set_epoch(epoch)
         yield from loader
+        epoch += 1
 
 
 def _data_spec(root: Path, dataset: SequenceDataset) -> dict[str, Any]:
@@ -66,13 +73,59 @@ def _data_spec(root: Path, dataset: SequenceDataset) -> dict[str, Any]:
     return spec
 
 
-def _validation(data: Path, sequence_length: int) -> SequenceDataset | None:
+def _validation(data: Path, sequence_length: int,
+                streaming: bool | None = False) -> SequenceDataset | StreamingSequenceDataset | None:
     """The held-out episodes, or None when the dataset is too small to hold any out (a warning is logged)."""
     try:
-        return SequenceDataset(data, sequence_length, split="val", keys=("image", "action", "reward"))
+        return sequence_dataset(data, sequence_length, streaming=streaming, split="val",
+                                keys=("image", "action", "reward"))
     except DatasetError as exc:
-        print(f"kp-rl: no validation set ({exc})")
+        if distributed.context_from_env().is_main:
+            print(f"kp-rl: no validation set ({exc})")
         return None
+
+
+def _device(device: str | torch.device) -> torch.device:
+    """:func:`resolve_device`, then ``cuda:LOCAL_RANK`` when launched by torchrun."""
+    return distributed.local_device(resolve_device(device))
+
+
+class _Objective(nn.Module):
+    """The training loss as a module: DistributedDataParallel must see the forward pass that uses the
+    trained parameters (registered here, shared with the model) to all-reduce their gradients."""
+
+    def __init__(self, parameters: list[nn.Parameter], loss_fn: Callable, l2_parameters: list[nn.Parameter],
+                 weight_decay: float, autocast: Callable[[], contextlib.AbstractContextManager]):
+        super().__init__()
+        self.trained = nn.ParameterList(parameters)
+        self.loss_fn, self.l2_parameters, self.weight_decay, self.autocast = loss_fn, l2_parameters, weight_decay, autocast
+
+    def forward(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        with self.autocast():
+            loss, parts = self.loss_fn(batch, step)
+        if self.l2_parameters and self.weight_decay > 0:
+            loss = loss + self.weight_decay * sum(p.pow(2).sum() for p in self.l2_parameters)
+        return loss, parts
+
+
+def _train_loader(data: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int,
+                  context: distributed.DistributedContext) -> DataLoader:
+    """Batches of this rank: ``batch_size`` is the per-rank size; the global batch is ``batch_size x world``."""
+    drop_last = len(data) >= batch_size * context.world_size
+    sampler: Sampler | None = None
+    if isinstance(data, StreamingSequenceDataset):
+        sampler = EpisodeBlockSampler(data, shuffle=shuffle, seed=seed, num_replicas=context.world_size,
+                                      rank=context.rank, drop_last=drop_last and context.enabled)
+    elif context.enabled:
+        sampler = DistributedSampler(data, context.world_size, context.rank, shuffle=shuffle, seed=seed,
+                                     drop_last=drop_last)
+    if sampler is None:  # one process, in memory: as it always was
+        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
+                          generator=torch.Generator().manual_seed(seed))
+    if len(sampler) == 0:
+        raise DatasetError(f"{len(data)} training windows cannot be shared among {context.world_size} processes")
+    return DataLoader(data, batch_size=batch_size, sampler=sampler, drop_last=len(sampler) >= batch_size,
+                      num_workers=num_workers)
 
 
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -95,8 +148,14 @@ def fit(
     l2_parameters: list[torch.nn.Parameter] = (),
     images_fn: Callable[[dict[str, Tensor]], Tensor] | None = None,
     progress: bool = True,
+    shuffle: bool = True,
 ) -> Path:
     """The shared training loop. Resumes from ``out/model.pt`` when it holds an unfinished run of ``stage``.
+
+    Launched by ``torchrun`` (``WORLD_SIZE > 1``), every rank runs this loop on its share of the data under
+    DistributedDataParallel: ``batch_size`` stays the global batch (each rank takes ``batch_size / world``),
+    logged losses are averaged over the ranks, and rank 0 alone validates, logs and writes checkpoints (the
+    others wait for it). A checkpoint holds no per-rank state, so a run resumes under any number of processes.
 
     Args:
         model: the bundle to train (saved whole at every checkpoint).
@@ -108,16 +167,36 @@ def fit(
         stage: name stored in the checkpoint's train state (``autoencoder`` or ``dynamics``).
         l2_parameters: tensors that get ``weight_decay * sum(w**2)`` added to the loss.
         images_fn: batch -> uint8 image grid (3, H, W) for TensorBoard, every ``image_every`` steps.
+        shuffle: random window order (False: dataset order, e.g. to compare runs step by step).
     Returns:
         Path of the final checkpoint.
     """
+    device = model.device
+    path = out / MODEL_FILE
+    world = distributed.context_from_env().world_size
+    if batch_size % world:
+        raise ValueError(f"batch size {batch_size} does not divide among {world} processes; "
+                         f"choose a multiple of {world}")
+    with distributed.process_group(distributed.local_device(device)) as context:
+        if context.enabled:
+            device = distributed.local_device(device, context)
+            model.to(device)
+        return _fit(model, parameters, loss_fn, train_data, val_data, out, path, device, context, steps=steps,
+                    batch_size=batch_size, stage=stage, l2_parameters=l2_parameters, images_fn=images_fn,
+                    progress=progress, shuffle=shuffle)
+
+
+def _fit(model: PerceptionModel, parameters: list[torch.nn.Parameter], loss_fn: Callable, train_data: Dataset,
+         val_data: Dataset | None, out: Path, path: Path, device: torch.device,
+         context: distributed.DistributedContext, *, steps: int, batch_size: int, stage: str,
+         l2_parameters: list[torch.nn.Parameter], images_fn: Callable | None, progress: bool, shuffle: bool) -> Path:
+    from torch.nn.parallel import DistributedDataParallel
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
     cfg = model.config.train
-    device = model.device
+    main = context.is_main
     out.mkdir(parents=True, exist_ok=True)
-    path = out / MODEL_FILE
     optimizer = torch.optim.Adam(parameters, lr=cfg.lr)
     start_step, history = 0, {"train": [], "val": []}
     if path.exists():
@@ -128,23 +207,31 @@ def fit(
             torch.set_rng_state(state["torch_rng"])
     if start_step >= steps:
         return path
+    if context.rank > 0:  # own noise stream per rank (VRNN samples); rank 0 keeps the one it saves
+        torch.manual_seed(int(torch.randint(2**62, ())) + context.rank)
 
-    generator = torch.Generator().manual_seed(cfg.seed + start_step)
-    loader = DataLoader(train_data, batch_size=batch_size, shuffle=True, drop_last=len(train_data) >= batch_size,
-                        num_workers=cfg.num_workers, generator=generator)
+    loader = _train_loader(train_data, batch_size // context.world_size, shuffle, cfg.seed + start_step,
+                           cfg.num_workers, context)
     batches = _forever(loader)
-    writer = SummaryWriter(str(out / "tb"), purge_step=start_step)
+    writer = SummaryWriter(str(out / "tb"), purge_step=start_step) if main else None
+    objective: nn.Module = _Objective(list(parameters), loss_fn, list(l2_parameters), cfg.weight_decay,
+                                      lambda: _autocast(device, cfg.amp))
+    if context.enabled:
+        objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                                            find_unused_parameters=False)
 
     def to_device(batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
     def save(step: int) -> None:
-        model.save(path, train_state={"stage": stage, "step": step, "optimizer": optimizer.state_dict(),
-                                      "history": history, "torch_rng": torch.get_rng_state()})
-        atomic_write_json(out / "history.json", history)
+        if main:
+            model.save(path, train_state={"stage": stage, "step": step, "optimizer": optimizer.state_dict(),
+                                          "history": history, "torch_rng": torch.get_rng_state()})
+            atomic_write_json(out / "history.json", history)
+        distributed.barrier()  # the other ranks go on once the checkpoint is complete
 
     def validate(step: int) -> None:
-        if val_data is None or len(val_data) == 0:
+        if not main or val_data is None or len(val_data) == 0:
             return
         model.eval()
         sums: dict[str, float] = {}
@@ -167,16 +254,13 @@ def fit(
                 writer.add_scalar(f"val/{name}", value, step)
 
     model.train()
-    bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=f"train {stage}", disable=not progress,
-               unit="step")
+    bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=f"train {stage}",
+               disable=not (progress and main), unit="step")
     tick = time.perf_counter()
     try:
         for step in bar:
             batch = to_device(next(batches))
-            with _autocast(device, cfg.amp):
-                loss, parts = loss_fn(batch, step)
-            if l2_parameters and cfg.weight_decay > 0:
-                loss = loss + cfg.weight_decay * sum(p.pow(2).sum() for p in l2_parameters)
+            loss, parts = objective(batch, step)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{stage} loss is {float(loss)} at step {step}; lower train.lr")
             optimizer.zero_grad(set_to_none=True)
@@ -185,6 +269,8 @@ def fit(
             optimizer.step()
             done = step + 1
             if done % cfg.log_every == 0 or done == steps:
+                parts = distributed.mean_across_ranks(parts)
+            if main and (done % cfg.log_every == 0 or done == steps):
                 elapsed = time.perf_counter() - tick
                 row = {"step": done, **{k: float(v) for k, v in parts.items()}, "grad_norm": float(grad_norm),
                        "steps_per_s": cfg.log_every / max(elapsed, 1e-9)}
@@ -194,7 +280,7 @@ def fit(
                         writer.add_scalar(f"train/{name}", value, done)
                 bar.set_postfix(loss=f"{row['loss']:.4g}")
                 tick = time.perf_counter()
-            if images_fn is not None and (done % cfg.image_every == 0 or done == steps):
+            if main and images_fn is not None and (done % cfg.image_every == 0 or done == steps):
                 model.eval()
                 with torch.no_grad():
                     writer.add_image(f"{stage}/frames_reconstructions_keypoints", images_fn(batch), done)
@@ -205,7 +291,8 @@ def fit(
                 save(done)
     finally:
         bar.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
     return path
 
 
@@ -237,29 +324,38 @@ def train_autoencoder(
     representation: str = "keypoints",
     device: str = "auto",
     progress: bool = True,
+    *,
+    streaming: bool | None = None,
+    shuffle: bool = True,
 ) -> Path:
     """Train the keypoint autoencoder (or the CNN baseline's) on a dataset; returns ``out/model.pt``.
 
-    Resumes an unfinished run in ``out`` (its stored config wins over ``config``).
+    Resumes an unfinished run in ``out`` (its stored config wins over ``config``). Under ``torchrun`` it trains
+    data-parallel (see :func:`fit`).
+
+    Args:
+        streaming: read episodes on demand (:class:`~kp_rl.data.StreamingSequenceDataset`) instead of holding
+            them in memory; None: stream above :data:`~kp_rl.data.STREAMING_MIN_FRAMES` frames.
+        shuffle: random window order (False: dataset order).
     """
     out, data = Path(out), Path(data)
     path = out / MODEL_FILE
     if path.exists():
-        model = load(path, device=resolve_device(device))
+        model = load(path, device=_device(device))
         if model.representation != representation:
             raise ValueError(f"{path} holds a {model.representation!r} run; cannot resume it as {representation!r}")
         config = model.config
     config = (config or get_preset("cpu")).validate()
     seed_everything(config.train.seed)
-    train_set = SequenceDataset(data, config.train.sequence_length, split="train")
-    val_set = _validation(data, config.train.sequence_length)
+    train_set = sequence_dataset(data, config.train.sequence_length, streaming=streaming, split="train")
+    val_set = _validation(data, config.train.sequence_length, streaming=streaming)
     height, width, _ = train_set.image_shape
     if (height, width) != (config.keypoints.image_size,) * 2:
         raise ValueError(f"dataset {data} has {height}x{width} frames but keypoints.image_size is "
                          f"{config.keypoints.image_size}; set it to match (or collect with --image-size)")
     if not path.exists():
         model = PerceptionModel(config, representation, action_dim=train_set.action_dim,
-                                data_spec=_data_spec(data, train_set)).to(resolve_device(device))
+                                data_spec=_data_spec(data, train_set)).to(_device(device))
     model.train()
     autoencoder = model.autoencoder
 
@@ -269,7 +365,7 @@ def train_autoencoder(
     return fit(model, list(autoencoder.parameters()), loss_fn, train_set, val_set, out,
                steps=config.train.steps, batch_size=config.train.batch_size, stage="autoencoder",
                l2_parameters=list(autoencoder.l2_parameters()),
-               images_fn=lambda batch: _autoencoder_images(model, batch), progress=progress)
+               images_fn=lambda batch: _autoencoder_images(model, batch), progress=progress, shuffle=shuffle)
 
 
 # -- stage 2: dynamics on frozen features --------------------------------------------------------------------
@@ -302,8 +398,12 @@ class FeatureSequences(Dataset):
     @classmethod
     def from_frames(cls, model: PerceptionModel, frames: SequenceDataset, sequence_length: int,
                     stride: int = 1) -> "FeatureSequences":
-        features = encode_episodes(model, frames.episodes)
-        return cls([{**e, "features": f} for e, f in zip(frames.episodes, features)], sequence_length, stride)
+        """Encode every episode of ``frames`` (one at a time: streaming datasets never hold them all)."""
+        episodes = []
+        for episode in frames.episodes:
+            features = encode_episodes(model, [episode])[0]
+            episodes.append({**{k: v for k, v in episode.items() if k != "image"}, "features": features})
+        return cls(episodes, sequence_length, stride)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -326,6 +426,8 @@ def train_dynamics(
     device: str = "auto",
     progress: bool = True,
     datasets: tuple[Dataset, Dataset | None] | None = None,
+    *,
+    streaming: bool | None = None,
 ) -> Path:
     """Train the VRNN (+ reward head) on the frozen features of a trained autoencoder; returns ``out/model.pt``.
 
@@ -336,25 +438,30 @@ def train_dynamics(
         overrides: config changes for this stage, e.g. ``{"dynamics": {"best_of_many": False}}``.
         datasets: pre-computed ``(train, val)`` :class:`FeatureSequences` of this autoencoder's features
             (saves re-encoding the data when several dynamics models share one autoencoder).
+        streaming: encode the frames episode by episode from disk (None: above
+            :data:`~kp_rl.data.STREAMING_MIN_FRAMES` frames); the VRNN's features are small and held in memory.
+
+    Under ``torchrun`` it trains data-parallel (see :func:`fit`); every rank encodes the data itself.
     """
     out, data = Path(out), Path(data)
     resume = (out / MODEL_FILE).exists()
     source = out / MODEL_FILE if resume else Path(autoencoder_run)
-    model = load(source, device=resolve_device(device))
+    model = load(source, device=_device(device))
     if not resume:
         if overrides:
             model = _with_config(model, model.config.replace(**overrides))
         seed_everything(model.config.train.seed)  # the VRNN's initial weights follow the run's seed
         model.add_dynamics()
-        model.to(resolve_device(device))
+        model.to(_device(device))
     elif not model.has_dynamics:
         raise ValueError(f"{out / MODEL_FILE} is not a dynamics run; choose another --out directory")
     config = model.config
     seed_everything(config.train.seed)
     length = config.dynamics.sequence_length
     if datasets is None:
-        frames_train = SequenceDataset(data, 1, split="train", keys=("image", "action", "reward"))
-        frames_val = _validation(data, 1)
+        frames_train = sequence_dataset(data, 1, streaming=streaming, split="train",
+                                        keys=("image", "action", "reward"))
+        frames_val = _validation(data, 1, streaming=streaming)
         if frames_train.action_dim != model.action_dim:
             raise ValueError(f"dataset {data} has action_dim {frames_train.action_dim}, the model was built for "
                              f"{model.action_dim}")
