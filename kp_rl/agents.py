@@ -152,6 +152,19 @@ def build_agent(spec: AgentSpec, venv: Any, seed: int = 0, tensorboard_log: str 
                 policy_kwargs=dict(spec.policy_kwargs), **spec.hyperparameters)
 
 
+def finished_curve(out: str | Path, steps: int) -> dict[str, Any] | None:
+    """The learning curve of a run in ``out`` that finished ``steps`` agent steps, else None (nothing loaded)."""
+    import json
+
+    path = Path(out) / "curve.json"
+    try:
+        curve = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    done = curve.get("done") and curve.get("steps") and curve["steps"][-1] >= steps
+    return curve if done else None
+
+
 def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path, seed: int = 0,
                 model: Any = None, eval_every: int = 5000, eval_episodes: int = 5, device: str = "cpu",
                 checkpoint_every: int = 10_000, env_kwargs: dict[str, Any] | None = None,
@@ -173,6 +186,9 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
     device = str(resolve_device(device))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    finished = finished_curve(out, steps)
+    if finished is not None:
+        return finished
     venv = make_vec_env(env_id, spec, model, seed=seed, device=device, env_kwargs=env_kwargs)
     eval_env = make_vec_env(env_id, spec, model, n_envs=1, seed=seed + 10_000, device=device, env_kwargs=env_kwargs)
     curve_path, agent_path, buffer_path = out / "curve.json", out / "agent.zip", out / "replay_buffer.pkl"
@@ -190,8 +206,6 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
             algo.load_replay_buffer(buffer_path)
     else:
         algo = build_agent(spec, venv, seed=seed, tensorboard_log=str(out / "tb"), device=device)
-    if curve["done"] and algo.num_timesteps >= steps:
-        return curve
 
     def save() -> None:
         tmp = out / ".agent.tmp.zip"

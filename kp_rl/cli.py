@@ -14,6 +14,13 @@ from typing import Sequence
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, KeyError)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """USER_ERRORS plus the Ray runner's (a missing optional dependency, cells that failed after retries), once
+    that module is imported (evaluated when an exception is matched, so ``kp-rl`` never imports Ray itself)."""
+    grid = sys.modules.get("kp_rl.ray_grid")
+    return USER_ERRORS + ((grid.MissingDependencyError, grid.CellFailedError) if grid else ())
+
+
 def _collect(args: argparse.Namespace) -> None:
     from kp_rl.data import collect
 
@@ -41,12 +48,15 @@ def _config(args: argparse.Namespace):
     return config.replace(train=train) if train else config
 
 
+_STREAMING = {"auto": None, "on": True, "off": False}
+
+
 def _train(args: argparse.Namespace) -> None:
     from kp_rl.train import train_autoencoder, train_dynamics
 
     if args.what in ("keypoints", "cnn"):
         path = train_autoencoder(args.data, args.out, _config(args), representation=args.what, device=args.device,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, streaming=_STREAMING[args.streaming])
     else:
         if not args.keypoints:
             raise ValueError("train dynamics needs --keypoints RUN (a trained keypoints or cnn run)")
@@ -59,7 +69,7 @@ def _train(args: argparse.Namespace) -> None:
         if args.ablation:
             overrides["dynamics"] = ablation[args.ablation]
         path = train_dynamics(args.keypoints, args.data, args.out, overrides, device=args.device,
-                              progress=not args.quiet)
+                              progress=not args.quiet, streaming=_STREAMING[args.streaming])
     print(f"saved {path}")
 
 
@@ -76,6 +86,13 @@ def _rl(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
+    if args.ray is not None:
+        from kp_rl.ray_grid import run_experiment_ray
+
+        run_experiment_ray(args.spec, address=None if args.ray == "local" else args.ray, runs=args.runs,
+                           data=args.data, results=args.results, num_cpus=args.ray_cpus,
+                           max_retries=args.ray_retries, progress=not args.quiet)
+        return
     from kp_rl.experiment import run_experiment
 
     run_experiment(args.spec, runs=args.runs, data=args.data, results=args.results, progress=not args.quiet)
@@ -136,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--ablation", choices=["no-best-of-many", "deterministic"], help="dynamics ablations")
+    p.add_argument("--streaming", choices=list(_STREAMING), default="auto",
+                   help="read episodes from disk on demand instead of loading the dataset into memory "
+                        "(auto: above 250k frames)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_train)
@@ -165,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="runs")
     p.add_argument("--data", default="data")
     p.add_argument("--results", default="results")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run the cells as Ray tasks: on a new local Ray instance, or on the cluster at ADDRESS "
+                        "(auto, ray://host:10001); needs kp_rl[ray]")
+    p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--ray-retries", type=int, default=2, help="retries of a cell whose worker died")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run)
 
@@ -182,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except USER_ERRORS as exc:
+    except _user_errors() as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"kp-rl: error: {message}", file=sys.stderr)
         return 2

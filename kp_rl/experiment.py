@@ -10,12 +10,13 @@ A spec (see ``experiments/structured_vs_unstructured_cpu.yaml``)::
     eval_every: 1500
     eval_episodes: 5
     perception: {preset: cpu, episodes: 100, autoencoder_steps: 1000, dynamics_steps: 2000}
+    resources: {perception: {cpus: 2}, default: {cpus: 1}, sac-pixels: {cpus: 1, gpus: 1}}   # Ray only
 
 :func:`run_experiment` collects data and trains the keypoint / CNN models a task's agents need (once per
 task, resumable), trains every (task, agent, seed) cell (skipping finished ones, resuming unfinished
 ones), then writes ``results/<name>/results.json`` and plots via :func:`summarise`: final returns with IQM
 and bootstrap confidence intervals (rliable), learning curves against env steps and against wall-clock,
-and the compute each agent used.
+and the compute each agent used. :func:`kp_rl.ray_grid.run_experiment_ray` runs the same cells as Ray tasks.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from kp_rl.agents import get_agent
 from kp_rl.data import atomic_write_json
 
 PERCEPTION_DEFAULTS = {"preset": "cpu", "episodes": 100, "autoencoder_steps": 1000, "dynamics_steps": 2000}
+# What one Ray task asks for (``resources:`` in a spec overrides per agent name, ``default`` or ``perception``)
+RESOURCE_DEFAULTS = {"perception": {"cpus": 2, "gpus": 0}, "default": {"cpus": 1, "gpus": 0}}
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class ExperimentSpec:
     eval_every: int = 5000
     eval_episodes: int = 5
     perception: dict[str, Any] = field(default_factory=dict)
+    resources: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ExperimentSpec":
@@ -57,13 +61,14 @@ class ExperimentSpec:
         if not isinstance(data, dict) or not required <= set(data) or ("steps" in data) == ("env_steps" in data):
             raise ValueError(f"{path}: an experiment spec needs {sorted(required)} and one of steps / env_steps")
         unknown = set(data) - {"name", "tasks", "agents", "seeds", "steps", "env_steps", "eval_every", "eval_episodes",
-                               "perception"}
+                               "perception", "resources"}
         if unknown:
             raise ValueError(f"{path}: unknown field(s) {sorted(unknown)}")
         spec = cls(name=data.get("name", path.stem), tasks=list(data["tasks"]), agents=list(data["agents"]),
                    seeds=[int(s) for s in data["seeds"]], steps=data.get("steps"), env_steps=data.get("env_steps"),
                    eval_every=int(data.get("eval_every", 5000)), eval_episodes=int(data.get("eval_episodes", 5)),
-                   perception={**PERCEPTION_DEFAULTS, **(data.get("perception") or {})})
+                   perception={**PERCEPTION_DEFAULTS, **(data.get("perception") or {})},
+                   resources=_resources(path, data.get("resources") or {}))
         for task in spec.tasks:
             get_spec(task)  # unknown task -> clear error before any work
         for agent in spec.agents:
@@ -77,6 +82,29 @@ class ExperimentSpec:
 
     def cells(self) -> list[tuple[str, str, int]]:
         return [(t, a, s) for t in self.tasks for a in self.agents for s in self.seeds]
+
+    def resources_for(self, what: str) -> dict[str, float]:
+        """``{"cpus": c, "gpus": g}`` one Ray task of ``what`` (an agent name or ``perception``) asks for."""
+        fallback = "perception" if what == "perception" else "default"
+        return {**RESOURCE_DEFAULTS[fallback], **self.resources.get(fallback, {}), **self.resources.get(what, {})}
+
+
+def _resources(path: Path, data: Any) -> dict[str, dict[str, float]]:
+    """Validate a spec's ``resources:`` mapping (name -> {cpus, gpus}, non-negative numbers)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: resources must map agent names / default / perception to {{cpus, gpus}}")
+    out: dict[str, dict[str, float]] = {}
+    for name, need in data.items():
+        if not isinstance(need, dict) or set(need) - {"cpus", "gpus"} or not all(
+                isinstance(v, (int, float)) and v >= 0 for v in need.values()):
+            raise ValueError(f"{path}: resources.{name} must be {{cpus: N, gpus: N}} with N >= 0, got {need!r}")
+        out[str(name)] = {k: float(v) for k, v in need.items()}
+    return out
+
+
+def cell_dir(runs_dir: Path, task: str, agent: str, seed: int) -> Path:
+    """The run directory of one (task, agent, seed) cell."""
+    return Path(runs_dir) / task / agent / f"seed{seed}"
 
 
 def perception_models(spec: ExperimentSpec, task: str, data_root: Path, runs: Path,
@@ -113,13 +141,17 @@ def model_for(agent: str, models: dict[str, Path]) -> Path | None:
 
 
 def run_cell(spec: ExperimentSpec, task: str, agent: str, seed: int, model: Path | None, runs: Path,
-             progress: bool = True) -> dict[str, Any]:
-    from kp_rl.agents import train_agent
+             progress: bool = True, device: str = "cpu") -> dict[str, Any]:
+    """Train one cell's agent (resumes an unfinished run; a finished one returns its curve at once)."""
+    from kp_rl.agents import finished_curve, train_agent
     from kp_rl.envs import get_spec
 
-    env_id = get_spec(task).env_id
-    return train_agent(env_id, agent, spec.agent_steps(task), runs / task / agent / f"seed{seed}", seed=seed, model=model,
-                       eval_every=spec.eval_every, eval_episodes=spec.eval_episodes, progress=progress)
+    out = cell_dir(runs, task, agent, seed)
+    curve = finished_curve(out, spec.agent_steps(task))
+    if curve is not None:
+        return curve
+    return train_agent(get_spec(task).env_id, agent, spec.agent_steps(task), out, seed=seed, model=model,
+                       eval_every=spec.eval_every, eval_episodes=spec.eval_episodes, device=device, progress=progress)
 
 
 def run_experiment(path: str | Path, runs: str | Path = "runs", data: str | Path = "data",

@@ -127,3 +127,19 @@ def test_training_streams_the_same_batches(data, tmp_path, monkeypatch):
         histories.append([{k: v for k, v in row.items() if k != "steps_per_s"}
                           for row in json.loads((out / "history.json").read_text())["train"]])
     assert histories[0] == histories[1]
+
+
+def test_cli_streaming_flag(data, tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "tiny.yaml").write_text(
+        "preset: cpu\nkeypoints: {image_size: 32, num_keypoints: 4, base_filters: 4, layers_per_scale: 0}\n"
+        "train: {steps: 2, batch_size: 4, sequence_length: 4, checkpoint_every: 2, eval_every: 2, image_every: 2}\n")
+    cmd = [sys.executable, "-m", "kp_rl.cli", "train", "keypoints", "--data", str(data), "--quiet",
+           "--config", str(tmp_path / "tiny.yaml"), "--out", str(tmp_path / "run"), "--streaming"]
+    result = subprocess.run(cmd + ["on"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "run" / "model.pt").exists()
+    bad = subprocess.run(cmd + ["sometimes"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
