@@ -104,12 +104,21 @@ def test_bad_input_is_reported_by_name(dataset, tmp_path):
         collect("reacher-easy", dataset, 1, progress=False)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_unwritable_output(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
+    # /proc refuses new files even to root; a regular file cannot hold a directory
+    with pytest.raises(DatasetError, match="/proc/kp_rl_test.* is not writable"):
+        collect("cartpole-swingup", "/proc/kp_rl_test", 1, progress=False)
+    (tmp_path / "file").write_text("keep me")
     with pytest.raises(DatasetError, match="not writable"):
-        collect("cartpole-swingup", locked / "d", 1, progress=False)
+        collect("cartpole-swingup", tmp_path / "file" / "d", 1, progress=False)
+    with pytest.raises(DatasetError, match="exists and is not a directory"):
+        collect("cartpole-swingup", tmp_path / "file", 1, progress=False)
+    assert (tmp_path / "file").read_text() == "keep me"
+    if os.geteuid() != 0:  # permission bits bind everyone but root
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(DatasetError, match="not writable"):
+            collect("cartpole-swingup", locked / "d", 1, progress=False)
 
 
 def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path):
