@@ -91,8 +91,12 @@ def bench_preset(name: str, repeats: int, device: torch.device) -> dict[str, flo
                 model.encode(single)
 
         latency[batch] = timed(encode, repeats * 4, device) * 1000
+    cnn = PerceptionModel(config, "cnn", action_dim=1, with_dynamics=True)  # the unstructured baseline, same preset
     return {"parameters_autoencoder": count_parameters(model.autoencoder),
             "parameters_vrnn": count_parameters(model.dynamics),
+            "parameters_cnn_autoencoder": count_parameters(cnn.autoencoder),
+            "parameters_cnn_vrnn": count_parameters(cnn.dynamics),
+            "feature_dim": model.feature_dim, "cnn_feature_dim": cnn.feature_dim,
             "train_batch_frames": train.batch_size * train.sequence_length,
             "train_frames_per_s": train.batch_size * train.sequence_length / ae_seconds,
             "train_step_s": ae_seconds, "vrnn_steps_per_s": 1.0 / dyn_seconds,
@@ -110,10 +114,10 @@ def main() -> None:
     for key in ("train_frames_per_s", "vrnn_steps_per_s"):
         rows["cpu"][f"{key}_vs_paper"] = rows["cpu"][key] / rows["paper"][key]
     print(f"device: {device} ({machine()['cuda'] or machine()['cpu']})")
-    print(f"{'preset':8s} {'AE params':>10s} {'train frames/s':>15s} {'VRNN steps/s':>13s} {'encode 1 (ms)':>14s} "
+    print(f"{'preset':8s} {'AE params':>10s} {'CNN AE':>8s} {'train frames/s':>15s} {'VRNN steps/s':>13s} {'encode 1 (ms)':>14s} "
           f"{'encode 16 (ms)':>15s}")
     for name, r in rows.items():
-        print(f"{name:8s} {r['parameters_autoencoder']:10d} {r['train_frames_per_s']:15.1f} {r['vrnn_steps_per_s']:13.1f} "
+        print(f"{name:8s} {r['parameters_autoencoder']:10d} {r['parameters_cnn_autoencoder']:8d} {r['train_frames_per_s']:15.1f} {r['vrnn_steps_per_s']:13.1f} "
               f"{r['encode_1_frame_ms']:14.2f} {r['encode_16_frames_ms']:15.2f}")
     print(f"cpu preset trains {rows['cpu']['train_frames_per_s_vs_paper']:.1f}x the paper preset's frames/s")
     out = Path(args.out)
