@@ -2,6 +2,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,3 +94,14 @@ def test_kp_rl_run_state_grid_end_to_end(tmp_path):
     assert (tmp_path / "results" / "tiny" / "curves_seconds.png").exists()
     rerun = subprocess.run(cmd, capture_output=True, text=True)  # finished cells are skipped
     assert rerun.returncode == 0 and "ppo-state" in rerun.stdout
+
+
+def test_structured_vs_unstructured_script_runs_a_spec(tmp_path):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text("name: tiny\ntasks: [cartpole-swingup]\nagents: [ppo-state]\nseeds: [0]\nsteps: 32\n"
+                    "eval_every: 32\neval_episodes: 1\n")
+    script = Path(__file__).resolve().parent.parent / "experiments" / "structured_vs_unstructured.py"
+    result = subprocess.run([sys.executable, str(script), "--spec", str(spec), "--runs", str(tmp_path / "runs"),
+                             "--results", str(tmp_path / "results")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "results" / "tiny" / "results.json").exists()
