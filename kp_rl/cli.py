@@ -124,6 +124,10 @@ def _demo(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kp-rl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    threads = argparse.ArgumentParser(add_help=False)
+    threads.add_argument("--threads", type=_positive_int, default=None,
+                         help="torch CPU threads (default: torch's, one per core); on a machine other jobs share, "
+                              "1 avoids threads waiting for each other")
 
     p = sub.add_parser("collect", help="collect random-policy rollouts into episode shards")
     p.add_argument("--env", required=True, help="env id or task name, e.g. kp_rl/cartpole-swingup-v0")
@@ -142,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="directory for summary.json and frames.png")
     p.set_defaults(func=_inspect)
 
-    p = sub.add_parser("train", help="train a keypoint / CNN autoencoder, or dynamics on a trained one")
+    p = sub.add_parser("train", parents=[threads], help="train a keypoint / CNN autoencoder, or dynamics on a trained one")
     p.add_argument("what", choices=["keypoints", "cnn", "dynamics"])
     p.add_argument("--data", required=True, help="dataset directory (kp-rl collect)")
     p.add_argument("--out", required=True, help="run directory: model.pt, history.json, tb/ (resumes if present)")
@@ -160,14 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="evaluate a trained model on a dataset's held-out episodes")
+    p = sub.add_parser("eval", parents=[threads], help="evaluate a trained model on a dataset's held-out episodes")
     p.add_argument("--model", required=True, help="checkpoint or run directory")
     p.add_argument("--data", required=True, help="dataset directory")
     p.add_argument("--out", help="directory for eval.json (and video_prediction.gif/png with dynamics)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("rl", help="train an SB3 agent from the agents/ catalog, with evaluation")
+    p = sub.add_parser("rl", parents=[threads], help="train an SB3 agent from the agents/ catalog, with evaluation")
     p.add_argument("--env", required=True, help="env id or task name (pixel observations)")
     p.add_argument("--agent", required=True, help="catalog name (e.g. sac-keypoints-belief) or a YAML file")
     p.add_argument("--steps", type=int, required=True, help="agent steps")
@@ -180,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_rl)
 
-    p = sub.add_parser("run", help="run an experiment grid (tasks x agents x seeds) from a YAML spec")
+    p = sub.add_parser("run", parents=[threads], help="run an experiment grid (tasks x agents x seeds) from a YAML spec")
     p.add_argument("spec", help="experiments/<name>.yaml")
     p.add_argument("--runs", default="runs")
     p.add_argument("--data", default="data")
@@ -193,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run)
 
-    p = sub.add_parser("demo", help="the embedded end-to-end demo on cartpole-swingup")
+    p = sub.add_parser("demo", parents=[threads], help="the embedded end-to-end demo on cartpole-swingup")
     p.add_argument("--out", default="results/demo")
     p.add_argument("--data", default="data/demo-cartpole")
     p.add_argument("--runs", default="runs/demo")
@@ -202,9 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         args.func(args)
     except _user_errors() as exc:

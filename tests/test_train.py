@@ -122,3 +122,15 @@ def test_cli_train_errors(data, tmp_path):
     assert result.returncode == 2 and "needs --keypoints" in result.stderr
     result = run("dynamics", "--data", str(data), "--out", str(tmp_path / "r"), "--keypoints", str(tmp_path / "x"))
     assert result.returncode == 2 and "checkpoint not found" in result.stderr
+
+
+def test_threads_option_sets_torch_threads(tmp_path, capsys):
+    from kp_rl import cli
+
+    before = torch.get_num_threads()
+    try:
+        assert cli.main(["eval", "--threads", "1", "--model", str(tmp_path / "missing"), "--data", str(tmp_path)]) == 2
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert "missing" in capsys.readouterr().err
