@@ -114,7 +114,10 @@ def run_demo(out: Path, data: Path, quick: bool = False, runs: Path = Path("runs
     _plot_curve(curve, out / "sac_curve.png")
     stage("sac")
 
+    from kp_rl.bench import machine
+
     summary["seconds"]["total"] = round(time.perf_counter() - clock["start"], 1)
+    summary["machine"] = machine()
     atomic_write_json(out / "summary.json", summary)
     _write_page(summary, out)
     print(f"\n[demo] finished in {summary['seconds']['total'] / 60:.1f} min; results page: {out / 'README.md'}")
@@ -166,4 +169,8 @@ def _write_page(summary: dict[str, Any], out: Path) -> None:
               f"({sac['seconds'][-1] / 60:.1f} min).", "", "![SAC](sac_curve.png)", "", "## Time per stage (s)", "",
               "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary["seconds"].items()]
+    m = summary.get("machine")
+    if m:
+        lines += ["", f"Machine: {m['cpu']}, {m['cpu_count']} cores, {m['torch_threads']} torch thread(s), "
+                      f"CUDA: {m['cuda'] or 'none'}, 1-minute load at the end: {m['load_avg_1min']}."]
     atomic_write_bytes(out / "README.md", lambda f: f.write(("\n".join(lines) + "\n").encode()))
