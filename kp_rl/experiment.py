@@ -166,7 +166,7 @@ def run_experiment(path: str | Path, runs: str | Path = "runs", data: str | Path
             for seed in spec.seeds:
                 curves[(task, agent, seed)] = run_cell(spec, task, agent, seed, model_for(agent, models), runs_dir,
                                                        progress)
-    return summarise(spec, curves, Path(results) / spec.name)
+    return summarise(spec, curves, Path(results) / spec.name, runs_dir)
 
 
 def iqm_with_ci(scores: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -182,8 +182,26 @@ def iqm_with_ci(scores: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[fl
     return float(point["x"][0]), float(interval["x"][0][0]), float(interval["x"][1][0])
 
 
-def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str, Any]], out: Path) -> dict[str, Any]:
-    """Final-return IQM + 95% CIs per (task, agent), curves vs steps and wall-clock, compute per agent."""
+def perception_minutes(runs_dir: Path, task: str) -> dict[str, float]:
+    """Training minutes of each perception model a grid trained for ``task`` (``{}`` when none)."""
+    import json
+
+    from kp_rl.train import training_seconds
+
+    minutes = {}
+    for history in sorted((Path(runs_dir) / "models" / task).glob("*/history.json")):
+        minutes[history.parent.name] = training_seconds(json.loads(history.read_text())) / 60.0
+    return minutes
+
+
+def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str, Any]], out: Path,
+              runs_dir: Path | None = None) -> dict[str, Any]:
+    """Final-return IQM + 95% CIs per (task, agent), curves vs steps and wall-clock, compute per agent.
+
+    With ``runs_dir`` (the grid's run folder) each task also gets the training minutes of its perception
+    models (``perception_minutes``), and each agent that uses one the minutes of the models it needs: an
+    autoencoder and, for a belief, its dynamics (trained once per task, shared by the seeds).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,20 +211,26 @@ def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str,
     from kp_rl.report import save_figure
 
     table: dict[str, Any] = {}
+    perception: dict[str, dict[str, float]] = {}
     for task in spec.tasks:
         table[task] = {}
+        perception[task] = perception_minutes(runs_dir, task) if runs_dir is not None else {}
         for agent in spec.agents:
             runs = [curves[(task, agent, s)] for s in spec.seeds]
             finals = np.array([r["returns"][-1] for r in runs])
             iqm, low, high = iqm_with_ci(finals)
+            observation = get_agent(agent).observation
+            needs = {"keypoints": ["keypoints"], "keypoints+belief": ["keypoints", "keypoints-dyn"],
+                     "cnn-vrnn": ["cnn", "cnn-dyn"]}.get(observation, [])
             table[task][agent] = {"final_returns": finals.tolist(), "iqm": iqm, "ci95": [low, high],
-                                  "seconds": [r["seconds"][-1] for r in runs], "steps": spec.agent_steps(task)}
-    print(f"\n{'task':20s} {'agent':24s} {'IQM return':>11s} {'95% CI':>17s} {'min/run':>8s}")
+                                  "seconds": [r["seconds"][-1] for r in runs], "steps": spec.agent_steps(task),
+                                  "perception_minutes": sum(perception[task].get(n, 0.0) for n in needs)}
+    print(f"\n{'task':20s} {'agent':24s} {'IQM return':>11s} {'95% CI':>17s} {'min/run':>8s} {'perception min':>15s}")
     for task, rows in table.items():
         for agent, row in rows.items():
             print(f"{task:20s} {agent:24s} {row['iqm']:11.1f} [{row['ci95'][0]:7.1f},{row['ci95'][1]:7.1f}] "
-                  f"{np.mean(row['seconds']) / 60:8.1f}")
-    summary = {"spec": spec.__dict__, "table": table, "machine": machine(),
+                  f"{np.mean(row['seconds']) / 60:8.1f} {row['perception_minutes']:15.1f}")
+    summary = {"spec": spec.__dict__, "table": table, "perception_minutes": perception, "machine": machine(),
                "curves": {f"{t}/{a}/seed{s}": c for (t, a, s), c in curves.items()}}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", summary)

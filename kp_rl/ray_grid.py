@@ -118,4 +118,4 @@ def run_experiment_ray(path: str | Path, address: str | None = None, runs: str |
         listed = "; ".join(f"{t}/{a}/seed{s}: {why}" for (t, a, s), why in sorted(failures.items()))
         raise CellFailedError(f"{len(failures)} of {len(spec.cells())} cells failed after {max_retries} retries "
                               f"(finished cells are kept; re-run to resume): {listed}")
-    return summarise(spec, curves, Path(results) / spec.name)
+    return summarise(spec, curves, Path(results) / spec.name, runs_dir)

@@ -256,7 +256,7 @@ def _fit(model: PerceptionModel, parameters: list[torch.nn.Parameter], loss_fn: 
     model.train()
     bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=f"train {stage}",
                disable=not (progress and main), unit="step")
-    tick = time.perf_counter()
+    tick, logged = time.perf_counter(), start_step
     try:
         for step in bar:
             batch = to_device(next(batches))
@@ -273,13 +273,13 @@ def _fit(model: PerceptionModel, parameters: list[torch.nn.Parameter], loss_fn: 
             if main and (done % cfg.log_every == 0 or done == steps):
                 elapsed = time.perf_counter() - tick
                 row = {"step": done, **{k: float(v) for k, v in parts.items()}, "grad_norm": float(grad_norm),
-                       "steps_per_s": cfg.log_every / max(elapsed, 1e-9)}
+                       "steps_per_s": (done - logged) / max(elapsed, 1e-9)}
                 history["train"].append(row)
                 for name, value in row.items():
                     if name != "step":
                         writer.add_scalar(f"train/{name}", value, done)
                 bar.set_postfix(loss=f"{row['loss']:.4g}")
-                tick = time.perf_counter()
+                tick, logged = time.perf_counter(), done
             if main and images_fn is not None and (done % cfg.image_every == 0 or done == steps):
                 model.eval()
                 with torch.no_grad():
@@ -495,3 +495,16 @@ def steps_per_second(history: dict[str, list[dict[str, float]]]) -> float:
     """Median training speed recorded in a run's history."""
     rates = [row["steps_per_s"] for row in history.get("train", [])[1:] if math.isfinite(row["steps_per_s"])]
     return float(np.median(rates)) if rates else float("nan")
+
+
+def training_seconds(history: dict[str, list[dict[str, float]]]) -> float:
+    """Wall-clock seconds of a run's training loop from its logged rates, summed over resumed sessions.
+
+    Validation, images and checkpoints between two log rows count; the work after the last row does not.
+    """
+    seconds, previous = 0.0, 0
+    for row in history.get("train", []):
+        if math.isfinite(row["steps_per_s"]) and row["steps_per_s"] > 0:
+            seconds += (row["step"] - previous) / row["steps_per_s"]
+        previous = row["step"]
+    return seconds

@@ -92,7 +92,11 @@ def test_cli_ray_flag_with_a_keypoint_agent(tmp_path):
     assert "ppo-state" in result.stdout and "ppo-keypoints-belief" in result.stdout
     assert (tmp_path / "runs" / "tiny" / "models" / "cartpole-swingup" / "keypoints-dyn" / "model.pt").exists()
     summary = json.loads((tmp_path / "results" / "tiny" / "results.json").read_text())
-    assert set(summary["table"]["cartpole-swingup"]) == {"ppo-state", "ppo-keypoints-belief"}
+    rows = summary["table"]["cartpole-swingup"]
+    assert set(rows) == {"ppo-state", "ppo-keypoints-belief"}
+    # the keypoint agent's compute includes its autoencoder + dynamics training; the state agent needs none
+    assert set(summary["perception_minutes"]["cartpole-swingup"]) == {"keypoints", "keypoints-dyn"}
+    assert rows["ppo-keypoints-belief"]["perception_minutes"] > 0 and rows["ppo-state"]["perception_minutes"] == 0
 
 
 def test_cli_ray_errors_are_one_line(tmp_path):

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 import kp_rl
 from kp_rl.data import collect
 from kp_rl.model import CheckpointError, load, read_checkpoint, resolve_device
-from kp_rl.train import train_autoencoder, train_dynamics
+from kp_rl.train import train_autoencoder, train_dynamics, training_seconds
 
 TINY = dict(keypoints={"image_size": 32, "num_keypoints": 4, "base_filters": 4, "layers_per_scale": 0},
             cnn={"latent_dim": 12},
@@ -55,6 +56,7 @@ def test_autoencoder_training_logs_checkpoints_and_learns(keypoint_run):
 
 def test_resume_continues_from_checkpoint(data, config, tmp_path):
     short = config.replace(train={"steps": 10})
+    start = time.perf_counter()
     train_autoencoder(data, tmp_path, short, progress=False)
     assert read_checkpoint(tmp_path / "model.pt")["train_state"]["step"] == 10
     # the stored run config wins; raise its budget as a user would by editing steps
@@ -62,9 +64,13 @@ def test_resume_continues_from_checkpoint(data, config, tmp_path):
     ckpt["config"]["train"]["steps"] = 20
     torch.save(ckpt, tmp_path / "model.pt")
     train_autoencoder(data, tmp_path, config, progress=False)
+    wall = time.perf_counter() - start
     state = read_checkpoint(tmp_path / "model.pt")["train_state"]
     assert state["step"] == 20
     assert [row["step"] for row in state["history"]["train"]] == [5, 10, 15, 20]
+    # the logged rates add up to the training loops' time across both sessions (less than the calls' wall-clock)
+    assert 0 < training_seconds(state["history"]) < wall
+    assert training_seconds({"train": []}) == 0.0
 
 
 def test_dynamics_training_and_cnn_baseline(data, config, keypoint_run, tmp_path):
