@@ -208,6 +208,7 @@ def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str,
     import matplotlib.pyplot as plt
 
     from kp_rl.bench import machine
+    from kp_rl.envs import get_spec
     from kp_rl.report import save_figure
 
     table: dict[str, Any] = {}
@@ -224,6 +225,7 @@ def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str,
                      "cnn-vrnn": ["cnn", "cnn-dyn"]}.get(observation, [])
             table[task][agent] = {"final_returns": finals.tolist(), "iqm": iqm, "ci95": [low, high],
                                   "seconds": [r["seconds"][-1] for r in runs], "steps": spec.agent_steps(task),
+                                  "env_steps": spec.agent_steps(task) * get_spec(task).action_repeat,
                                   "perception_minutes": sum(perception[task].get(n, 0.0) for n in needs)}
     print(f"\n{'task':20s} {'agent':24s} {'IQM return':>11s} {'95% CI':>17s} {'min/run':>8s} {'perception min':>15s}")
     for task, rows in table.items():
@@ -240,12 +242,14 @@ def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str,
             for i, agent in enumerate(spec.agents):
                 runs = [curves[(task, agent, s)] for s in spec.seeds]
                 length = min(len(r["returns"]) for r in runs)
-                x = np.mean([r[axis][:length] for r in runs], axis=0) / (60.0 if axis == "seconds" else 1.0)
+                scale = 1 / 60.0 if axis == "seconds" else get_spec(task).action_repeat  # minutes / env steps
+                x = np.mean([r[axis][:length] for r in runs], axis=0) * scale
                 y = np.array([r["returns"][:length] for r in runs])
                 ax.plot(x, y.mean(0), label=agent, color=f"C{i}")
                 ax.fill_between(x, y.min(0), y.max(0), color=f"C{i}", alpha=0.2)
             ax.set_title(task, fontsize=9)
-            ax.set_xlabel("agent steps" if axis == "steps" else "wall-clock minutes (training + evaluation)")
+            ax.set_xlabel("env steps (agent steps x action repeat)" if axis == "steps"
+                          else "wall-clock minutes (agent training + evaluation)")
             ax.set_ylabel("eval return (mean; band: min-max over seeds)")
         axes[0][0].legend(fontsize=7)
         save_figure(fig, out / f"curves_{axis}.png")
