@@ -36,7 +36,7 @@ from kp_rl.envs import pixels_to_unit
 from kp_rl.keypoints import add_coord_channels, build_encoder_trunk, preprocess_frames, trunk_channels
 from kp_rl.metrics import tracking_error
 from kp_rl.model import PerceptionModel
-from kp_rl.report import draw_keypoints, save_figure
+from kp_rl.report import keypoint_strip, save_figure
 from kp_rl.evaluate import reconstruction_errors
 from kp_rl.train import encode_episodes, seed_everything, train_autoencoder
 
@@ -84,29 +84,6 @@ def supervised_predictions(cfg: Any, train: tuple[np.ndarray, np.ndarray], test_
     with torch.inference_mode():
         predict = lambda x: np.concatenate([model(torch.as_tensor(x[i:i + 256])).numpy() for i in range(0, len(x), 256)])
         return predict(frames), predict(test_frames)
-
-
-def overlay_strip(models: dict[str, PerceptionModel], frames: np.ndarray, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = np.linspace(0, min(len(frames), 120) - 1, 8).round().astype(int)
-    fig, axes = plt.subplots(len(models), len(steps), figsize=(len(steps) * 1.3, len(models) * 1.45), squeeze=False)
-    for row, (name, model) in enumerate(models.items()):
-        keypoints = encode(model, frames[steps]).reshape(len(steps), -1, 3)
-        for col, t in enumerate(steps):
-            ax = axes[row, col]
-            ax.imshow(draw_keypoints(np.kron(frames[t], np.ones((2, 2, 1), np.uint8)), keypoints[col], radius=2.5))
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if col == 0:
-                ax.set_ylabel(name, fontsize=7)
-            if row == 0:
-                ax.set_title(f"t={t}", fontsize=7)
-    fig.suptitle(title, fontsize=8)
-    save_figure(fig, path)
 
 
 def main() -> None:
@@ -158,7 +135,7 @@ def main() -> None:
                              encode(models["keypoints"], test_set[0]), test_set[1], sup_train, sup_test)
         row["supervised"] = {"tracking_rmse": sup["supervised_rmse"], "tracking_rmse_px": sup["supervised_rmse"] * pixels}
         results["tasks"][task] = row
-        overlay_strip({k: models[k] for k in ("keypoints", "no_kp_losses")}, test_set[0],
+        keypoint_strip({k: models[k] for k in ("keypoints", "no_kp_losses")}, test_set[0],
                       out / f"keypoints_{task}.png", f"{task}: held-out episode, learned keypoints (opacity = mu)")
 
     names = ["keypoints", "no_kp_losses", "random_init", "supervised", "mean_coords"]

@@ -9,7 +9,8 @@ spec chosen by name:
 
 It collects data and trains the perception models once per task, trains every cell (finished cells are skipped,
 unfinished ones resume), prints IQM final returns with 95% stratified-bootstrap CIs (rliable) and writes
-results/<spec name>/{results.json, curves_steps.png, curves_seconds.png}.
+results/<spec name>/{results.json, curves_steps.png, curves_seconds.png} and, per task with a keypoint model,
+keypoints_<task>.png (the keypoints those agents see, drawn on a random-policy episode).
 """
 
 from __future__ import annotations
@@ -18,6 +19,27 @@ import argparse
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+
+
+def keypoint_figures(spec_path: Path, runs: str, data: str, results: str) -> list[Path]:
+    """keypoints_<task>.png for every task of the spec whose grid trained a keypoint model."""
+    import kp_rl
+    from kp_rl.data import episode_files, load_episode
+    from kp_rl.experiment import ExperimentSpec
+    from kp_rl.report import keypoint_strip
+
+    spec = ExperimentSpec.from_yaml(spec_path)
+    written = []
+    for task in spec.tasks:
+        model_dir = Path(runs) / spec.name / "models" / task / "keypoints"
+        if not (model_dir / "model.pt").exists():
+            continue
+        frames = load_episode(episode_files(Path(data) / task)[-1], ["image"])["image"]
+        path = Path(results) / spec.name / f"keypoints_{task}.png"
+        keypoint_strip({"keypoints": kp_rl.load(model_dir)}, frames, path,
+                       f"{task}: the keypoints the keypoint agents see (a random-policy episode; opacity = mu)")
+        written.append(path)
+    return written
 
 
 def main() -> None:
@@ -39,6 +61,8 @@ def main() -> None:
         from kp_rl.experiment import run_experiment
 
         run_experiment(spec, runs=args.runs, data=args.data, results=args.results)
+    for path in keypoint_figures(spec, args.runs, args.data, args.results):
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

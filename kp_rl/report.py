@@ -112,3 +112,40 @@ def draw_keypoints(frame: np.ndarray, keypoints: np.ndarray, radius: float | Non
         a = alpha[k][..., None]
         out = out * (1.0 - a) + colors[k] * a
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def keypoint_strip(models: dict[str, Any], frames: np.ndarray, path: str | Path, title: str,
+                   columns: int = 8) -> None:
+    """A PNG grid: one row per keypoint model, its keypoints drawn on ``columns`` frames spread over the first 120.
+
+    Args:
+        models: row label -> a keypoint :class:`~kp_rl.model.PerceptionModel`.
+        frames: uint8 ``(T, H, W, 3)`` frames of one episode.
+        path: the PNG written (atomically).
+        title: the figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    frames = np.asarray(frames)
+    steps = np.linspace(0, min(len(frames), 120) - 1, columns).round().astype(int)
+    fig, axes = plt.subplots(len(models), len(steps), figsize=(len(steps) * 1.3, len(models) * 1.45), squeeze=False)
+    for row, (name, model) in enumerate(models.items()):
+        if model.representation != "keypoints":
+            raise ValueError(f"keypoint_strip: {name!r} is a {model.representation!r} model, not a keypoint model")
+        with torch.inference_mode():
+            keypoints = model.encode(frames[steps]).float().cpu().numpy().reshape(len(steps), -1, 3)
+        for col, t in enumerate(steps):
+            ax = axes[row, col]
+            ax.imshow(draw_keypoints(np.kron(frames[t], np.ones((2, 2, 1), np.uint8)), keypoints[col], radius=2.5))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(name, fontsize=7)
+            if row == 0:
+                ax.set_title(f"t={t}", fontsize=7)
+    fig.suptitle(title, fontsize=8)
+    save_figure(fig, Path(path))

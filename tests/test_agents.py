@@ -98,10 +98,13 @@ def test_kp_rl_run_state_grid_end_to_end(tmp_path):
 
 def test_structured_vs_unstructured_script_runs_a_spec(tmp_path):
     spec = tmp_path / "tiny.yaml"
-    spec.write_text("name: tiny\ntasks: [cartpole-swingup]\nagents: [ppo-state]\nseeds: [0]\nsteps: 32\n"
-                    "eval_every: 32\neval_episodes: 1\n")
+    spec.write_text("name: tiny\ntasks: [cartpole-swingup]\nagents: [ppo-state, ppo-keypoints]\nseeds: [0]\n"
+                    "steps: 32\neval_every: 32\neval_episodes: 1\n"
+                    "perception: {episodes: 2, autoencoder_steps: 2, dynamics_steps: 2}\n")
     script = Path(__file__).resolve().parent.parent / "experiments" / "structured_vs_unstructured.py"
     result = subprocess.run([sys.executable, str(script), "--spec", str(spec), "--runs", str(tmp_path / "runs"),
-                             "--results", str(tmp_path / "results")], capture_output=True, text=True)
+                             "--data", str(tmp_path / "data"), "--results", str(tmp_path / "results")],
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (tmp_path / "results" / "tiny" / "results.json").exists()
+    out = tmp_path / "results" / "tiny"
+    assert (out / "results.json").exists() and (out / "keypoints_cartpole-swingup.png").stat().st_size > 0
