@@ -39,8 +39,10 @@ Default budget on 2 CPU cores (target <= 60 minutes, the machine idle):
     hence --dyn-threads 1): ~50 steps/s struct / struct_no_kp_losses / state, ~47 cnn, ~62 no-best-of-many,
     ~90 deterministic (30-50 % less when the other jobs load the cores). The six models of one (task, seed)
     take ~0.11 s per step -> 12 x 800 x 0.11 s ~ 18 min (+ validation / checkpoints every 250 steps).
-  * evaluation, videos, plots: ~2 min.  Total ~ 50 min idle; the seconds of every stage and the steps/s of
-    every run land in results.json. --threads 1 is faster for everything when the cores are busy.
+  * evaluation, videos, plots: ~2 min.  Estimated total ~ 50 min idle; measured from scratch on an idle
+    AMD EPYC with 2 cores: 30 min (1,779 s; the autoencoders took ~1 min each, not ~2). The seconds of every
+    stage and the steps/s of every run land in results.json. --threads 1 is faster for everything when the
+    cores are busy.
 Features are computed once per autoencoder and handed to kp_rl.train.train_dynamics (``datasets=``).
 """
 
