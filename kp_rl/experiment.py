@@ -33,6 +33,9 @@ from kp_rl.data import atomic_write_json
 
 PERCEPTION_DEFAULTS = {"preset": "cpu", "episodes": 100, "autoencoder_steps": 1000, "dynamics_steps": 2000}
 # What one Ray task asks for (``resources:`` in a spec overrides per agent name, ``default`` or ``perception``)
+# Observation kind -> the perception models it needs (run folders under models/<task>/; the last one is loaded)
+MODELS_FOR_OBSERVATION = {"keypoints": ("keypoints",), "keypoints+belief": ("keypoints", "keypoints-dyn"),
+                          "cnn-vrnn": ("cnn", "cnn-dyn")}
 RESOURCE_DEFAULTS = {"perception": {"cpus": 2, "gpus": 0}, "default": {"cpus": 1, "gpus": 0}}
 
 
@@ -109,7 +112,7 @@ def cell_dir(runs_dir: Path, task: str, agent: str, seed: int) -> Path:
 
 def perception_models(spec: ExperimentSpec, task: str, data_root: Path, runs: Path,
                       progress: bool = True) -> dict[str, Path]:
-    """Collect the task's data and train the models its agents need; returns kind -> checkpoint path."""
+    """Collect the task's data and train the models its agents need; returns run name (keypoints-dyn, ...) -> path."""
     from kp_rl.config import get_preset
     from kp_rl.data import collect
     from kp_rl.train import train_autoencoder, train_dynamics
@@ -129,15 +132,19 @@ def perception_models(spec: ExperimentSpec, task: str, data_root: Path, runs: Pa
             continue
         ae = train_autoencoder(data, runs / "models" / task / representation, config, representation, progress=progress)
         paths[representation] = ae
-        paths[f"{representation}+dynamics"] = train_dynamics(ae, data, runs / "models" / task / f"{representation}-dyn",
-                                                              progress=progress)
+        paths[f"{representation}-dyn"] = train_dynamics(ae, data, runs / "models" / task / f"{representation}-dyn",
+                                                         progress=progress)
     return paths
 
 
+def models_needed(agent: str) -> tuple[str, ...]:
+    """The perception models (run folders under ``models/<task>/``) an agent's observations need, last = its own."""
+    return MODELS_FOR_OBSERVATION.get(get_agent(agent).observation, ())
+
+
 def model_for(agent: str, models: dict[str, Path]) -> Path | None:
-    observation = get_agent(agent).observation
-    return {"keypoints": models.get("keypoints"), "keypoints+belief": models.get("keypoints+dynamics"),
-            "cnn-vrnn": models.get("cnn+dynamics")}.get(observation)
+    needed = models_needed(agent)
+    return models.get(needed[-1]) if needed else None
 
 
 def run_cell(spec: ExperimentSpec, task: str, agent: str, seed: int, model: Path | None, runs: Path,
@@ -220,13 +227,10 @@ def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str,
             runs = [curves[(task, agent, s)] for s in spec.seeds]
             finals = np.array([r["returns"][-1] for r in runs])
             iqm, low, high = iqm_with_ci(finals)
-            observation = get_agent(agent).observation
-            needs = {"keypoints": ["keypoints"], "keypoints+belief": ["keypoints", "keypoints-dyn"],
-                     "cnn-vrnn": ["cnn", "cnn-dyn"]}.get(observation, [])
             table[task][agent] = {"final_returns": finals.tolist(), "iqm": iqm, "ci95": [low, high],
                                   "seconds": [r["seconds"][-1] for r in runs], "steps": spec.agent_steps(task),
                                   "env_steps": spec.agent_steps(task) * get_spec(task).action_repeat,
-                                  "perception_minutes": sum(perception[task].get(n, 0.0) for n in needs)}
+                                  "perception_minutes": sum(perception[task].get(n, 0.0) for n in models_needed(agent))}
     print(f"\n{'task':20s} {'agent':24s} {'IQM return':>11s} {'95% CI':>17s} {'min/run':>8s} {'perception min':>15s}")
     for task, rows in table.items():
         for agent, row in rows.items():
