@@ -136,7 +136,7 @@ def main() -> None:
         row["supervised"] = {"tracking_rmse": sup["supervised_rmse"], "tracking_rmse_px": sup["supervised_rmse"] * pixels}
         results["tasks"][task] = row
         keypoint_strip({k: models[k] for k in ("keypoints", "no_kp_losses")}, test_set[0],
-                      out / f"keypoints_{task}.png", f"{task}: held-out episode, learned keypoints (opacity = mu)")
+                       out / f"keypoints_{task}.png", f"{task}: held-out episode, learned keypoints (opacity = mu)")
 
     names = ["keypoints", "no_kp_losses", "random_init", "supervised", "mean_coords"]
     print(f"\n{'task':18s} {'method':14s} {'tracking RMSE':>14s} {'(px)':>7s} {'recon err':>10s}")

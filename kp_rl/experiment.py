@@ -32,10 +32,10 @@ from kp_rl.agents import get_agent
 from kp_rl.data import atomic_write_json
 
 PERCEPTION_DEFAULTS = {"preset": "cpu", "episodes": 100, "autoencoder_steps": 1000, "dynamics_steps": 2000}
-# What one Ray task asks for (``resources:`` in a spec overrides per agent name, ``default`` or ``perception``)
 # Observation kind -> the perception models it needs (run folders under models/<task>/; the last one is loaded)
 MODELS_FOR_OBSERVATION = {"keypoints": ("keypoints",), "keypoints+belief": ("keypoints", "keypoints-dyn"),
                           "cnn-vrnn": ("cnn", "cnn-dyn")}
+# What one Ray task asks for (``resources:`` in a spec overrides per agent name, ``default`` or ``perception``)
 RESOURCE_DEFAULTS = {"perception": {"cpus": 2, "gpus": 0}, "default": {"cpus": 1, "gpus": 0}}
 
 
@@ -117,19 +117,16 @@ def perception_models(spec: ExperimentSpec, task: str, data_root: Path, runs: Pa
     from kp_rl.data import collect
     from kp_rl.train import train_autoencoder, train_dynamics
 
-    kinds = {get_agent(a).observation for a in spec.agents}
-    p = spec.perception
-    needed = {"keypoints": bool(kinds & {"keypoints", "keypoints+belief"}), "cnn": "cnn-vrnn" in kinds}
-    if not any(needed.values()):
+    autoencoders = {models_needed(a)[0] for a in spec.agents if models_needed(a)}
+    if not autoencoders:
         return {}
+    p = spec.perception
     data = data_root / task
     collect(task, data, int(p["episodes"]), seed=0, workers=2, progress=progress)
     config = get_preset(p["preset"]).replace(train={"steps": int(p["autoencoder_steps"]),
                                                    "dynamics_steps": int(p["dynamics_steps"])})
     paths: dict[str, Path] = {}
-    for representation, wanted in needed.items():
-        if not wanted:
-            continue
+    for representation in sorted(autoencoders, key=("keypoints", "cnn").index):
         ae = train_autoencoder(data, runs / "models" / task / representation, config, representation, progress=progress)
         paths[representation] = ae
         paths[f"{representation}-dyn"] = train_dynamics(ae, data, runs / "models" / task / f"{representation}-dyn",
