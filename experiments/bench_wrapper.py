@@ -5,10 +5,12 @@ belief). Vector of ``--n-envs``: ``DummyVecEnv`` raw vs :class:`~kp_rl.wrappers.
 frames encoded in one batch). The model is the ``--preset`` model with random weights (speed does not depend
 on the weights) unless ``--model`` points to a checkpoint. Configurations are measured in interleaved rounds
 (raw, wrapped, raw, ...) so that drifting machine load hits all of them alike; each figure is the median over
-rounds, and each ratio the median of the per-round ratios to the raw env of the same round.
+rounds, and each ratio the median of the per-round ratios to the raw env of the same round. On the CPU the
+wrappers encode through :class:`~kp_rl.inference.FastEncoder`; its latency is also set against
+``model.encode`` (the generic path) in the same run, at batch 1 and ``--n-envs``.
 Writes results/bench_wrapper/{results.json, bench_wrapper.png}.
 
-    python experiments/bench_wrapper.py [--task cartpole-swingup] [--steps 300] [--repeats 7] [--threads 1]
+    python experiments/bench_wrapper.py [--task cartpole-swingup] [--steps 300] [--repeats 7] [--num-threads 1]
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import kp_rl
 from kp_rl.bench import machine, median_rate
 from kp_rl.data import atomic_write_json
 from kp_rl.report import save_figure
+from kp_rl.inference import FastEncoder
 from kp_rl.wrappers import KeypointObservation, VecKeypointObservation
 
 
@@ -57,15 +60,16 @@ def vec_stepper(venv: VecEnv, steps: int) -> Callable[[], int]:
     return run
 
 
-def encode_latency(model: kp_rl.PerceptionModel, batch: int, size: int, threads: int, calls: int) -> float:
-    """Milliseconds per ``model.encode`` call on ``batch`` frames with ``threads`` torch threads (median of 3)."""
+def encode_latency(encode: Callable[[torch.Tensor], torch.Tensor], batch: int, size: int, threads: int,
+                   calls: int) -> float:
+    """Milliseconds per ``encode`` call on ``batch`` uint8 frames with ``threads`` torch threads (median of 3)."""
     frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), np.uint8))
     previous = torch.get_num_threads()
 
     def run() -> int:
         with torch.inference_mode():
             for _ in range(calls):
-                model.encode(frames)
+                encode(frames)
         return calls
 
     torch.set_num_threads(threads)
@@ -125,10 +129,17 @@ def main() -> None:
         ratios = [r / b for r, b in zip(rates[label], rates[base])]
         rows[label] = {"median": statistics.median(rates[label]), "min": min(rates[label]),
                        "max": max(rates[label]), "repeats": args.repeats, "vs_raw": statistics.median(ratios)}
-    latency = {}  # the wrappers' thread count vs torch's default (one thread per core)
+    # Encoder latency: the wrappers' CPU path (FastEncoder) against model.encode, at the wrappers' thread count
+    # and at torch's default (one thread per core).
+    encoders = {"model.encode": model.encode, "FastEncoder": FastEncoder(model)}
+    latency: dict[str, float] = {}
     for count, calls in sorted({(threads or default_threads, 100), (default_threads, 10)}):
         for batch in (1, args.n_envs):
-            latency[f"batch {batch}, {count} thread(s)"] = encode_latency(model, batch, args.size, count, calls)
+            for name, encode in encoders.items():
+                latency[f"{name}, batch {batch}, {count} thread(s)"] = encode_latency(encode, batch, args.size,
+                                                                                     count, calls)
+    speedup = {key.replace("model.encode, ", ""): value / latency[key.replace("model.encode", "FastEncoder")]
+               for key, value in latency.items() if key.startswith("model.encode")}
     for _, env in envs.values():
         env.close()
 
@@ -137,7 +148,10 @@ def main() -> None:
     for label, row in rows.items():
         print(f"{label:60s} {row['median']:9.0f} {row['vs_raw']:7.2f}x")
     print(f"wrappers' torch threads: {threads or default_threads} (torch default here: {default_threads})")
-    print("model.encode latency (ms): " + ", ".join(f"{k}: {v:.2f}" for k, v in latency.items()))
+    print(f"{'encoder latency (ms)':40s} {'model.encode':>13s} {'FastEncoder':>12s} {'speed-up':>9s}")
+    for key, ratio in speedup.items():
+        print(f"{key:40s} {latency['model.encode, ' + key]:13.3f} {latency['FastEncoder, ' + key]:12.3f} "
+              f"{ratio:8.2f}x")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,6 +159,7 @@ def main() -> None:
         "task": args.task, "size": args.size, "steps": args.steps, "n_envs": args.n_envs,
         "model": args.model or f"{args.preset} preset (random weights)", "feature_dim": model.feature_dim,
         "wrapper_threads": threads or default_threads, "env_steps_per_s": rows, "encode_ms": latency,
+        "fast_encoder_speedup": speedup,
         "machine": machine(),
     })
     import matplotlib

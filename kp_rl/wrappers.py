@@ -49,6 +49,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs, VecEnvStepReturn
 
 from kp_rl.dynamics import StepOutput, VRNNState
+from kp_rl.inference import FastEncoder
 from kp_rl.model import PerceptionModel, load, resolve_device
 
 __all__ = ["KeypointObservation", "StateObservation", "VecKeypointObservation", "WorldModel", "feature_bounds"]
@@ -121,6 +122,7 @@ class _Perception:
             raise TypeError(f"{who}: model must be a kp_rl.PerceptionModel or a checkpoint path, "
                             f"got {type(model).__name__}")
         self.model = model
+        self._fast = FastEncoder(model) if self.device.type == "cpu" else None
         self._staging: torch.Tensor | None = None
         self.feature_dim = model.feature_dim
         self.belief_dim = model.dynamics.belief_dim if model.dynamics is not None else 0
@@ -170,13 +172,19 @@ class _Perception:
                 torch.set_num_threads(previous)
 
     def encode(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 ``(B, H, W, 3)`` -> features ``(B, D)`` on the device: one host -> device copy."""
-        frames = torch.from_numpy(np.ascontiguousarray(frames))  # CPU: no copy at all
-        if self.device.type != "cpu":  # through a reused pinned buffer (the previous step's copy has finished:
-            staging = self._staging     # every step ends with a device -> host copy of its results)
-            if staging is None or staging.shape[0] < len(frames) or staging.shape[1:] != frames.shape[1:]:
-                staging = self._staging = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
-            frames = staging[: len(frames)].copy_(frames).to(self.device, non_blocking=True)
+        """uint8 ``(B, H, W, 3)`` -> features ``(B, D)`` on the device: one host -> device copy.
+
+        On the CPU through :class:`~kp_rl.inference.FastEncoder` (the same features, ~2x faster at these sizes).
+        """
+        if self._fast is not None:
+            return self._fast(frames)
+        # Through a reused pinned buffer (the previous step's copy has finished: every step ends with a
+        # device -> host copy of its results).
+        frames = torch.from_numpy(np.ascontiguousarray(frames))
+        staging = self._staging
+        if staging is None or staging.shape[0] < len(frames) or staging.shape[1:] != frames.shape[1:]:
+            staging = self._staging = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
+        frames = staging[: len(frames)].copy_(frames).to(self.device, non_blocking=True)
         return self.model.encode(frames)
 
     def actions(self, space: spaces.Space, actions: Any, batch: int | None = None) -> torch.Tensor:

@@ -15,6 +15,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 import kp_rl
 import kp_rl.wrappers
+from kp_rl.inference import FastEncoder
 from kp_rl.model import CheckpointError, PerceptionModel
 from kp_rl.wrappers import KeypointObservation, VecKeypointObservation, WorldModel
 
@@ -285,8 +286,9 @@ def test_thread_count_is_set_while_encoding_and_restored(model: PerceptionModel,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     previous = torch.get_num_threads()
     env = KeypointObservation(pixel_env(), model, num_threads=1)
-    seen, encode = [], model.encode
-    monkeypatch.setattr(model, "encode", lambda frames: seen.append(torch.get_num_threads()) or encode(frames))
+    seen, encode = [], FastEncoder.__call__  # the wrappers' CPU path
+    monkeypatch.setattr(FastEncoder, "__call__",
+                        lambda self, frames: seen.append(torch.get_num_threads()) or encode(self, frames))
     env.reset(seed=0)
     assert seen == [1] and torch.get_num_threads() == previous
     with pytest.raises(ValueError, match="num_threads must be a positive integer or None, got 0"):

@@ -1,0 +1,95 @@
+"""Tests of kp_rl.inference.FastEncoder: the same features as PerceptionModel.encode, fresh weights, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import kp_rl
+from kp_rl.inference import FastEncoder
+from kp_rl.model import PerceptionModel
+
+SIZE = 32
+SMALL = dict(keypoints={"image_size": SIZE, "num_keypoints": 5, "base_filters": 4, "layers_per_scale": 1},
+             cnn={"latent_dim": 6, "map_channels": 2})
+
+
+def small_model(representation: str, seed: int = 0) -> PerceptionModel:
+    torch.manual_seed(seed)
+    model = PerceptionModel(kp_rl.get_preset("cpu").replace(**SMALL), representation).eval()
+    with torch.no_grad():  # biases are zero at init: give them values so that folding them in is tested too
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def frames(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, 3), np.uint8)
+
+
+@pytest.mark.parametrize("representation", ["keypoints", "cnn"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_same_features_as_the_model(representation: str, batch: int) -> None:
+    model = small_model(representation)
+    x = frames(batch)
+    with torch.inference_mode():
+        expected = model.encode(x)
+        got = FastEncoder(model)(x)
+        assert got.shape == expected.shape == (batch, model.feature_dim) and got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(FastEncoder(model)(torch.from_numpy(x)), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_one_hot_frame_gives_a_keypoint_where_the_model_puts_it() -> None:
+    # A trained-looking case: a bright square moves; wherever the model puts its keypoints, the fast path agrees.
+    model = small_model("keypoints", seed=1)
+    x = np.zeros((2, SIZE, SIZE, 3), np.uint8)
+    x[0, 2:8, 2:8], x[1, 20:28, 22:30] = 255, 255
+    with torch.inference_mode():
+        torch.testing.assert_close(FastEncoder(model)(x), model.encode(x), atol=1e-5, rtol=1e-5)
+
+
+def test_follows_weight_updates() -> None:
+    model, other = small_model("keypoints", seed=0), small_model("keypoints", seed=1)
+    fast, x = FastEncoder(model), frames(2)
+    with torch.inference_mode():
+        before = fast(x)
+    model.load_state_dict(other.state_dict())  # in-place copies into the same parameters
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), other.encode(x), atol=1e-5, rtol=1e-5)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.autoencoder.loss(torch.from_numpy(frames(4)).view(2, 2, SIZE, SIZE, 3))[0].backward()
+    optimiser.step()
+    with torch.inference_mode():
+        after = fast(x)
+        torch.testing.assert_close(after, model.encode(x), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before, after)
+
+
+def test_generic_conv_when_onednn_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    model = small_model("keypoints")
+    with torch.inference_mode():
+        torch.testing.assert_close(FastEncoder(model)(frames(2)), model.encode(frames(2)), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_input_is_named() -> None:
+    model = small_model("keypoints")
+    fast = FastEncoder(model)
+    with pytest.raises(ValueError, match=r"expected uint8 frames \(N, 32, 32, 3\), got torch.uint8 of shape \(1, 64, 64, 3\)"):
+        fast(np.zeros((1, 64, 64, 3), np.uint8))
+    with pytest.raises(ValueError, match="got torch.float32 of shape"):
+        fast(np.zeros((1, SIZE, SIZE, 3), np.float32))
+    with pytest.raises(ValueError, match="FastEncoder runs on the CPU; the model is on meta"):
+        FastEncoder(small_model("keypoints").to("meta"))
+
+
+def test_docstring_examples_run() -> None:
+    import doctest
+
+    import kp_rl.inference
+
+    result = doctest.testmod(kp_rl.inference)
+    assert result.attempted > 0 and result.failed == 0
