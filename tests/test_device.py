@@ -1,0 +1,130 @@
+"""The accelerator path end to end: training, the wrappers and an SB3 agent on ``KP_RL_TEST_DEVICE`` (default cuda).
+
+Marked ``cuda`` and left out of the default run (``setup.cfg``); on a GPU machine run them with
+``scripts/test.sh -m cuda``. ``KP_RL_TEST_DEVICE=cpu scripts/test.sh -m cuda`` runs the same tests on the CPU,
+which checks the tests themselves where no GPU is at hand. Every result is compared with the CPU's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import SAC
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+import kp_rl
+from kp_rl.data import collect
+from kp_rl.model import PerceptionModel, load
+from kp_rl.sb3 import KeypointExtractor
+from kp_rl.train import train_autoencoder, train_dynamics
+from kp_rl.wrappers import KeypointObservation, VecKeypointObservation, WorldModel
+
+DEVICE = os.environ.get("KP_RL_TEST_DEVICE", "cuda")
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
+                       reason="no CUDA device here (KP_RL_TEST_DEVICE=cpu runs these tests on the CPU)"),
+]
+# cuDNN convolutions may use TF32 on recent GPUs (10-bit mantissa): compare features loosely.
+ATOL = 5e-3
+SIZE, K = 32, 4
+TINY = dict(keypoints={"image_size": SIZE, "num_keypoints": K, "base_filters": 4, "layers_per_scale": 0},
+            dynamics={"rnn_units": 16, "latent_dim": 4, "prior_hidden": 16, "posterior_hidden": 16,
+                      "decoder_hidden": 16, "reward_hidden": 16, "observed_steps": 4, "predicted_steps": 4,
+                      "num_samples": 3},
+            train={"steps": 40, "dynamics_steps": 30, "batch_size": 4, "dynamics_batch_size": 8,
+                   "sequence_length": 4, "log_every": 5, "eval_every": 20, "checkpoint_every": 20,
+                   "image_every": 20, "lr": 3e-3})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Autoencoder + dynamics trained on the device (bf16 autocast on CUDA); returns the dynamics checkpoint."""
+    root = tmp_path_factory.mktemp("device")
+    collect("cartpole-swingup", root / "data", 4, max_steps=15, progress=False, env_kwargs={"image_size": SIZE})
+    config = kp_rl.get_preset("cpu").replace(**TINY)
+    train_autoencoder(root / "data", root / "kp", config, device=DEVICE, progress=False)
+    history = json.loads((root / "kp" / "history.json").read_text())["train"]
+    assert history[-1]["reconstruction"] < history[0]["reconstruction"]
+    return train_dynamics(root / "kp", root / "data", root / "dyn", device=DEVICE, progress=False)
+
+
+def test_trained_on_the_device_loads_anywhere(trained: Path) -> None:
+    on_device, on_cpu = load(trained, DEVICE, require_dynamics=True), load(trained, "cpu", require_dynamics=True)
+    assert on_device.device.type == torch.device(DEVICE).type and on_cpu.device.type == "cpu"
+    frames = np.random.default_rng(0).integers(0, 256, (5, SIZE, SIZE, 3), np.uint8)
+    with torch.inference_mode():
+        features = on_device.encode(frames)
+        assert features.device.type == torch.device(DEVICE).type and torch.isfinite(features).all()
+        np.testing.assert_allclose(features.cpu().numpy(), on_cpu.encode(frames).numpy(), atol=ATOL)
+
+
+def test_wrappers_on_the_device_match_the_cpu(trained: Path) -> None:
+    def rollout(device: str) -> tuple[list[np.ndarray], list[float]]:
+        env = WorldModel(KeypointObservation(gym.make("kp_rl/cartpole-swingup-v0", image_size=SIZE), trained,
+                                             belief=True, device=device), trained, device=device)
+        env.action_space.seed(0)
+        observations, predicted = [env.reset(seed=0)[0]], []
+        for _ in range(5):
+            obs, _, _, _, info = env.step(env.action_space.sample())
+            observations.append(obs)
+            predicted.append(info["predicted_reward"])
+        imagined = env.imagine(np.zeros((2, 6, 1), np.float32), num_samples=3)
+        assert imagined["features"].shape == (3, 2, 6, K * 3) and imagined["rewards"].shape == (3, 2, 6)
+        env.close()
+        return observations, predicted
+
+    (on_device, rewards_device), (on_cpu, rewards_cpu) = rollout(DEVICE), rollout("cpu")
+    for a, b in zip(on_device, on_cpu):
+        assert a.dtype == np.float32
+        np.testing.assert_allclose(a[: K * 3], b[: K * 3], atol=ATOL)  # features; the belief compounds rounding
+    np.testing.assert_allclose(rewards_device, rewards_cpu, atol=0.05)
+    env = KeypointObservation(gym.make("kp_rl/cartpole-swingup-v0", image_size=SIZE), trained, device=DEVICE)
+    sb3_check_env(env)
+    env.close()
+
+
+def test_vector_wrapper_on_the_device(trained: Path) -> None:
+    make = [lambda: gym.make("kp_rl/cartpole-swingup-v0", image_size=SIZE)] * 3
+    outputs = []
+    for device in (DEVICE, "cpu"):
+        venv = VecKeypointObservation(DummyVecEnv(make), trained, belief=True, device=device)
+        venv.seed(0)
+        first = venv.reset()
+        stepped = venv.step(np.zeros((3, 1), np.float32))[0]
+        assert first.shape == stepped.shape == (3, venv.observation_space.shape[0])
+        outputs.append(stepped)
+        venv.close()
+    np.testing.assert_allclose(outputs[0][:, : K * 3], outputs[1][:, : K * 3], atol=ATOL)
+
+
+def test_sac_with_the_extractor_on_the_device(trained: Path, tmp_path: Path) -> None:
+    env = gym.make("kp_rl/cartpole-swingup-v0", image_size=SIZE)
+    agent = SAC("CnnPolicy", env, buffer_size=300, learning_starts=30, batch_size=8, seed=0, device=DEVICE,
+                policy_kwargs=dict(features_extractor_class=KeypointExtractor, net_arch=[16],
+                                   features_extractor_kwargs=dict(model_path=str(trained))))
+    assert next(agent.policy.parameters()).device.type == torch.device(DEVICE).type
+    agent.learn(80)
+    agent.save(tmp_path / "sac")
+    loaded = SAC.load(tmp_path / "sac", device=DEVICE)
+    observations = np.stack([env.reset(seed=s)[0] for s in range(4)])
+    np.testing.assert_allclose(agent.predict(observations, deterministic=True)[0],
+                               loaded.predict(observations, deterministic=True)[0], atol=1e-5)
+    env.close()
+
+
+def test_a_model_object_is_moved_to_the_device() -> None:
+    torch.manual_seed(0)
+    model = PerceptionModel(kp_rl.get_preset("cpu").replace(**TINY), action_dim=1, with_dynamics=True)
+    env = KeypointObservation(gym.make("kp_rl/cartpole-swingup-v0", image_size=SIZE), model, device=DEVICE)
+    assert env.model.device.type == torch.device(DEVICE).type and not env.model.training
+    obs, _ = env.reset(seed=0)
+    assert env.observation_space.contains(obs)
+    env.close()
