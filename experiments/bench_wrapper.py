@@ -28,6 +28,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 import kp_rl
 from kp_rl.bench import machine, median_rate
 from kp_rl.data import atomic_write_json
+from kp_rl.model import resolve_device
 from kp_rl.report import save_figure
 from kp_rl.inference import FastEncoder
 from kp_rl.wrappers import KeypointObservation, VecKeypointObservation
@@ -69,7 +70,7 @@ def encode_latency(encode: Callable[[torch.Tensor], torch.Tensor], batch: int, s
     def run() -> int:
         with torch.inference_mode():
             for _ in range(calls):
-                encode(frames)
+                encode(frames).cpu()  # features back on the host, as the wrappers return them (syncs CUDA)
         return calls
 
     torch.set_num_threads(threads)
@@ -90,16 +91,18 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="checkpoint to time instead of a random-weight preset model")
     parser.add_argument("--num-threads", type=int, default=1,
                         help="torch threads while the wrappers encode (their num_threads; 0: torch's global setting)")
+    parser.add_argument("--device", default="cpu", help="where the wrappers run the model (cpu, cuda, auto)")
     parser.add_argument("--out", default="results/bench_wrapper")
     args = parser.parse_args()
+    device = str(resolve_device(args.device))
     threads = args.num_threads or None
     default_threads = torch.get_num_threads()
 
     if args.model:
-        model = kp_rl.load(args.model)
+        model = kp_rl.load(args.model, device)
     else:
         cfg = kp_rl.get_preset(args.preset).replace(keypoints={"image_size": args.size})
-        model = kp_rl.PerceptionModel(cfg, "keypoints", action_dim=1, with_dynamics=True).eval()
+        model = kp_rl.PerceptionModel(cfg, "keypoints", action_dim=1, with_dynamics=True).to(device).eval()
 
     def make() -> gym.Env:
         return kp_rl.make_env(args.task, image_size=args.size)
@@ -107,14 +110,14 @@ def main() -> None:
     n, single, vec = args.n_envs, "single: raw", f"{args.n_envs} envs: DummyVecEnv raw"
     envs: dict[str, tuple[str, gym.Env | VecEnv]] = {  # label -> (the raw peer it is compared with, env)
         single: (single, make()),
-        "single: KeypointObservation": (single, KeypointObservation(make(), model, num_threads=threads)),
+        "single: KeypointObservation": (single, KeypointObservation(make(), model, num_threads=threads, device=device)),
         "single: KeypointObservation(belief)": (single, KeypointObservation(make(), model, belief=True,
-                                                                            num_threads=threads)),
+                                                                            num_threads=threads, device=device)),
         vec: (vec, DummyVecEnv([make] * n)),
         f"{n} envs: VecKeypointObservation": (vec, VecKeypointObservation(DummyVecEnv([make] * n), model,
-                                                                          num_threads=threads)),
+                                                                          num_threads=threads, device=device)),
         f"{n} envs: VecKeypointObservation(belief)": (vec, VecKeypointObservation(
-            DummyVecEnv([make] * n), model, belief=True, num_threads=threads)),
+            DummyVecEnv([make] * n), model, belief=True, num_threads=threads, device=device)),
     }
     configs = {label: (base, vec_stepper(env, max(1, args.steps // n)) if isinstance(env, VecEnv)
                        else single_stepper(env, args.steps)) for label, (base, env) in envs.items()}
@@ -131,7 +134,8 @@ def main() -> None:
                        "max": max(rates[label]), "repeats": args.repeats, "vs_raw": statistics.median(ratios)}
     # Encoder latency: the wrappers' CPU path (FastEncoder) against model.encode, at the wrappers' thread count
     # and at torch's default (one thread per core).
-    encoders = {"model.encode": model.encode, "FastEncoder": FastEncoder(model)}
+    # On the CPU only: FastEncoder is the wrappers' CPU path.
+    encoders = {"model.encode": model.encode, **({"FastEncoder": FastEncoder(model)} if device == "cpu" else {})}
     latency: dict[str, float] = {}
     for count, calls in sorted({(threads or default_threads, 100), (default_threads, 10)}):
         for batch in (1, args.n_envs):
@@ -139,25 +143,26 @@ def main() -> None:
                 latency[f"{name}, batch {batch}, {count} thread(s)"] = encode_latency(encode, batch, args.size,
                                                                                      count, calls)
     speedup = {key.replace("model.encode, ", ""): value / latency[key.replace("model.encode", "FastEncoder")]
-               for key, value in latency.items() if key.startswith("model.encode")}
+               for key, value in latency.items() if key.startswith("model.encode") and "FastEncoder" in encoders}
     for _, env in envs.values():
         env.close()
 
-    title = f"{args.task}, {args.size}x{args.size}, {args.model or args.preset + ' preset'}"
+    title = f"{args.task}, {args.size}x{args.size}, {args.model or args.preset + ' preset'}, {device}"
     print(f"{'env steps/s (' + title + ')':60s} {'median':>9s} {'vs raw':>8s}")
     for label, row in rows.items():
         print(f"{label:60s} {row['median']:9.0f} {row['vs_raw']:7.2f}x")
     print(f"wrappers' torch threads: {threads or default_threads} (torch default here: {default_threads})")
-    print(f"{'encoder latency (ms)':40s} {'model.encode':>13s} {'FastEncoder':>12s} {'speed-up':>9s}")
-    for key, ratio in speedup.items():
-        print(f"{key:40s} {latency['model.encode, ' + key]:13.3f} {latency['FastEncoder, ' + key]:12.3f} "
-              f"{ratio:8.2f}x")
+    print(f"{'encoder latency (ms), ' + device:40s} {'model.encode':>13s} {'FastEncoder':>12s} {'speed-up':>9s}")
+    for key in (k.replace("model.encode, ", "") for k in latency if k.startswith("model.encode")):
+        fast = f"{latency['FastEncoder, ' + key]:12.3f} {speedup[key]:8.2f}x" if key in speedup else ""
+        print(f"{key:40s} {latency['model.encode, ' + key]:13.3f} {fast}")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", {
         "task": args.task, "size": args.size, "steps": args.steps, "n_envs": args.n_envs,
         "model": args.model or f"{args.preset} preset (random weights)", "feature_dim": model.feature_dim,
+        "device": device,
         "wrapper_threads": threads or default_threads, "env_steps_per_s": rows, "encode_ms": latency,
         "fast_encoder_speedup": speedup,
         "machine": machine(),

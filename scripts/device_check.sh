@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU check in one go, for a CUDA machine that has PyTorch (and pytest, tensorboard, matplotlib, ...) but
+# no network, such as the device machines some sessions are lent.
+#
+#   bash scripts/device_check.sh prepare     here, with network: wheels into .whl/ (../shared/gpu/fetch-wheels.sh)
+#                                            and the EGL/GL loader .debs into .gl/, both git-ignored locally
+#   bash scripts/device_check.sh run [OUT]   there, carrying .whl and .gl: installs them beside the preinstalled
+#                                            PyTorch, then runs tests/test_device.py on cuda and the training and
+#                                            wrapper benchmarks on cuda; logs and JSON go to OUT
+#                                            (default: $OUT, else results/device_check)
+#
+# Every step has its own time limit, so that the whole run stays near 8 minutes on an H100.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+prepare() {
+  set -e
+  mkdir -p .git/info
+  for path in /.whl/ /.gl/; do grep -qxF "$path" .git/info/exclude 2>/dev/null || echo "$path" >> .git/info/exclude; done
+  bash ../shared/gpu/fetch-wheels.sh .whl
+  mkdir -p .gl /tmp/kp_rl_apt/partial
+  local o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/kp_rl_apt'
+  apt-get $o update -qq
+  (cd .gl && apt-get $o download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
+  du -sh .whl .gl
+}
+
+run() {
+  local out=${1:-${OUT:-results/device_check}}
+  mkdir -p "$out"
+  if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+  else
+    export PYTHONPATH=$PWD
+  fi
+  export MUJOCO_GL=egl PYTHONUNBUFFERED=1
+  local device=${KP_RL_TEST_DEVICE:-cuda}  # cpu: a dry run of this script where there is no GPU
+  if [ -d .gl ] && [ "$device" != cpu ]; then  # GL/EGL loaders into / (the device machine is bare and given back)
+    for f in .gl/*.deb; do dpkg -x "$f" /; done
+    ldconfig
+  fi
+  { nvidia-smi --query-gpu=name,memory.total --format=csv || echo "no nvidia-smi"; } | tee "$out/gpu.txt"
+  local status=0
+  timeout 300 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_device.py 2>&1 | tee "$out/test_device.log" \
+    || status=1
+  timeout 150 python3 experiments/bench_train.py --device "$device" --repeats 5 --out "$out/bench_train" 2>&1 \
+    | tee "$out/bench_train.log" || status=1
+  timeout 120 python3 experiments/bench_wrapper.py --device "$device" --repeats 5 --out "$out/bench_wrapper" 2>&1 \
+    | tee "$out/bench_wrapper.log" || status=1
+  return $status
+}
+
+case "${1:-}" in
+  prepare) prepare ;;
+  run) shift; run "$@" ;;
+  *) echo "usage: bash scripts/device_check.sh prepare | run [OUT]" >&2; exit 2 ;;
+esac
