@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import gymnasium as gym
+import numpy as np
 import yaml
 
 from kp_rl.data import atomic_write_json
@@ -171,11 +172,17 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
                 progress: bool = True) -> dict[str, Any]:
     """Train an agent for ``steps`` env steps with periodic evaluation; resumes an unfinished run in ``out``.
 
+    Evaluation is SB3's ``EvalCallback`` (deterministic policy, ``eval_episodes`` episodes on a separate env),
+    run every ``eval_every`` env steps and at the end of the budget: it writes ``out/evaluations.npz`` (SB3's
+    format: timesteps, per-episode returns and lengths) and ``out/best_model.zip``, and logs ``eval/*`` to
+    TensorBoard (``out/tb``). The agent, its replay buffer and the curve are checkpointed every
+    ``checkpoint_every`` steps (temporary file, then rename).
+
     Returns the learning curve (also in ``out/curve.json``): ``steps``, ``seconds`` (wall-clock spent
-    training, summed over resumed sessions), ``returns`` (mean eval return), ``returns_std``.
+    training, evaluation excluded, summed over resumed sessions), ``returns`` (mean eval return),
+    ``returns_std``.
     """
-    from stable_baselines3.common.callbacks import BaseCallback
-    from stable_baselines3.common.evaluation import evaluate_policy
+    from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback
     from tqdm.auto import tqdm
 
     from kp_rl.model import resolve_device
@@ -217,27 +224,46 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
             tmp_buffer.replace(buffer_path)
         atomic_write_json(curve_path, curve)
 
+    clock = {"start": time.perf_counter(), "spent": curve["seconds"][-1] if curve["seconds"] else 0.0}
+
+    class Evaluation(EvalCallback):
+        """SB3's EvalCallback on an env-step schedule (every ``eval_every`` steps and at the budget)."""
+
+        def _on_step(self) -> bool:
+            n = self.num_timesteps
+            if not (n % eval_every < self.training_env.num_envs or n >= steps):
+                return True
+            clock["spent"] += time.perf_counter() - clock["start"]  # evaluation is not training time
+            super()._on_step()  # eval_freq=1: evaluates on every call it gets
+            episodes = self.evaluations_results[-1]
+            curve["steps"].append(int(n))
+            curve["seconds"].append(round(clock["spent"], 2))
+            curve["returns"].append(float(np.mean(episodes)))
+            curve["returns_std"].append(float(np.std(episodes)))
+            clock["start"] = time.perf_counter()
+            return True
+
+    evaluation = Evaluation(eval_env, n_eval_episodes=eval_episodes, eval_freq=1, log_path=str(out),
+                            best_model_save_path=str(out), deterministic=True, verbose=0)
+    if (out / "evaluations.npz").exists() and curve["steps"]:  # resume SB3's record where it stopped
+        with np.load(out / "evaluations.npz") as record:
+            kept = record["timesteps"] <= curve["steps"][-1]
+            evaluation.evaluations_timesteps = record["timesteps"][kept].tolist()
+            evaluation.evaluations_results = record["results"][kept].tolist()
+            evaluation.evaluations_length = record["ep_lengths"][kept].tolist()
+        evaluation.best_mean_reward = max(curve["returns"])
+
     class Progress(BaseCallback):
         def __init__(self) -> None:
             super().__init__()
-            self.clock = time.perf_counter()
-            self.spent = curve["seconds"][-1] if curve["seconds"] else 0.0
             self.bar = tqdm(total=steps, initial=algo.num_timesteps, unit="step", desc=f"rl {spec.name}",
                             disable=not progress)
 
         def _on_step(self) -> bool:
             self.bar.update(self.training_env.num_envs)
             n = self.num_timesteps
-            if n % eval_every < self.training_env.num_envs or n >= steps:
-                self.spent += time.perf_counter() - self.clock
-                mean, std = evaluate_policy(self.model, eval_env, n_eval_episodes=eval_episodes, deterministic=True)
-                curve["steps"].append(int(n))
-                curve["seconds"].append(round(self.spent, 2))
-                curve["returns"].append(float(mean))
-                curve["returns_std"].append(float(std))
-                self.logger.record("eval/mean_return", mean)
-                self.bar.set_postfix(ret=f"{mean:.1f}")
-                self.clock = time.perf_counter()
+            if curve["returns"] and curve["steps"][-1] == n:
+                self.bar.set_postfix(ret=f"{curve['returns'][-1]:.1f}")
             if n % checkpoint_every < self.training_env.num_envs:
                 save()
             return n < steps  # on-policy algorithms would otherwise finish their rollout past the budget
@@ -247,7 +273,8 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
 
     remaining = steps - algo.num_timesteps
     try:
-        algo.learn(remaining, callback=Progress(), reset_num_timesteps=False, tb_log_name="sb3")
+        algo.learn(remaining, callback=CallbackList([evaluation, Progress()]), reset_num_timesteps=False,
+                   tb_log_name="sb3")
     finally:
         venv.close()
         eval_env.close()

@@ -59,6 +59,11 @@ def test_train_agent_writes_curve_and_resumes(model_path, tmp_path):
     assert json.loads((tmp_path / "curve.json").read_text())["steps"] == [30, 60]
     again = train_agent("kp_rl/cartpole-swingup-v0", spec, 90, tmp_path, **kwargs)  # a bigger budget continues
     assert again["steps"] == [30, 60, 90] and again["seconds"][-1] >= curve["seconds"][-1]
+    # SB3's EvalCallback record, continued across the resume, agrees with the curve
+    with np.load(tmp_path / "evaluations.npz") as record:
+        assert record["timesteps"].tolist() == [30, 60, 90] and record["results"].shape == (3, 1)
+        np.testing.assert_allclose(record["results"].mean(axis=1), again["returns"], rtol=1e-6)
+    assert (tmp_path / "best_model.zip").exists()
 
 
 def test_iqm_confidence_interval_brackets_the_point_estimate():
