@@ -174,7 +174,7 @@ class _Perception:
     def encode(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 ``(B, H, W, 3)`` -> features ``(B, D)`` on the device: one host -> device copy.
 
-        On the CPU through :class:`~kp_rl.inference.FastEncoder` (the same features, ~2x faster at these sizes).
+        On the CPU through :class:`~kp_rl.inference.FastEncoder` (the same features, ~1.6x faster at these sizes).
         """
         if self._fast is not None:
             return self._fast(frames)
