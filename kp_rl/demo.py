@@ -171,6 +171,8 @@ def _write_page(summary: dict[str, Any], out: Path) -> None:
     lines += [f"| {k} | {v} |" for k, v in summary["seconds"].items()]
     m = summary.get("machine")
     if m:
+        load = m.get("load_avg_1min")
         lines += ["", f"Machine: {m['cpu']}, {m['cpu_count']} cores, {m['torch_threads']} torch thread(s), "
-                      f"CUDA: {m['cuda'] or 'none'}, 1-minute load at the end: {m['load_avg_1min']}."]
+                      f"CUDA: {m['cuda'] or 'none'}" + (f", 1-minute load at the end: {load:.2f}." if load is not None
+                                                        else ".")]
     atomic_write_bytes(out / "README.md", lambda f: f.write(("\n".join(lines) + "\n").encode()))
