@@ -6,6 +6,7 @@
   the predicted one, and imagines rollouts from the current belief (:meth:`WorldModel.imagine`).
 * :class:`VecKeypointObservation` — the observation wrapper for an SB3 ``VecEnv``: all sub-envs' frames are
   encoded in one batch, in the main process.
+* :class:`VectorKeypointObservation` — the same for a Gymnasium ``VectorEnv`` (``SyncVectorEnv``, ``AsyncVectorEnv``).
 
 Frames come from the observation when it is a uint8 image ``(H, W, 3)`` (the ``kp_rl/<domain>-<task>-v0``
 envs), otherwise from ``env.render()`` (``render_mode="rgb_array"``, e.g. Shimmy's
@@ -52,7 +53,8 @@ from kp_rl.dynamics import StepOutput, VRNNState
 from kp_rl.inference import FastEncoder
 from kp_rl.model import PerceptionModel, load, resolve_device
 
-__all__ = ["KeypointObservation", "StateObservation", "VecKeypointObservation", "WorldModel", "feature_bounds"]
+__all__ = ["KeypointObservation", "StateObservation", "VecKeypointObservation", "VectorKeypointObservation",
+           "WorldModel", "feature_bounds"]
 
 ModelLike = PerceptionModel | str | Path
 
@@ -211,6 +213,17 @@ class _Perception:
         if actions is None:
             actions = features.new_zeros(features.shape[0], self.model.action_dim)
         return self.model.dynamics.observe_step(state, features, actions)
+
+    def observe_restarting(self, state: VRNNState, features: torch.Tensor, actions: torch.Tensor,
+                           restart: np.ndarray) -> VRNNState:
+        """One belief update of a batch of sub-envs, where the rows in ``restart`` (bool ``(B,)``) start over.
+
+        A restarting row sees its frame from a zero state with a zero action, as after ``reset()``; the others
+        continue their episode with the action taken.
+        """
+        keep = torch.from_numpy(~np.asarray(restart, bool)).to(features)[:, None]
+        state, _ = self.observe(VRNNState(*(t * keep for t in state)), features, actions * keep)
+        return state
 
     def output(self, features: torch.Tensor, state: VRNNState | None, space: spaces.Box) -> np.ndarray:
         """``(B, D [+ belief_dim])`` float32 numpy within ``space`` (one device -> host copy)."""
@@ -585,16 +598,115 @@ class VecKeypointObservation(VecEnvWrapper):
                 if self._state is None:
                     raise RuntimeError("VecKeypointObservation: call reset() before step()")
                 actions = perception.actions(self.action_space, self._actions, n)
-                keep = torch.from_numpy(~np.asarray(dones, bool)).to(features)[:, None]
-                # rows 0..n-1: the current frames, from a zero state and action where the sub-env restarted;
-                # rows n..: the terminal frames, continuing the episode that just ended
-                state = VRNNState(*(torch.cat([t * keep, t[terminal]]) for t in self._state))
-                state, _ = perception.observe(state, features, torch.cat([actions * keep, actions[terminal]]))
+                # rows 0..n-1: the current frames, restarting where the sub-env reset; rows n..: the terminal
+                # frames, continuing the episode that just ended
+                state = VRNNState(*(torch.cat([t, t[terminal]]) for t in self._state))
+                restart = np.concatenate([np.asarray(dones, bool), np.zeros(len(terminal), bool)])
+                state = perception.observe_restarting(state, features, torch.cat([actions, actions[terminal]]),
+                                                      restart)
                 self._state = VRNNState(*(t[:n] for t in state))
             out = perception.output(features, state, self.observation_space)
         for row, i in enumerate(terminal):
             infos[i]["terminal_observation"] = out[n + row]
         return out[:n], rewards, dones, infos
+
+
+class VectorKeypointObservation(gym.vector.VectorWrapper):
+    """The observation wrapper for a Gymnasium ``VectorEnv`` (``SyncVectorEnv``, ``AsyncVectorEnv``, CleanRL-style
+    scripts): all sub-envs' frames are encoded in one batch, in the main process.
+
+    Observations are float32 ``(num_envs, D [+ belief_dim])``, each row as :class:`KeypointObservation` gives it.
+    Autoreset modes: ``NEXT_STEP`` (Gymnasium's default: the step after an episode ends returns the reset frame,
+    whose belief starts over) and ``DISABLED`` (``reset(options={"reset_mask": mask})`` restarts the masked
+    sub-envs' beliefs; the others keep theirs). ``SAME_STEP`` is refused, as Gymnasium's own observation
+    wrappers do: its final observations stay pixels in ``info``.
+
+    Args:
+        env: the vector env, with uint8 ``(H, W, 3)`` image observations per sub-env.
+        model: a :class:`~kp_rl.model.PerceptionModel` or a checkpoint path.
+        belief: append the VRNN belief (the model needs dynamics).
+        device: where the model runs.
+        num_threads: torch CPU threads while the wrapper runs the model (see :class:`KeypointObservation`).
+
+    Raises:
+        ValueError: no image observations, another frame size than the model's, ``SAME_STEP`` autoreset, and
+            the errors of :class:`KeypointObservation`.
+
+    Example:
+        >>> import gymnasium as gym, kp_rl
+        >>> from kp_rl.wrappers import VectorKeypointObservation
+        >>> cfg = kp_rl.get_preset("cpu").replace(keypoints={"image_size": 32, "num_keypoints": 4,
+        ...                                                  "base_filters": 4})
+        >>> model = kp_rl.PerceptionModel(cfg, action_dim=1, with_dynamics=True)
+        >>> envs = gym.vector.SyncVectorEnv([lambda: gym.make("kp_rl/cartpole-swingup-v0", image_size=32)] * 2)
+        >>> envs = VectorKeypointObservation(envs, model, belief=True)
+        >>> obs, info = envs.reset(seed=0)
+        >>> obs.shape, envs.single_observation_space.shape
+        ((2, 148), (148,))
+        >>> envs.close()
+    """
+
+    def __init__(self, env: gym.vector.VectorEnv, model: ModelLike, belief: bool = False,
+                 device: str | torch.device = "cpu", num_threads: int | None = 1) -> None:
+        super().__init__(env)
+        who = "VectorKeypointObservation"
+        self._perception = _Perception(model, device, need_dynamics=belief, who=who, num_threads=num_threads)
+        if not _is_pixel_space(env.single_observation_space):
+            raise ValueError(f"{who} needs uint8 (H, W, 3) image observations, got {env.single_observation_space}; "
+                             f"wrap each env that only renders with "
+                             f"gymnasium.wrappers.AddRenderObservation(env, render_only=True)")
+        self._perception.check_frame_shape(env.single_observation_space.shape, "the observation space")
+        self._mode = gym.vector.AutoresetMode(env.metadata.get("autoreset_mode", gym.vector.AutoresetMode.NEXT_STEP))
+        if self._mode == gym.vector.AutoresetMode.SAME_STEP:
+            raise ValueError(f"{who} supports the NEXT_STEP and DISABLED autoreset modes, got SAME_STEP (its final "
+                             f"observations would stay pixels in info)")
+        if belief:
+            self._perception.check_action_space(env.single_action_space)
+        self.belief = bool(belief)
+        self.single_observation_space = self._perception.observation_space(self.belief)
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, self.num_envs)
+        self._state: VRNNState | None = None
+        self._restart = np.zeros(self.num_envs, bool)  # sub-envs whose next frame is a reset frame (NEXT_STEP)
+
+    @property
+    def model(self) -> PerceptionModel:
+        return self._perception.model
+
+    def reset(self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None
+              ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Reset the sub-envs (all, or ``options["reset_mask"]``) and their beliefs; returns their features."""
+        mask = None if options is None else options.get("reset_mask")  # read before the env pops it
+        restart = np.ones(self.num_envs, bool) if mask is None or self._state is None else np.asarray(mask, bool)
+        observations, infos = self.env.reset(seed=seed, options=options)
+        perception = self._perception
+        with perception.running():
+            features = perception.encode(observations)
+            if self.belief:
+                previous = self._state if self._state is not None else perception.initial_state(self.num_envs)
+                state = perception.observe_restarting(previous, features, features.new_zeros(
+                    self.num_envs, self.model.action_dim), restart)
+                keep = torch.from_numpy(~restart).to(features)[:, None]  # sub-envs not reset keep their belief
+                self._state = VRNNState(*(new * (1 - keep) + old * keep for new, old in zip(state, previous)))
+            out = perception.output(features, self._state if self.belief else None, self.single_observation_space)
+        self._restart[restart] = False
+        return out, infos
+
+    def step(self, actions: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """Step the sub-envs, encode their frames and (``belief=True``) update the beliefs with ``actions``."""
+        if self.belief and self._state is None:
+            raise RuntimeError("VectorKeypointObservation: call reset() before step()")
+        observations, rewards, terminations, truncations, infos = self.env.step(actions)
+        perception = self._perception
+        with perception.running():
+            features = perception.encode(observations)
+            if self.belief:
+                self._state = perception.observe_restarting(
+                    self._state, features, perception.actions(self.single_action_space, actions, self.num_envs),
+                    self._restart)
+            out = perception.output(features, self._state if self.belief else None, self.single_observation_space)
+        if self._mode == gym.vector.AutoresetMode.NEXT_STEP:
+            self._restart = np.logical_or(terminations, truncations)
+        return out, rewards, terminations, truncations, infos
 
 
 class StateObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):

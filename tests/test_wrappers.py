@@ -340,3 +340,74 @@ def test_state_observation_is_the_low_dimensional_state() -> None:
     env.close()
     with pytest.raises(ValueError, match="info carries 'state'"):
         StateObservation(gym.make("Pendulum-v1"))
+
+
+# ------------------------------------------------------------------------------------ gymnasium vector
+
+
+def short_episodes() -> gym.Env:
+    return gym.wrappers.TimeLimit(pixel_env(), max_episode_steps=3)
+
+
+def test_gymnasium_vector_wrapper_matches_single_env_wrappers_across_autoresets(model: PerceptionModel) -> None:
+    n, steps = 2, 8
+    envs = kp_rl.wrappers.VectorKeypointObservation(gym.vector.SyncVectorEnv([short_episodes] * n), model,
+                                                    belief=True)
+    assert envs.single_observation_space.shape == (K * 3 + BELIEF_DIM,)
+    assert envs.observation_space.shape == (n, K * 3 + BELIEF_DIM)
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-1, 1, (steps, n, 1)).astype(np.float32)
+    observations = [envs.reset(seed=10)[0]]
+    dones = []
+    for a in actions:
+        obs, _, terminated, truncated, _ = envs.step(a)
+        observations.append(obs)
+        dones.append(terminated | truncated)
+    assert all(envs.observation_space.contains(o) for o in observations)
+    assert np.asarray(dones).any()  # the run crosses episode ends
+    # each row is what a single-env wrapper sees, resetting where Gymnasium's NEXT_STEP autoreset does
+    for i in range(n):
+        single = KeypointObservation(short_episodes(), model, belief=True)
+        expected, done = [single.reset(seed=10 + i)[0]], False
+        for t, a in enumerate(actions):
+            if done:
+                expected.append(single.reset()[0])
+                done = False
+            else:
+                obs, _, terminated, truncated, _ = single.step(a[i])
+                expected.append(obs)
+                done = terminated or truncated
+        np.testing.assert_allclose(np.stack([o[i] for o in observations]), np.stack(expected), atol=1e-5)
+        single.close()
+    envs.close()
+
+
+def test_gymnasium_vector_reset_mask_restarts_only_the_masked_beliefs(model: PerceptionModel) -> None:
+    make = lambda: pixel_env()  # noqa: E731
+    envs = kp_rl.wrappers.VectorKeypointObservation(
+        gym.vector.SyncVectorEnv([make] * 2, autoreset_mode=gym.vector.AutoresetMode.DISABLED), model, belief=True)
+    first, _ = envs.reset(seed=0)
+    stepped, *_ = envs.step(np.full((2, 1), 0.5, np.float32))
+    again, _ = envs.reset(seed=0, options={"reset_mask": np.array([True, False])})
+    np.testing.assert_allclose(again[0], first[0], atol=1e-6)  # sub-env 0: reset frame, fresh belief
+    np.testing.assert_allclose(again[1], stepped[1], atol=1e-6)  # sub-env 1: untouched
+    envs.close()
+
+
+def test_gymnasium_vector_bad_input(model: PerceptionModel) -> None:
+    same_step = gym.vector.SyncVectorEnv([pixel_env], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    with pytest.raises(ValueError, match="NEXT_STEP and DISABLED autoreset modes, got SAME_STEP"):
+        kp_rl.wrappers.VectorKeypointObservation(same_step, model)
+    same_step.close()
+    states = gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1")])
+    with pytest.raises(ValueError, match="needs uint8 \\(H, W, 3\\) image observations"):
+        kp_rl.wrappers.VectorKeypointObservation(states, model)
+    states.close()
+    wide = gym.vector.SyncVectorEnv([lambda: pixel_env(size=64)])
+    with pytest.raises(ValueError, match="gives 64x64 frames but the model expects 32x32"):
+        kp_rl.wrappers.VectorKeypointObservation(wide, model)
+    wide.close()
+    envs = kp_rl.wrappers.VectorKeypointObservation(gym.vector.SyncVectorEnv([pixel_env]), model, belief=True)
+    with pytest.raises(RuntimeError, match="call reset\\(\\) before step\\(\\)"):
+        envs.step(np.zeros((1, 1), np.float32))
+    envs.close()
