@@ -38,6 +38,9 @@ ENV_PREFIX = "kp_rl/"
 ENV_VERSION = "v0"
 
 
+_RENDERING_PID: int | None = None  # the process whose renderers hold EGL state (see _render_frame)
+
+
 class UnknownTaskError(ValueError):
     """The environment id or task name is not in the catalog."""
 
@@ -163,7 +166,6 @@ class DMCPixelEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 30}
 
     def __init__(self, spec: TaskSpec, render_mode: str | None = None):
-        import mujoco
         from dm_control import suite
 
         spec.validate()
@@ -179,11 +181,7 @@ class DMCPixelEnv(gym.Env):
         self._model, self._data = physics.model.ptr, physics.data.ptr
         if not 0 <= spec.camera < self._model.ncam:
             raise ValueError(f"{spec.name}: camera {spec.camera} out of range (model has {self._model.ncam})")
-        self._renderer = mujoco.Renderer(self._model, spec.image_size, spec.image_size)
-        # an env the user never closes still releases its GL context before the interpreter exits
-        self._finalizer = weakref.finalize(self, self._renderer.close)
-        self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = spec.shadows
-        self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = spec.reflections
+        self._renderer: Any = None  # made on the first frame (see _render_frame)
         self.body_names = [physics.model.id2name(i, "body") for i in range(1, self._model.nbody)]
 
         action_spec = self._env.action_spec()
@@ -235,6 +233,25 @@ class DMCPixelEnv(gym.Env):
 
     # -- helpers -----------------------------------------------------------------------------------------
     def _render_frame(self) -> np.ndarray:
+        if self._renderer is None:
+            # Made on first use, not in __init__: a process that only builds the env (to read its spaces, as
+            # gymnasium's AsyncVectorEnv does before forking its workers) then holds no GL context, and forked
+            # children can render. A child forked after its parent rendered would hang in EGL: say so instead.
+            global _RENDERING_PID
+            if _RENDERING_PID not in (None, os.getpid()):
+                raise RuntimeError(
+                    f"{self.task_spec.name}: this process was forked from one that had already rendered, and its "
+                    f"inherited EGL state would hang; start workers with 'spawn' or 'forkserver' "
+                    f"(gymnasium.vector.AsyncVectorEnv(..., context='spawn'), SubprocVecEnv(..., "
+                    f"start_method='spawn')), or build the vector env before rendering anything")
+            _RENDERING_PID = os.getpid()
+            import mujoco
+
+            self._renderer = mujoco.Renderer(self._model, self.task_spec.image_size, self.task_spec.image_size)
+            # an env the user never closes still releases its GL context before the interpreter exits
+            self._finalizer = weakref.finalize(self, self._renderer.close)
+            self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = self.task_spec.shadows
+            self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = self.task_spec.reflections
         self._renderer.update_scene(self._data, camera=self.task_spec.camera)
         self._frame = self._renderer.render()
         return self._frame

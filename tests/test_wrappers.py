@@ -411,3 +411,23 @@ def test_gymnasium_vector_bad_input(model: PerceptionModel) -> None:
     with pytest.raises(RuntimeError, match="call reset\\(\\) before step\\(\\)"):
         envs.step(np.zeros((1, 1), np.float32))
     envs.close()
+
+
+@pytest.mark.timeout(120, method="thread")  # a hang is a blocked C call: kill, not signal
+def test_gymnasium_async_vector_env(model: PerceptionModel) -> None:
+    def run(envs: gym.vector.VectorEnv) -> list[np.ndarray]:
+        envs = kp_rl.wrappers.VectorKeypointObservation(envs, model, belief=True)
+        out = [envs.reset(seed=3)[0]] + [envs.step(np.full((2, 1), 0.3, np.float32))[0] for _ in range(3)]
+        envs.close()
+        return out
+
+    np.testing.assert_allclose(np.stack(run(gym.vector.AsyncVectorEnv([pixel_env] * 2, context="spawn"))),
+                               np.stack(run(gym.vector.SyncVectorEnv([pixel_env] * 2))), atol=1e-6)
+    # Workers forked after this process rendered would hang in EGL: they fail with a message that says what to do
+    rendered = pixel_env()
+    rendered.reset(seed=0)
+    forked = gym.vector.AsyncVectorEnv([pixel_env], context="fork")
+    with pytest.raises(RuntimeError, match="forked from one that had already rendered.*context='spawn'"):
+        forked.reset(seed=0)
+    forked.close(terminate=True)
+    rendered.close()
