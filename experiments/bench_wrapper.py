@@ -1,8 +1,9 @@
 """Wrapper overhead: env steps/s of the raw pixel env vs the same env behind the keypoint wrappers.
 
 Single env: ``kp_rl/<task>-v0`` raw vs :class:`~kp_rl.wrappers.KeypointObservation` (features, and features +
-belief). Vector of ``--n-envs``: ``DummyVecEnv`` raw vs :class:`~kp_rl.wrappers.VecKeypointObservation` (all
-frames encoded in one batch). The model is the ``--preset`` model with random weights (speed does not depend
+belief). Vector of ``--n-envs``: SB3's ``DummyVecEnv`` raw vs :class:`~kp_rl.wrappers.VecKeypointObservation`,
+and Gymnasium's ``SyncVectorEnv`` raw vs :class:`~kp_rl.wrappers.VectorKeypointObservation` (all frames
+encoded in one batch). The model is the ``--preset`` model with random weights (speed does not depend
 on the weights) unless ``--model`` points to a checkpoint. Configurations are measured in interleaved rounds
 (raw, wrapped, raw, ...) so that drifting machine load hits all of them alike; each figure is the median over
 rounds, and each ratio the median of the per-round ratios to the raw env of the same round. On the CPU the
@@ -31,7 +32,7 @@ from kp_rl.data import atomic_write_json
 from kp_rl.model import resolve_device
 from kp_rl.report import save_figure
 from kp_rl.inference import FastEncoder
-from kp_rl.wrappers import KeypointObservation, VecKeypointObservation
+from kp_rl.wrappers import KeypointObservation, VecKeypointObservation, VectorKeypointObservation
 
 
 def single_stepper(env: gym.Env, steps: int) -> Callable[[], int]:
@@ -57,6 +58,18 @@ def vec_stepper(venv: VecEnv, steps: int) -> Callable[[], int]:
         for _ in range(steps):
             venv.step(actions)  # auto-resets finished sub-envs
         return steps * venv.num_envs
+
+    return run
+
+
+def gym_vector_stepper(envs: gym.vector.VectorEnv, steps: int) -> Callable[[], int]:
+    envs.reset(seed=0)
+    actions = np.zeros(envs.action_space.shape, envs.action_space.dtype)
+
+    def run() -> int:
+        for _ in range(steps):
+            envs.step(actions)  # NEXT_STEP autoreset
+        return steps * envs.num_envs
 
     return run
 
@@ -107,20 +120,30 @@ def main() -> None:
     def make() -> gym.Env:
         return kp_rl.make_env(args.task, image_size=args.size)
 
-    n, single, vec = args.n_envs, "single: raw", f"{args.n_envs} envs: DummyVecEnv raw"
-    envs: dict[str, tuple[str, gym.Env | VecEnv]] = {  # label -> (the raw peer it is compared with, env)
+    n, single, vec, gvec = args.n_envs, "single: raw", f"{args.n_envs} envs: DummyVecEnv raw", \
+        f"{args.n_envs} envs: SyncVectorEnv raw"
+    kw = dict(model=model, num_threads=threads, device=device)
+    envs: dict[str, tuple[str, gym.Env | VecEnv | gym.vector.VectorEnv]] = {  # label -> (its raw peer, env)
         single: (single, make()),
-        "single: KeypointObservation": (single, KeypointObservation(make(), model, num_threads=threads, device=device)),
-        "single: KeypointObservation(belief)": (single, KeypointObservation(make(), model, belief=True,
-                                                                            num_threads=threads, device=device)),
+        "single: KeypointObservation": (single, KeypointObservation(make(), **kw)),
+        "single: KeypointObservation(belief)": (single, KeypointObservation(make(), belief=True, **kw)),
         vec: (vec, DummyVecEnv([make] * n)),
-        f"{n} envs: VecKeypointObservation": (vec, VecKeypointObservation(DummyVecEnv([make] * n), model,
-                                                                          num_threads=threads, device=device)),
-        f"{n} envs: VecKeypointObservation(belief)": (vec, VecKeypointObservation(
-            DummyVecEnv([make] * n), model, belief=True, num_threads=threads, device=device)),
+        f"{n} envs: VecKeypointObservation": (vec, VecKeypointObservation(DummyVecEnv([make] * n), **kw)),
+        f"{n} envs: VecKeypointObservation(belief)": (vec, VecKeypointObservation(DummyVecEnv([make] * n),
+                                                                                  belief=True, **kw)),
+        gvec: (gvec, gym.vector.SyncVectorEnv([make] * n)),
+        f"{n} envs: VectorKeypointObservation": (gvec, VectorKeypointObservation(
+            gym.vector.SyncVectorEnv([make] * n), **kw)),
     }
-    configs = {label: (base, vec_stepper(env, max(1, args.steps // n)) if isinstance(env, VecEnv)
-                       else single_stepper(env, args.steps)) for label, (base, env) in envs.items()}
+
+    def stepper(env: gym.Env | VecEnv | gym.vector.VectorEnv) -> Callable[[], int]:
+        if isinstance(env, VecEnv):
+            return vec_stepper(env, max(1, args.steps // n))
+        if isinstance(env, gym.vector.VectorEnv):
+            return gym_vector_stepper(env, max(1, args.steps // n))
+        return single_stepper(env, args.steps)
+
+    configs = {label: (base, stepper(env)) for label, (base, env) in envs.items()}
     for _, run in configs.values():  # warm-up
         run()
     rates: dict[str, list[float]] = {label: [] for label in configs}
@@ -172,7 +195,7 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 3))
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
     labels = list(rows)[::-1]
     ax.barh(labels, [rows[k]["median"] for k in labels],
             xerr=[[rows[k]["median"] - rows[k]["min"] for k in labels],
