@@ -151,8 +151,11 @@ def pixels_to_unit(pixels: np.ndarray, image_size: int) -> np.ndarray:
     return np.stack([pixels[..., 0] * scale - 1.0, 1.0 - pixels[..., 1] * scale], axis=-1).astype(np.float32)
 
 
-class DMCPixelEnv(gym.Env):
+class DMCPixelEnv(gym.Env, gym.utils.EzPickle):
     """A dm_control task with uint8 RGB frames ``(H, W, 3)`` as observations.
+
+    Pickling rebuilds the env from its constructor arguments (``gym.utils.EzPickle``, as Gymnasium's MuJoCo
+    envs do): the copy starts fresh and needs a ``reset()``.
 
     Args:
         spec: the catalog entry (or pass ``domain``/``task`` and friends through :func:`make_env`).
@@ -168,6 +171,7 @@ class DMCPixelEnv(gym.Env):
     def __init__(self, spec: TaskSpec, render_mode: str | None = None):
         from dm_control import suite
 
+        gym.utils.EzPickle.__init__(self, spec, render_mode)
         spec.validate()
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")

@@ -128,6 +128,10 @@ class FastEncoder:
         self._key: tuple[tuple[int, int], ...] | None = None
         self._plan: _Plan | None = None
 
+    def __getstate__(self) -> dict:
+        # the plan is derived (and holds a closure): a pickled copy rebuilds it on its first call
+        return {**self.__dict__, "_key": None, "_plan": None}
+
     def _parameters_key(self) -> tuple[tuple[int, int], ...]:
         # Identity and in-place version counter of every encoder parameter: changes on optimiser steps,
         # load_state_dict and replaced modules alike.

@@ -431,3 +431,15 @@ def test_gymnasium_async_vector_env(model: PerceptionModel) -> None:
         forked.reset(seed=0)
     forked.close(terminate=True)
     rendered.close()
+
+
+def test_wrapped_env_pickles(model: PerceptionModel) -> None:
+    # SubprocVecEnv / Ray ship envs between processes: the copy is rebuilt from the constructor arguments
+    import pickle
+
+    env = WorldModel(KeypointObservation(pixel_env(), model, belief=True), model)
+    first = rollout(env, 3)
+    copy = pickle.loads(pickle.dumps(env))
+    np.testing.assert_allclose(np.stack(rollout(copy, 3)), np.stack(first), atol=1e-6)
+    env.close()
+    copy.close()
