@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -72,6 +73,36 @@ def gym_vector_stepper(envs: gym.vector.VectorEnv, steps: int) -> Callable[[], i
         return steps * envs.num_envs
 
     return run
+
+
+def encode_between_steps(encode: Callable[[np.ndarray], torch.Tensor], env: gym.Env, steps: int,
+                         threads: int) -> dict[str, float]:
+    """Milliseconds per one-frame ``encode`` right after each env step vs back to back (median of 3 rounds).
+
+    What a single-env wrapper pays: between renders the encoder's caches are cold.
+    """
+    frame, _ = env.reset(seed=0)
+    action = np.zeros(env.action_space.shape, env.action_space.dtype)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    between, back_to_back = [], []
+    try:
+        with torch.inference_mode():
+            for _ in range(3):
+                spent = 0.0
+                for _ in range(steps):
+                    frame, *_ = env.step(action)
+                    start = time.perf_counter()
+                    encode(frame[None])
+                    spent += time.perf_counter() - start
+                between.append(1e3 * spent / steps)
+                start = time.perf_counter()
+                for _ in range(steps):
+                    encode(frame[None])
+                back_to_back.append(1e3 * (time.perf_counter() - start) / steps)
+    finally:
+        torch.set_num_threads(previous)
+    return {"between env steps": statistics.median(between), "back to back": statistics.median(back_to_back)}
 
 
 def encode_latency(encode: Callable[[torch.Tensor], torch.Tensor], batch: int, size: int, threads: int,
@@ -167,6 +198,9 @@ def main() -> None:
                                                                                      count, calls)
     speedup = {key.replace("model.encode, ", ""): value / latency[key.replace("model.encode", "FastEncoder")]
                for key, value in latency.items() if key.startswith("model.encode") and "FastEncoder" in encoders}
+    # the wrappers' encoder right after each raw env step vs back to back (cold vs warm caches)
+    in_context = encode_between_steps(encoders.get("FastEncoder", model.encode), envs[single][1], args.steps,
+                                      threads or default_threads)
     for _, env in envs.values():
         env.close()
 
@@ -175,6 +209,7 @@ def main() -> None:
     for label, row in rows.items():
         print(f"{label:60s} {row['median']:9.0f} {row['vs_raw']:7.2f}x")
     print(f"wrappers' torch threads: {threads or default_threads} (torch default here: {default_threads})")
+    print("wrappers' encoder, one frame (ms): " + ", ".join(f"{k}: {v:.3f}" for k, v in in_context.items()))
     print(f"{'encoder latency (ms), ' + device:40s} {'model.encode':>13s} {'FastEncoder':>12s} {'speed-up':>9s}")
     for key in (k.replace("model.encode, ", "") for k in latency if k.startswith("model.encode")):
         fast = f"{latency['FastEncoder, ' + key]:12.3f} {speedup[key]:8.2f}x" if key in speedup else ""
@@ -187,7 +222,7 @@ def main() -> None:
         "model": args.model or f"{args.preset} preset (random weights)", "feature_dim": model.feature_dim,
         "device": device,
         "wrapper_threads": threads or default_threads, "env_steps_per_s": rows, "encode_ms": latency,
-        "fast_encoder_speedup": speedup,
+        "fast_encoder_speedup": speedup, "encode_1_frame_ms_in_context": in_context,
         "machine": machine(),
     })
     import matplotlib
