@@ -121,16 +121,19 @@ class FastEncoder:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        device = next(model.parameters()).device
-        if device.type != "cpu":
-            raise ValueError(f"FastEncoder runs on the CPU; the model is on {device}")
         self.model = model
+        self._check_cpu()
         self._key: tuple[tuple[int, int], ...] | None = None
         self._plan: _Plan | None = None
 
     def __getstate__(self) -> dict:
         # the plan is derived (and holds a closure): a pickled copy rebuilds it on its first call
         return {**self.__dict__, "_key": None, "_plan": None}
+
+    def _check_cpu(self) -> None:
+        device = next(self.model.parameters()).device
+        if device.type != "cpu":
+            raise ValueError(f"FastEncoder runs on the CPU; the model is on {device}")
 
     def _parameters_key(self) -> tuple[tuple[int, int], ...]:
         # Identity and in-place version counter of every encoder parameter: changes on optimiser steps,
@@ -150,10 +153,8 @@ class FastEncoder:
             raise ValueError(f"expected uint8 frames (N, {size}, {size}, 3), got {frames.dtype} of shape "
                              f"{tuple(frames.shape)}")
         key = self._parameters_key()
-        if key != self._key:
-            device = next(self.model.parameters()).device
-            if device.type != "cpu":
-                raise ValueError(f"FastEncoder runs on the CPU; the model was moved to {device}")
+        if key != self._key:  # also when the model was moved off the CPU since
+            self._check_cpu()
             with torch.no_grad():
                 self._plan = _Plan(self.model.autoencoder)
             self._key = key

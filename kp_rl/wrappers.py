@@ -681,12 +681,14 @@ class VectorKeypointObservation(gym.vector.VectorWrapper):
         perception = self._perception
         with perception.running():
             features = perception.encode(observations)
-            if self.belief:
-                previous = self._state if self._state is not None else perception.initial_state(self.num_envs)
-                state = perception.observe_restarting(previous, features, features.new_zeros(
-                    self.num_envs, self.model.action_dim), restart)
-                keep = torch.from_numpy(~restart).to(features)[:, None]  # sub-envs not reset keep their belief
-                self._state = VRNNState(*(new * (1 - keep) + old * keep for new, old in zip(state, previous)))
+            if self.belief:  # a fresh belief from each reset frame, as after a full reset
+                fresh, _ = perception.observe(perception.initial_state(self.num_envs), features, None)
+                if restart.all():
+                    self._state = fresh
+                else:  # sub-envs outside the mask keep their belief
+                    reset_rows = torch.from_numpy(restart).to(features.device)[:, None]
+                    self._state = VRNNState(*(torch.where(reset_rows, new, old)
+                                              for new, old in zip(fresh, self._state)))
             out = perception.output(features, self._state if self.belief else None, self.single_observation_space)
         self._restart[restart] = False
         return out, infos
