@@ -5,11 +5,11 @@
 #   bash scripts/device_check.sh prepare     here, with network: wheels into .whl/ (../shared/gpu/fetch-wheels.sh)
 #                                            and the EGL/GL loader .debs into .gl/, both git-ignored locally
 #   bash scripts/device_check.sh run [OUT]   there, carrying .whl and .gl: installs them beside the preinstalled
-#                                            PyTorch, then runs tests/test_device.py on cuda and the training and
-#                                            wrapper benchmarks on cuda; logs and JSON go to OUT
+#                                            PyTorch, then runs tests/test_device.py on cuda and the training,
+#                                            wrapper and agent benchmarks on cuda; a log, JSON and PNGs go to OUT
 #                                            (default: $OUT, else results/device_check)
 #
-# Every step has its own time limit, so that the whole run stays near 8 minutes on an H100.
+# Every step has its own time limit (510 s in all), so that the run fits one 10-minute device call.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -41,14 +41,20 @@ run() {
     for f in .gl/*.deb; do dpkg -x "$f" /; done
     ldconfig
   fi
-  { nvidia-smi --query-gpu=name,memory.total --format=csv || echo "no nvidia-smi"; } | tee "$out/gpu.txt"
+  local log="$out/device_check.log"  # one log: what comes back from a device machine is at most 8 files
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "no nvidia-smi"; } | tee "$log"
   local status=0
-  timeout 300 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_device.py 2>&1 | tee "$out/test_device.log" \
-    || status=1
-  timeout 150 python3 experiments/bench_train.py --device "$device" --repeats 5 --out "$out/bench_train" 2>&1 \
-    | tee "$out/bench_train.log" || status=1
-  timeout 120 python3 experiments/bench_wrapper.py --device "$device" --repeats 5 --out "$out/bench_wrapper" 2>&1 \
-    | tee "$out/bench_wrapper.log" || status=1
+  step() {  # step SECONDS COMMAND...: run with a time limit, timed, appended to the log
+    local limit=$1 start=$SECONDS
+    shift
+    echo "=== $* (limit ${limit}s)" | tee -a "$log"
+    timeout "$limit" "$@" 2>&1 | tee -a "$log" || status=1
+    echo "=== took $((SECONDS - start))s" | tee -a "$log"
+  }
+  step 200 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_device.py
+  step 100 python3 experiments/bench_train.py --device "$device" --repeats 5 --out "$out/bench_train"
+  step 90 python3 experiments/bench_wrapper.py --device "$device" --repeats 5 --out "$out/bench_wrapper"
+  step 120 python3 experiments/bench_agent.py --device "$device" --out "$out/bench_agent"
   return $status
 }
 
