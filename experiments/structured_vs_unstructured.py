@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--runs", default="runs")
     parser.add_argument("--data", default="data")
     parser.add_argument("--results", default="results")
+    parser.add_argument("--device", default="auto",
+                        help="local runs: where perception trains and agents run (auto: a GPU if there is one)")
     args = parser.parse_args()
     spec = HERE / f"structured_vs_unstructured_{args.spec}.yaml" if args.spec in ("cpu", "gpu") else Path(args.spec)
     if args.ray is not None:
@@ -60,7 +62,7 @@ def main() -> None:
     else:
         from kp_rl.experiment import run_experiment
 
-        run_experiment(spec, runs=args.runs, data=args.data, results=args.results)
+        run_experiment(spec, runs=args.runs, data=args.data, results=args.results, device=args.device)
     for path in keypoint_figures(spec, args.runs, args.data, args.results):
         print(f"wrote {path}")
 

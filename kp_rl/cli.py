@@ -87,6 +87,9 @@ def _rl(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     if args.ray is not None:
+        if args.device is not None:
+            raise ValueError("--device is for local runs: with --ray each cell runs on a GPU when its resources "
+                             "(the spec's resources: section) ask for one, else on the CPU")
         from kp_rl.ray_grid import run_experiment_ray
 
         run_experiment_ray(args.spec, address=None if args.ray == "local" else args.ray, runs=args.runs,
@@ -95,7 +98,8 @@ def _run(args: argparse.Namespace) -> None:
         return
     from kp_rl.experiment import run_experiment
 
-    run_experiment(args.spec, runs=args.runs, data=args.data, results=args.results, progress=not args.quiet)
+    run_experiment(args.spec, runs=args.runs, data=args.data, results=args.results, progress=not args.quiet,
+                   device=args.device or "auto")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -194,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(auto, ray://host:10001); needs kp_rl[ray]")
     p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--ray-retries", type=int, default=2, help="retries of a cell whose worker died")
+    p.add_argument("--device", default=None,
+                   help="local runs: where perception trains and agents run (default auto: a GPU if there is one)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run)
 

@@ -111,7 +111,7 @@ def cell_dir(runs_dir: Path, task: str, agent: str, seed: int) -> Path:
 
 
 def perception_models(spec: ExperimentSpec, task: str, data_root: Path, runs: Path,
-                      progress: bool = True) -> dict[str, Path]:
+                      progress: bool = True, device: str = "auto") -> dict[str, Path]:
     """Collect the task's data and train the models its agents need; returns run name (keypoints-dyn, ...) -> path."""
     from kp_rl.config import get_preset
     from kp_rl.data import collect
@@ -127,10 +127,11 @@ def perception_models(spec: ExperimentSpec, task: str, data_root: Path, runs: Pa
                                                    "dynamics_steps": int(p["dynamics_steps"])})
     paths: dict[str, Path] = {}
     for representation in sorted(autoencoders, key=("keypoints", "cnn").index):
-        ae = train_autoencoder(data, runs / "models" / task / representation, config, representation, progress=progress)
+        ae = train_autoencoder(data, runs / "models" / task / representation, config, representation,
+                               device=device, progress=progress)
         paths[representation] = ae
         paths[f"{representation}-dyn"] = train_dynamics(ae, data, runs / "models" / task / f"{representation}-dyn",
-                                                         progress=progress)
+                                                         device=device, progress=progress)
     return paths
 
 
@@ -159,17 +160,23 @@ def run_cell(spec: ExperimentSpec, task: str, agent: str, seed: int, model: Path
 
 
 def run_experiment(path: str | Path, runs: str | Path = "runs", data: str | Path = "data",
-                   results: str | Path = "results", progress: bool = True) -> dict[str, Any]:
-    """Run every cell of a spec locally (finished cells are skipped) and summarise the results."""
+                   results: str | Path = "results", progress: bool = True, device: str = "auto") -> dict[str, Any]:
+    """Run every cell of a spec locally (finished cells are skipped) and summarise the results.
+
+    ``device`` is where the perception models train and the agents run (``auto``: a GPU when there is one).
+    """
+    from kp_rl.model import resolve_device
+
+    device = str(resolve_device(device))
     spec = ExperimentSpec.from_yaml(path)
     runs_dir = Path(runs) / spec.name
     curves: dict[tuple[str, str, int], dict[str, Any]] = {}
     for task in spec.tasks:
-        models = perception_models(spec, task, Path(data), runs_dir, progress)
+        models = perception_models(spec, task, Path(data), runs_dir, progress, device=device)
         for agent in spec.agents:
             for seed in spec.seeds:
                 curves[(task, agent, seed)] = run_cell(spec, task, agent, seed, model_for(agent, models), runs_dir,
-                                                       progress)
+                                                       progress, device=device)
     return summarise(spec, curves, Path(results) / spec.name, runs_dir)
 
 

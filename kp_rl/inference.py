@@ -1,4 +1,7 @@
-"""A fast CPU inference path for the frame encoders: uint8 pixels -> features, a few frames at a time.
+"""Fast inference paths for the wrappers: uint8 pixels -> features (and belief steps), a few frames at a time.
+
+On the CPU, :class:`FastEncoder`; on a CUDA device, :class:`GraphedEncoder` and :class:`GraphedCall`, which
+replay CUDA graphs (one launch instead of one per kernel: at these sizes a GPU step is launch-bound).
 
 The wrappers encode one frame per env step (or one per sub-env). At that size PyTorch's default CPU conv
 picks its generic im2col path for most of the small layers, and a dozen tiny elementwise ops (normalising
@@ -27,7 +30,9 @@ reshaped kernels, and :class:`FastEncoder` rebuilds it whenever a parameter of t
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+import warnings
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +41,7 @@ from torch import Tensor, nn
 
 from kp_rl.keypoints import CNNAutoencoder, KeypointAutoencoder, add_coord_channels, preprocess_frames
 
-__all__ = ["FastEncoder"]
+__all__ = ["FastEncoder", "GraphedCall", "GraphedEncoder"]
 
 _CHANNELS_LAST = torch.channels_last
 
@@ -160,3 +165,132 @@ class FastEncoder:
             self._key = key
         assert self._plan is not None
         return self._plan(frames)
+
+
+def _parameters_key(module: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Identity and in-place version counter of every parameter and buffer of ``module``."""
+    return tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
+
+
+class GraphedCall:
+    """Run ``fn`` on a CUDA device by replaying a CUDA graph captured for each input signature.
+
+    ``fn`` takes tensors and returns a tuple of tensors, with no host synchronisation and no randomness
+    (CUDA graphs replay fixed kernels on fixed memory). Each distinct list of input shapes and dtypes gets one
+    graph (``max_graphs`` of them, then ``fn`` runs eagerly for new signatures); inputs are copied into the
+    graph's static buffers (asynchronously from pinned host memory), outputs are returned as fresh copies.
+    All graphs are dropped and recaptured when a parameter or buffer of ``module`` changes
+    (``load_state_dict``, optimiser steps). If a capture fails, a warning says why and ``fn`` runs eagerly
+    from then on.
+
+    Args:
+        fn: the computation, ``fn(*tensors) -> tuple[Tensor, ...]``.
+        module: the module whose parameters ``fn`` reads (on the CUDA device that ``fn`` runs on).
+        max_graphs: how many input signatures get a graph.
+    """
+
+    def __init__(self, fn: Callable[..., tuple[Tensor, ...]], module: nn.Module, max_graphs: int = 8) -> None:
+        device = next(module.parameters()).device
+        if device.type != "cuda":
+            raise ValueError(f"GraphedCall replays CUDA graphs; the module is on {device}")
+        self.fn, self.module, self.max_graphs, self.device = fn, module, max_graphs, device
+        self.eager = False  # set when a capture failed
+        self._key: tuple[tuple[int, int], ...] | None = None
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Tensor], tuple[Tensor, ...]]] = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_key": None, "_graphs": {}}  # graphs are derived (and hold device memory)
+
+    def __call__(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        key = _parameters_key(self.module)
+        if key != self._key:
+            self._graphs.clear()
+            self._key = key
+        signature = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        entry = self._graphs.get(signature)
+        if entry is None:
+            if self.eager or len(self._graphs) >= self.max_graphs:
+                return self.fn(*(t.to(self.device, non_blocking=True) for t in inputs))
+            entry = self._capture(inputs)
+            if entry is None:
+                return self.fn(*(t.to(self.device, non_blocking=True) for t in inputs))
+            self._graphs[signature] = entry
+        graph, static_inputs, static_outputs = entry
+        for static, value in zip(static_inputs, inputs):
+            static.copy_(value, non_blocking=True)
+        graph.replay()
+        return tuple(t.clone() for t in static_outputs)
+
+    def _capture(self, inputs: Sequence[Tensor]):
+        static_inputs = [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in inputs]
+        for static, value in zip(static_inputs, inputs):
+            static.copy_(value)
+        try:
+            side = torch.cuda.Stream(self.device)  # warm-up off the default stream, as capture requires
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.fn(*static_inputs)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_outputs = tuple(self.fn(*static_inputs))
+        except RuntimeError as error:  # e.g. an op that synchronises with the host
+            warnings.warn(f"CUDA graph capture failed, running eagerly instead: {error}", RuntimeWarning,
+                          stacklevel=3)
+            self.eager = True
+            return None
+        return graph, static_inputs, static_outputs
+
+
+def _encode_flat(model: nn.Module, frames: Tensor) -> tuple[Tensor]:
+    return (model.encode(frames),)
+
+
+class GraphedEncoder:
+    """Pixels -> features of a :class:`~kp_rl.model.PerceptionModel` on a CUDA device, from CUDA graphs.
+
+    The same function as ``model.encode`` on uint8 ``(N, S, S, 3)`` frames; frames go through a reused pinned
+    host buffer. Call it under ``torch.inference_mode`` (or ``torch.no_grad``).
+
+    Args:
+        model: the perception model, on a CUDA device.
+        max_graphs: how many batch sizes get a graph (others run eagerly).
+
+    Raises:
+        ValueError: the model is not on a CUDA device.
+    """
+
+    def __init__(self, model: nn.Module, max_graphs: int = 8) -> None:
+        self.model = model
+        self.call = GraphedCall(functools.partial(_encode_flat, model), model.autoencoder, max_graphs)
+        self._staging: Tensor | None = None
+        self._done: torch.cuda.Event | None = None  # recorded after the last call's copy and replay
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_staging": None, "_done": None}
+
+    def __call__(self, frames: np.ndarray | Tensor) -> Tensor:
+        """uint8 ``(N, H, W, 3)`` frames (numpy or torch) -> float32 ``(N, feature_dim)`` on the model's device.
+
+        Raises:
+            ValueError: frames are not uint8 ``(N, S, S, 3)`` at the model's image size.
+        """
+        frames = torch.as_tensor(np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else frames)
+        size = self.model.image_size
+        if frames.dtype != torch.uint8 or frames.shape[1:] != (size, size, 3):
+            raise ValueError(f"expected uint8 frames (N, {size}, {size}, 3), got {frames.dtype} of shape "
+                             f"{tuple(frames.shape)}")
+        if frames.device.type != "cpu":
+            return self.call(frames)[0]
+        # Through a reused pinned buffer, so that the copy to the device is asynchronous; the previous call's
+        # copy must have finished before the buffer is overwritten (it has when its features were read back).
+        if self._done is not None:
+            self._done.synchronize()
+        staging = self._staging
+        if staging is None or staging.shape[0] < len(frames):
+            staging = self._staging = torch.empty((len(frames), size, size, 3), dtype=torch.uint8, pin_memory=True)
+        features = self.call(staging[: len(frames)].copy_(frames))[0]
+        self._done = self._done or torch.cuda.Event()
+        self._done.record()
+        return features

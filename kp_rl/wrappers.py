@@ -37,7 +37,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, SupportsFloat
@@ -50,7 +51,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs, VecEnvStepReturn
 
 from kp_rl.dynamics import StepOutput, VRNNState
-from kp_rl.inference import FastEncoder
+from kp_rl.inference import FastEncoder, GraphedCall, GraphedEncoder
 from kp_rl.model import PerceptionModel, load, resolve_device
 
 __all__ = ["KeypointObservation", "StateObservation", "VecKeypointObservation", "VectorKeypointObservation",
@@ -93,6 +94,13 @@ def _same_model(a: PerceptionModel, b: PerceptionModel) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
 
 
+def _observe_flat(dynamics: torch.nn.Module, h: torch.Tensor, z: torch.Tensor, x: torch.Tensor,
+                  features: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``observe_step`` on and to flat tensors (what a CUDA graph captures)."""
+    state, out = dynamics.observe_step(VRNNState(h, z, x), features, actions)
+    return (*state, *out)
+
+
 class _Perception:
     """What the wrappers share: the model on its device, frames -> features, belief updates, conversions.
 
@@ -124,7 +132,16 @@ class _Perception:
             raise TypeError(f"{who}: model must be a kp_rl.PerceptionModel or a checkpoint path, "
                             f"got {type(model).__name__}")
         self.model = model
-        self._fast = FastEncoder(model) if self.device.type == "cpu" else None
+        # the fast paths: oneDNN on the CPU, CUDA graphs on a GPU (there a step is launch-bound at these sizes)
+        self._fast: Callable[[np.ndarray], torch.Tensor] | None = None
+        self._graphed_observe: GraphedCall | None = None
+        if self.device.type == "cpu":
+            self._fast = FastEncoder(model)
+        elif self.device.type == "cuda":
+            self._fast = GraphedEncoder(model)
+            if model.dynamics is not None:
+                self._graphed_observe = GraphedCall(functools.partial(_observe_flat, model.dynamics),
+                                                    model.dynamics)
         self._staging: torch.Tensor | None = None
         self.feature_dim = model.feature_dim
         self.belief_dim = model.dynamics.belief_dim if model.dynamics is not None else 0
@@ -176,7 +193,8 @@ class _Perception:
     def encode(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 ``(B, H, W, 3)`` -> features ``(B, D)`` on the device: one host -> device copy.
 
-        On the CPU through :class:`~kp_rl.inference.FastEncoder` (the same features, ~1.6x faster at these sizes).
+        On the CPU through :class:`~kp_rl.inference.FastEncoder` (the same features, ~1.6x faster at these
+        sizes), on CUDA through :class:`~kp_rl.inference.GraphedEncoder` (CUDA graphs).
         """
         if self._fast is not None:
             return self._fast(frames)
@@ -212,6 +230,10 @@ class _Perception:
                 actions: torch.Tensor | None) -> tuple[VRNNState, StepOutput]:
         if actions is None:
             actions = features.new_zeros(features.shape[0], self.model.action_dim)
+        if self._graphed_observe is not None:
+            self.model.dynamics._check_step(state, actions, features)  # shape errors, before any copy
+            outputs = self._graphed_observe(*state, features, actions)
+            return VRNNState(*outputs[:3]), StepOutput(*outputs[3:])
         return self.model.dynamics.observe_step(state, features, actions)
 
     def observe_restarting(self, state: VRNNState, features: torch.Tensor, actions: torch.Tensor,

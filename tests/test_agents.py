@@ -113,3 +113,19 @@ def test_structured_vs_unstructured_script_runs_a_spec(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     out = tmp_path / "results" / "tiny"
     assert (out / "results.json").exists() and (out / "keypoints_cartpole-swingup.png").stat().st_size > 0
+
+
+def test_local_grid_runs_perception_and_agents_on_the_chosen_device(tmp_path, monkeypatch):
+    import kp_rl.experiment as experiment
+
+    seen = []
+    monkeypatch.setattr(experiment, "perception_models",
+                        lambda spec, task, data, runs, progress, device: seen.append(("perception", device)) or {})
+    monkeypatch.setattr(experiment, "run_cell", lambda *args, device, **kw: seen.append(("cell", device)) or {})
+    monkeypatch.setattr(experiment, "summarise", lambda *args, **kw: {})
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text("name: tiny\ntasks: [cartpole-swingup]\nagents: [sac-state]\nseeds: [0, 1]\nsteps: 8\n")
+    experiment.run_experiment(spec, runs=tmp_path, device="cpu")
+    assert seen == [("perception", "cpu"), ("cell", "cpu"), ("cell", "cpu")]
+    with pytest.raises(ValueError, match="no CUDA device|cuda"):
+        experiment.run_experiment(spec, runs=tmp_path, device="cuda:7")

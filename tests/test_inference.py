@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kp_rl
-from kp_rl.inference import FastEncoder
+from kp_rl.inference import FastEncoder, GraphedCall, GraphedEncoder
 from kp_rl.model import PerceptionModel
 
 SIZE = 32
@@ -84,6 +84,14 @@ def test_bad_input_is_named() -> None:
         fast(np.zeros((1, SIZE, SIZE, 3), np.float32))
     with pytest.raises(ValueError, match="FastEncoder runs on the CPU; the model is on meta"):
         FastEncoder(small_model("keypoints").to("meta"))
+
+
+def test_cuda_graph_paths_refuse_a_model_off_cuda() -> None:
+    """GraphedEncoder / GraphedCall are the CUDA path (tested against eager on a GPU in tests/test_device.py)."""
+    with pytest.raises(ValueError, match="GraphedCall replays CUDA graphs; the module is on cpu"):
+        GraphedEncoder(small_model("keypoints"))
+    with pytest.raises(ValueError, match="the module is on cpu"):
+        GraphedCall(lambda x: (x,), small_model("cnn"))
 
 
 def test_docstring_examples_run() -> None:

@@ -103,3 +103,9 @@ def test_cli_ray_errors_are_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "kp_rl.cli", "run", str(tmp_path / "missing.yaml"), "--ray"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.startswith("kp-rl: error:") and "missing.yaml" in result.stderr
+
+
+def test_cli_device_is_for_local_runs(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "kp_rl.cli", "run", str(tmp_path / "spec.yaml"), "--ray",
+                             "--device", "cuda"], capture_output=True, text=True)
+    assert result.returncode == 2 and "--device is for local runs" in result.stderr
