@@ -53,6 +53,16 @@ def _conv_fn() -> Callable[[Tensor, Tensor, Tensor | None, tuple[int, ...], tupl
     return lambda x, w, b, padding, stride: F.conv2d(x, w, b, stride, padding)
 
 
+def _parameters_key(module: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Identity and in-place version counter of every parameter and buffer of ``module``.
+
+    Changes on optimiser steps, ``load_state_dict`` and replaced modules alike. Tensors made under
+    ``torch.inference_mode`` (a model built or loaded there) keep no version counter: their identity alone.
+    """
+    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version)
+                 for t in (*module.parameters(), *module.buffers()))
+
+
 class _Plan:
     """Kernels of one encoder, reshaped for the fast path (built under ``torch.no_grad``)."""
 
@@ -140,11 +150,6 @@ class FastEncoder:
         if device.type != "cpu":
             raise ValueError(f"FastEncoder runs on the CPU; the model is on {device}")
 
-    def _parameters_key(self) -> tuple[tuple[int, int], ...]:
-        # Identity and in-place version counter of every encoder parameter: changes on optimiser steps,
-        # load_state_dict and replaced modules alike.
-        return tuple((p.data_ptr(), p._version) for p in self.model.autoencoder.encoder.parameters())
-
     def __call__(self, frames: np.ndarray | Tensor) -> Tensor:
         """uint8 ``(N, H, W, 3)`` frames (numpy or torch) -> float32 ``(N, feature_dim)``.
 
@@ -157,7 +162,7 @@ class FastEncoder:
         if frames.dtype != torch.uint8 or frames.shape[1:] != (size, size, 3):
             raise ValueError(f"expected uint8 frames (N, {size}, {size}, 3), got {frames.dtype} of shape "
                              f"{tuple(frames.shape)}")
-        key = self._parameters_key()
+        key = _parameters_key(self.model.autoencoder.encoder)
         if key != self._key:  # also when the model was moved off the CPU since
             self._check_cpu()
             with torch.no_grad():
@@ -165,11 +170,6 @@ class FastEncoder:
             self._key = key
         assert self._plan is not None
         return self._plan(frames)
-
-
-def _parameters_key(module: nn.Module) -> tuple[tuple[int, int], ...]:
-    """Identity and in-place version counter of every parameter and buffer of ``module``."""
-    return tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
 
 
 class GraphedCall:

@@ -86,6 +86,13 @@ def test_bad_input_is_named() -> None:
         FastEncoder(small_model("keypoints").to("meta"))
 
 
+def test_a_model_made_under_inference_mode() -> None:
+    """Inference tensors keep no version counter: a model built (or loaded) under inference_mode still works."""
+    with torch.inference_mode():
+        model = small_model("keypoints")
+        torch.testing.assert_close(FastEncoder(model)(frames(2)), model.encode(frames(2)), atol=1e-5, rtol=0)
+
+
 def test_cuda_graph_paths_refuse_a_model_off_cuda() -> None:
     """GraphedEncoder / GraphedCall are the CUDA path (tested against eager on a GPU in tests/test_device.py)."""
     with pytest.raises(ValueError, match="GraphedCall replays CUDA graphs; the module is on cpu"):
