@@ -1,0 +1,39 @@
+"""The benchmark scripts run end to end at toy sizes and write what the README quotes from them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(EXPERIMENTS / script), *args], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_bench_agent_measures_each_agent_on_each_device(tmp_path: Path) -> None:
+    result = run("bench_agent.py", "--device", "cpu", "--agents", "sac-state", "sac-keypoints-belief",
+                 "--fill", "40", "--updates", "2", "--repeats", "1", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["devices"] == ["cpu"] and set(report["agents"]) == {"sac-state", "sac-keypoints-belief"}
+    for row in (r["cpu"] for r in report["agents"].values()):
+        assert row["env_steps_per_s"] > 0 and row["updates_per_s"] > 0 and row["updates_vs_cpu"] == 1.0
+        assert row["agent_steps_100k"] == 12_500  # cartpole-swingup: action repeat 8
+        expected = row["agent_steps_100k"] * (1 / row["env_steps_per_s"] + 1 / row["updates_per_s"]) / 3600
+        assert abs(row["hours_per_100k_run"] - expected) < 1e-9
+    assert (tmp_path / "bench_agent.png").stat().st_size > 0 and "sac-keypoints-belief" in result.stdout
+
+
+def test_bench_wrapper_reports_ratios_to_raw(tmp_path: Path) -> None:
+    run("bench_wrapper.py", "--steps", "10", "--repeats", "1", "--n-envs", "2", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "results.json").read_text())
+    rows = report["env_steps_per_s"]
+    assert rows["single: raw"]["vs_raw"] == 1.0 and 0 < rows["single: KeypointObservation"]["vs_raw"]
+    assert report["fast_path"] == "FastEncoder" and set(report["fast_encoder_speedup"])
+    assert (tmp_path / "bench_wrapper.png").stat().st_size > 0
