@@ -1,4 +1,4 @@
-"""The accelerator path end to end: training, the wrappers and an SB3 agent on ``KP_RL_TEST_DEVICE`` (default cuda).
+"""The accelerator path end to end: training, the wrappers and SB3 agents on ``KP_RL_TEST_DEVICE`` (default cuda).
 
 Marked ``cuda`` and left out of the default run (``setup.cfg``); on a GPU machine run them with
 ``scripts/test.sh -m cuda``. ``KP_RL_TEST_DEVICE=cpu scripts/test.sh -m cuda`` runs the same tests on the CPU,
@@ -15,14 +15,14 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from stable_baselines3 import SAC
+from stable_baselines3 import PPO, SAC
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 import kp_rl
 from kp_rl.data import collect
 from kp_rl.model import PerceptionModel, load
-from kp_rl.sb3 import KeypointExtractor
+from kp_rl.sb3 import CNNExtractor, KeypointExtractor
 from kp_rl.train import train_autoencoder, train_dynamics
 from kp_rl.wrappers import KeypointObservation, VecKeypointObservation, WorldModel
 
@@ -45,15 +45,29 @@ TINY = dict(keypoints={"image_size": SIZE, "num_keypoints": K, "base_filters": 4
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("device") / "data"
+    collect("cartpole-swingup", path, 4, max_steps=15, progress=False, env_kwargs={"image_size": SIZE})
+    return path
+
+
+def _train(data: Path, root: Path, representation: str) -> Path:
     """Autoencoder + dynamics trained on the device (bf16 autocast on CUDA); returns the dynamics checkpoint."""
-    root = tmp_path_factory.mktemp("device")
-    collect("cartpole-swingup", root / "data", 4, max_steps=15, progress=False, env_kwargs={"image_size": SIZE})
     config = kp_rl.get_preset("cpu").replace(**TINY)
-    train_autoencoder(root / "data", root / "kp", config, device=DEVICE, progress=False)
-    history = json.loads((root / "kp" / "history.json").read_text())["train"]
+    train_autoencoder(data, root / "ae", config, representation, device=DEVICE, progress=False)
+    history = json.loads((root / "ae" / "history.json").read_text())["train"]
     assert history[-1]["reconstruction"] < history[0]["reconstruction"]
-    return train_dynamics(root / "kp", root / "data", root / "dyn", device=DEVICE, progress=False)
+    return train_dynamics(root / "ae", data, root / "dyn", device=DEVICE, progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _train(data, tmp_path_factory.mktemp("keypoints"), "keypoints")
+
+
+@pytest.fixture(scope="module")
+def trained_cnn(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _train(data, tmp_path_factory.mktemp("cnn"), "cnn")
 
 
 def test_trained_on_the_device_loads_anywhere(trained: Path) -> None:
@@ -114,6 +128,36 @@ def test_sac_with_the_extractor_on_the_device(trained: Path, tmp_path: Path) -> 
     agent.learn(80)
     agent.save(tmp_path / "sac")
     loaded = SAC.load(tmp_path / "sac", device=DEVICE)
+    observations = np.stack([env.reset(seed=s)[0] for s in range(4)])
+    np.testing.assert_allclose(agent.predict(observations, deterministic=True)[0],
+                               loaded.predict(observations, deterministic=True)[0], atol=1e-5)
+    env.close()
+
+
+def test_the_unstructured_agent_on_the_device(trained_cnn: Path, tmp_path: Path) -> None:
+    """cnn-vrnn observations (the wrapper on a CNN model) match the CPU; PPO with CNNExtractor trains, round-trips."""
+    make = [lambda: gym.make("kp_rl/cartpole-swingup-v0", image_size=SIZE)] * 2
+    outputs = []
+    for device in (DEVICE, "cpu"):
+        venv = VecKeypointObservation(DummyVecEnv(make), trained_cnn, belief=True, device=device)
+        venv.seed(0)
+        venv.reset()
+        outputs.append(venv.step(np.zeros((2, 1), np.float32))[0])
+        venv.close()
+    feature_dim = load(trained_cnn, "cpu").feature_dim
+    np.testing.assert_allclose(outputs[0][:, :feature_dim], outputs[1][:, :feature_dim], atol=ATOL)
+
+    env = gym.make("kp_rl/cartpole-swingup-v0", image_size=SIZE)
+    agent = PPO("CnnPolicy", env, n_steps=32, batch_size=16, n_epochs=1, seed=0, device=DEVICE,
+                policy_kwargs=dict(features_extractor_class=CNNExtractor, net_arch=[16],
+                                   features_extractor_kwargs=dict(model_path=str(trained_cnn), fine_tune=True)))
+    assert next(agent.policy.parameters()).device.type == torch.device(DEVICE).type
+    before = [p.detach().clone() for p in agent.policy.features_extractor.parameters()]
+    agent.learn(64)
+    after = list(agent.policy.features_extractor.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))  # fine-tuned on the device
+    agent.save(tmp_path / "ppo")
+    loaded = PPO.load(tmp_path / "ppo", device=DEVICE)
     observations = np.stack([env.reset(seed=s)[0] for s in range(4)])
     np.testing.assert_allclose(agent.predict(observations, deterministic=True)[0],
                                loaded.predict(observations, deterministic=True)[0], atol=1e-5)
