@@ -53,14 +53,51 @@ def _conv_fn() -> Callable[[Tensor, Tensor, Tensor | None, tuple[int, ...], tupl
     return lambda x, w, b, padding, stride: F.conv2d(x, w, b, stride, padding)
 
 
-def _parameters_key(module: nn.Module) -> tuple[tuple[int, int], ...]:
-    """Identity and in-place version counter of every parameter and buffer of ``module``.
+# How many parameters, buffers and submodules any module of this process has registered (set or replaced)
+# since import: torch's global registration hooks count them. Walking a module tree for its tensors costs
+# ~20 us per call, more than the rest of a wrapper step's bookkeeping; a _TensorWatch walks it again only
+# when this count moved. (The hooks return None: they change nothing.)
+_registrations = [0]
 
-    Changes on optimiser steps, ``load_state_dict`` and replaced modules alike. Tensors made under
-    ``torch.inference_mode`` (a model built or loaded there) keep no version counter: their identity alone.
+
+def _count_registration(*_: object) -> None:
+    _registrations[0] += 1
+
+
+for _register in (torch.nn.modules.module.register_module_parameter_registration_hook,
+                  torch.nn.modules.module.register_module_buffer_registration_hook,
+                  torch.nn.modules.module.register_module_module_registration_hook):
+    _register(_count_registration)
+
+
+class _TensorWatch:
+    """Tells whether any parameter or buffer of a module changed: values in place, storage, or the tensor itself.
+
+    Args:
+        module: the module to watch, or a function returning it (read again when modules were re-registered:
+            ``model.autoencoder = ...`` is then seen too).
     """
-    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version)
-                 for t in (*module.parameters(), *module.buffers()))
+
+    def __init__(self, module: nn.Module | Callable[[], nn.Module]) -> None:
+        self.source = module
+        self._seen = -1
+        self._tensors: tuple[Tensor, ...] = ()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_seen": -1, "_tensors": ()}
+
+    def key(self) -> tuple[tuple[int, int], ...]:
+        """Identity and in-place version counter of every parameter and buffer.
+
+        Changes on optimiser steps, ``load_state_dict``, ``.to()``, replaced parameters and replaced modules.
+        Tensors made under ``torch.inference_mode`` (a model built or loaded there) keep no version counter:
+        their identity alone.
+        """
+        if self._seen != _registrations[0]:
+            module = self.source if isinstance(self.source, nn.Module) else self.source()
+            self._tensors = (*module.parameters(), *module.buffers())
+            self._seen = _registrations[0]
+        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in self._tensors)
 
 
 class _Plan:
@@ -140,6 +177,10 @@ class FastEncoder:
         self._check_cpu()
         self._key: tuple[tuple[int, int], ...] | None = None
         self._plan: _Plan | None = None
+        self._watch = _TensorWatch(self._encoder)
+
+    def _encoder(self) -> nn.Module:
+        return self.model.autoencoder.encoder
 
     def __getstate__(self) -> dict:
         # the plan is derived (and holds a closure): a pickled copy rebuilds it on its first call
@@ -162,7 +203,7 @@ class FastEncoder:
         if frames.dtype != torch.uint8 or frames.shape[1:] != (size, size, 3):
             raise ValueError(f"expected uint8 frames (N, {size}, {size}, 3), got {frames.dtype} of shape "
                              f"{tuple(frames.shape)}")
-        key = _parameters_key(self.model.autoencoder.encoder)
+        key = self._watch.key()
         if key != self._key:  # also when the model was moved off the CPU since
             self._check_cpu()
             with torch.no_grad():
@@ -195,6 +236,7 @@ class GraphedCall:
             raise ValueError(f"GraphedCall replays CUDA graphs; the module is on {device}")
         self.fn, self.module, self.max_graphs, self.device = fn, module, max_graphs, device
         self.eager = False  # set when a capture failed
+        self._watch = _TensorWatch(module)
         self._key: tuple[tuple[int, int], ...] | None = None
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Tensor], tuple[Tensor, ...]]] = {}
 
@@ -202,7 +244,7 @@ class GraphedCall:
         return {**self.__dict__, "_key": None, "_graphs": {}}  # graphs are derived (and hold device memory)
 
     def __call__(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        key = _parameters_key(self.module)
+        key = self._watch.key()
         if key != self._key:
             self._graphs.clear()
             self._key = key
@@ -263,7 +305,7 @@ class GraphedEncoder:
 
     def __init__(self, model: nn.Module, max_graphs: int = 8) -> None:
         self.model = model
-        self.call = GraphedCall(functools.partial(_encode_flat, model), model.autoencoder, max_graphs)
+        self.call = GraphedCall(functools.partial(_encode_flat, model), model, max_graphs)
         self._staging: Tensor | None = None
         self._done: torch.cuda.Event | None = None  # recorded after the last call's copy and replay
 

@@ -94,10 +94,10 @@ def _same_model(a: PerceptionModel, b: PerceptionModel) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
 
 
-def _observe_flat(dynamics: torch.nn.Module, h: torch.Tensor, z: torch.Tensor, x: torch.Tensor,
+def _observe_flat(model: PerceptionModel, h: torch.Tensor, z: torch.Tensor, x: torch.Tensor,
                   features: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``observe_step`` on and to flat tensors (what a CUDA graph captures)."""
-    state, out = dynamics.observe_step(VRNNState(h, z, x), features, actions)
+    state, out = model.dynamics.observe_step(VRNNState(h, z, x), features, actions)
     return (*state, *out)
 
 
@@ -140,8 +140,7 @@ class _Perception:
         elif self.device.type == "cuda":
             self._fast = GraphedEncoder(model)
             if model.dynamics is not None:
-                self._graphed_observe = GraphedCall(functools.partial(_observe_flat, model.dynamics),
-                                                    model.dynamics)
+                self._graphed_observe = GraphedCall(functools.partial(_observe_flat, model), model)
         self._staging: torch.Tensor | None = None
         self.feature_dim = model.feature_dim
         self.belief_dim = model.dynamics.belief_dim if model.dynamics is not None else 0

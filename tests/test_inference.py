@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import kp_rl
 from kp_rl.inference import FastEncoder, GraphedCall, GraphedEncoder
@@ -68,6 +69,25 @@ def test_follows_weight_updates() -> None:
     assert not torch.allclose(before, after)
 
 
+def test_follows_replaced_parameters_and_modules() -> None:
+    """The parameter list is cached between calls; replacing a parameter, a layer or the whole encoder is seen."""
+    model, other = small_model("keypoints", seed=0), small_model("keypoints", seed=1)
+    fast, x = FastEncoder(model), frames(2)
+    trunk = model.autoencoder.encoder.trunk
+    replacements = [
+        lambda: setattr(trunk[0], "weight", nn.Parameter(torch.randn_like(trunk[0].weight))),
+        lambda: trunk.__setitem__(2, nn.Conv2d(trunk[2].in_channels, trunk[2].out_channels, 3, padding=1)),
+        lambda: setattr(model.autoencoder, "encoder", other.autoencoder.encoder),
+    ]
+    with torch.inference_mode():
+        for replace in replacements:
+            before = fast(x)
+            replace()
+            after = fast(x)
+            torch.testing.assert_close(after, model.encode(x), atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(before, after)
+
+
 def test_generic_conv_when_onednn_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     model = small_model("keypoints")
@@ -99,6 +119,25 @@ def test_cuda_graph_paths_refuse_a_model_off_cuda() -> None:
         GraphedEncoder(small_model("keypoints"))
     with pytest.raises(ValueError, match="the module is on cpu"):
         GraphedCall(lambda x: (x,), small_model("cnn"))
+
+
+def test_what_the_cuda_graphs_capture_is_the_eager_computation() -> None:
+    """The functions GraphedEncoder / the wrappers capture, run eagerly here: same results as the model's own."""
+    from kp_rl.inference import _encode_flat
+    from kp_rl.wrappers import _observe_flat
+
+    torch.manual_seed(0)
+    model = PerceptionModel(kp_rl.get_preset("cpu").replace(**SMALL), action_dim=2, with_dynamics=True).eval()
+    with torch.inference_mode():
+        (features,) = _encode_flat(model, torch.from_numpy(frames(3)))
+        torch.testing.assert_close(features, model.encode(frames(3)))
+        state = model.dynamics.initial_state(3)
+        actions = torch.randn(3, 2)
+        expected_state, expected_out = model.dynamics.observe_step(state, features, actions)
+        flat = _observe_flat(model, *state, features, actions)
+        assert len(flat) == len(expected_state) + len(expected_out)
+        for got, want in zip(flat, (*expected_state, *expected_out)):
+            torch.testing.assert_close(got, want)
 
 
 def test_docstring_examples_run() -> None:
