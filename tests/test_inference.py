@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import kp_rl
+from kp_rl import inference
 from kp_rl.inference import FastEncoder, GraphedCall, GraphedEncoder
 from kp_rl.model import PerceptionModel
 
@@ -91,8 +92,28 @@ def test_follows_replaced_parameters_and_modules() -> None:
 def test_generic_conv_when_onednn_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     model = small_model("keypoints")
+    fast = FastEncoder(model)
     with torch.inference_mode():
-        torch.testing.assert_close(FastEncoder(model)(frames(2)), model.encode(frames(2)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast(frames(2)), model.encode(frames(2)), atol=1e-5, rtol=1e-5)
+    assert fast._plan.packed is None
+
+
+@pytest.mark.parametrize("representation", ["keypoints", "cnn"])
+def test_fused_prepacked_convs_are_checked_before_use(representation: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = small_model(representation)
+    fast = FastEncoder(model)
+    with torch.inference_mode():
+        fast(frames(1))
+        if inference._fused_ops() is not None:  # this build has the ops: the plan uses them
+            assert fast._plan.packed is not None
+        pointwise, reorder = inference._fused_ops() or (None, None)
+        if pointwise is None:
+            pytest.skip("this PyTorch build has no fused oneDNN conv ops")
+        # fused ops that compute something else are caught by the check against the unfused path, not used
+        monkeypatch.setattr(inference, "_fused_ops", lambda: (lambda *a: torch.zeros_like(pointwise(*a)), reorder))
+        model.load_state_dict(small_model(representation, seed=3).state_dict())  # new weights: a new plan
+        torch.testing.assert_close(fast(frames(2)), model.encode(frames(2)), atol=1e-5, rtol=1e-5)
+        assert fast._plan.packed is None
 
 
 def test_bad_input_is_named() -> None:
