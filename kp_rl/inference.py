@@ -91,10 +91,10 @@ class _TensorWatch:
     def __init__(self, module: nn.Module | Callable[[], nn.Module]) -> None:
         self.source = module
         self._seen = -1
-        self._tensors: tuple[Tensor, ...] = ()
+        self._slots: list[tuple[dict, str, Tensor]] = []  # (a module's _parameters or _buffers, name, tensor)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_seen": -1, "_tensors": ()}
+        return {**self.__dict__, "_seen": -1, "_slots": []}
 
     def key(self) -> tuple[tuple[int, int], ...]:
         """Identity and in-place version counter of every parameter and buffer.
@@ -103,11 +103,14 @@ class _TensorWatch:
         Tensors made under ``torch.inference_mode`` (a model built or loaded there) keep no version counter:
         their identity alone.
         """
-        if self._seen != _registrations[0]:
+        if self._seen != _registrations[0] or any(d.get(name) is not t for d, name, t in self._slots):
+            # (the second test catches tensors put straight into a module's dicts, as Module._apply does when
+            # torch.__future__ asks it to overwrite parameters on conversion)
             module = self.source if isinstance(self.source, nn.Module) else self.source()
-            self._tensors = (*module.parameters(), *module.buffers())
+            self._slots = [(d, name, t) for m in module.modules() for d in (m._parameters, m._buffers)
+                           for name, t in d.items() if t is not None]
             self._seen = _registrations[0]
-        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in self._tensors)
+        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for _, _, t in self._slots)
 
 
 class _Plan:
@@ -280,12 +283,15 @@ class GraphedCall:
 
     Args:
         fn: the computation, ``fn(*tensors) -> tuple[Tensor, ...]``.
-        module: the module whose parameters ``fn`` reads (on the CUDA device that ``fn`` runs on).
+        module: the module whose parameters ``fn`` reads (on the CUDA device that ``fn`` runs on), or a picklable
+            function returning it (``functools.partial(getattr, model, "autoencoder")``: a replaced submodule is
+            then seen too).
         max_graphs: how many input signatures get a graph.
     """
 
-    def __init__(self, fn: Callable[..., tuple[Tensor, ...]], module: nn.Module, max_graphs: int = 8) -> None:
-        device = next(module.parameters()).device
+    def __init__(self, fn: Callable[..., tuple[Tensor, ...]], module: nn.Module | Callable[[], nn.Module],
+                 max_graphs: int = 8) -> None:
+        device = next((module if isinstance(module, nn.Module) else module()).parameters()).device
         if device.type != "cuda":
             raise ValueError(f"GraphedCall replays CUDA graphs; the module is on {device}")
         self.fn, self.module, self.max_graphs, self.device = fn, module, max_graphs, device
@@ -359,7 +365,8 @@ class GraphedEncoder:
 
     def __init__(self, model: nn.Module, max_graphs: int = 8) -> None:
         self.model = model
-        self.call = GraphedCall(functools.partial(_encode_flat, model), model, max_graphs)
+        autoencoder = functools.partial(getattr, model, "autoencoder")  # read on each check: a replaced one is seen
+        self.call = GraphedCall(functools.partial(_encode_flat, model), autoencoder, max_graphs)
         self._staging: Tensor | None = None
         self._done: torch.cuda.Event | None = None  # recorded after the last call's copy and replay
 

@@ -140,7 +140,8 @@ class _Perception:
         elif self.device.type == "cuda":
             self._fast = GraphedEncoder(model)
             if model.dynamics is not None:
-                self._graphed_observe = GraphedCall(functools.partial(_observe_flat, model), model)
+                self._graphed_observe = GraphedCall(functools.partial(_observe_flat, model),
+                                                    functools.partial(getattr, model, "dynamics"))
         self._staging: torch.Tensor | None = None
         self.feature_dim = model.feature_dim
         self.belief_dim = model.dynamics.belief_dim if model.dynamics is not None else 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -75,7 +77,15 @@ def test_follows_replaced_parameters_and_modules() -> None:
     model, other = small_model("keypoints", seed=0), small_model("keypoints", seed=1)
     fast, x = FastEncoder(model), frames(2)
     trunk = model.autoencoder.encoder.trunk
+    def overwrite_on_conversion() -> None:  # Module._apply puts new Parameters straight into the dicts
+        torch.__future__.set_overwrite_module_params_on_conversion(True)
+        try:
+            model.autoencoder.encoder._apply(lambda t: t * 1.5)
+        finally:
+            torch.__future__.set_overwrite_module_params_on_conversion(False)
+
     replacements = [
+        overwrite_on_conversion,
         lambda: setattr(trunk[0], "weight", nn.Parameter(torch.randn_like(trunk[0].weight))),
         lambda: trunk.__setitem__(2, nn.Conv2d(trunk[2].in_channels, trunk[2].out_channels, 3, padding=1)),
         lambda: setattr(model.autoencoder, "encoder", other.autoencoder.encoder),
@@ -140,6 +150,9 @@ def test_cuda_graph_paths_refuse_a_model_off_cuda() -> None:
         GraphedEncoder(small_model("keypoints"))
     with pytest.raises(ValueError, match="the module is on cpu"):
         GraphedCall(lambda x: (x,), small_model("cnn"))
+    model = small_model("cnn")
+    with pytest.raises(ValueError, match="the module is on cpu"):  # a function returning the module
+        GraphedCall(lambda x: (x,), functools.partial(getattr, model, "autoencoder"))
 
 
 def test_what_the_cuda_graphs_capture_is_the_eager_computation() -> None:
