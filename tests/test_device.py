@@ -119,6 +119,15 @@ def test_vector_wrapper_on_the_device(trained: Path) -> None:
     np.testing.assert_allclose(outputs[0][:, : K * 3], outputs[1][:, : K * 3], atol=ATOL)
 
 
+def _assert_round_trip(agent: SAC | PPO, env: gym.Env, tmp_path: Path) -> None:
+    """Saved and loaded on the device, the agent acts as before."""
+    agent.save(tmp_path / "agent")
+    loaded = type(agent).load(tmp_path / "agent", device=DEVICE)
+    observations = np.stack([env.reset(seed=s)[0] for s in range(4)])
+    np.testing.assert_allclose(agent.predict(observations, deterministic=True)[0],
+                               loaded.predict(observations, deterministic=True)[0], atol=1e-5)
+
+
 def test_sac_with_the_extractor_on_the_device(trained: Path, tmp_path: Path) -> None:
     env = gym.make("kp_rl/cartpole-swingup-v0", image_size=SIZE)
     agent = SAC("CnnPolicy", env, buffer_size=300, learning_starts=30, batch_size=8, seed=0, device=DEVICE,
@@ -126,11 +135,7 @@ def test_sac_with_the_extractor_on_the_device(trained: Path, tmp_path: Path) -> 
                                    features_extractor_kwargs=dict(model_path=str(trained))))
     assert next(agent.policy.parameters()).device.type == torch.device(DEVICE).type
     agent.learn(80)
-    agent.save(tmp_path / "sac")
-    loaded = SAC.load(tmp_path / "sac", device=DEVICE)
-    observations = np.stack([env.reset(seed=s)[0] for s in range(4)])
-    np.testing.assert_allclose(agent.predict(observations, deterministic=True)[0],
-                               loaded.predict(observations, deterministic=True)[0], atol=1e-5)
+    _assert_round_trip(agent, env, tmp_path)
     env.close()
 
 
@@ -156,11 +161,7 @@ def test_the_unstructured_agent_on_the_device(trained_cnn: Path, tmp_path: Path)
     agent.learn(64)
     after = list(agent.policy.features_extractor.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(after, before))  # fine-tuned on the device
-    agent.save(tmp_path / "ppo")
-    loaded = PPO.load(tmp_path / "ppo", device=DEVICE)
-    observations = np.stack([env.reset(seed=s)[0] for s in range(4)])
-    np.testing.assert_allclose(agent.predict(observations, deterministic=True)[0],
-                               loaded.predict(observations, deterministic=True)[0], atol=1e-5)
+    _assert_round_trip(agent, env, tmp_path)
     env.close()
 
 
