@@ -443,3 +443,26 @@ def test_wrapped_env_pickles(model: PerceptionModel) -> None:
     np.testing.assert_allclose(np.stack(rollout(copy, 3)), np.stack(first), atol=1e-6)
     env.close()
     copy.close()
+
+
+def test_the_readme_rl_zoo_snippet_builds_the_wrapped_env(tmp_path: Path) -> None:
+    """The rl-baselines3-zoo YAML in the README, applied as the zoo applies ``env_wrapper`` entries."""
+    import importlib
+    import re
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "env_wrapper" in b)
+    (env_id, hyperparams), = yaml.safe_load(block).items()
+    path = tmp_path / "model.pt"
+    tiny_model(size=64).save(path)  # the snippet's model, at the env's default 64x64 frames
+    env = gym.make(env_id)
+    for entry in hyperparams["env_wrapper"]:  # each "module.Class: {kwargs}", wrapped in order
+        (name, kwargs), = entry.items()
+        module, cls = name.rsplit(".", 1)
+        env = getattr(importlib.import_module(module), cls)(env, **{**kwargs, "model": str(path)})
+    assert isinstance(env, KeypointObservation) and env.belief
+    assert env.observation_space.shape == (K * 3 + BELIEF_DIM,)
+    sb3_check_env(env)
+    env.close()
