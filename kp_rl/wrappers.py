@@ -236,6 +236,14 @@ class _Perception:
             return VRNNState(*outputs[:3]), StepOutput(*outputs[3:])
         return self.model.dynamics.observe_step(state, features, actions)
 
+    def update(self, state: VRNNState, features: torch.Tensor, actions: torch.Tensor | None) -> VRNNState:
+        """The belief after observing ``features`` (``observe`` without the predictions the caller would drop)."""
+        if actions is None:
+            actions = features.new_zeros(features.shape[0], self.model.action_dim)
+        if self._graphed_observe is not None:  # one graph replay either way
+            return self.observe(state, features, actions)[0]
+        return self.model.dynamics.update_belief(state, features, actions)
+
     def observe_restarting(self, state: VRNNState, features: torch.Tensor, actions: torch.Tensor,
                            restart: np.ndarray) -> VRNNState:
         """One belief update of a batch of sub-envs, where the rows in ``restart`` (bool ``(B,)``) start over.
@@ -244,8 +252,7 @@ class _Perception:
         continue their episode with the action taken.
         """
         keep = torch.from_numpy(~np.asarray(restart, bool)).to(features)[:, None]
-        state, _ = self.observe(VRNNState(*(t * keep for t in state)), features, actions * keep)
-        return state
+        return self.update(VRNNState(*(t * keep for t in state)), features, actions * keep)
 
     def output(self, features: torch.Tensor, state: VRNNState | None, space: spaces.Box) -> np.ndarray:
         """``(B, D [+ belief_dim])`` float32 numpy within ``space`` (one device -> host copy)."""
@@ -358,7 +365,7 @@ class KeypointObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArg
                     actions = None
                 else:
                     actions = perception.actions(self.env.action_space, action)
-                self._state, _ = perception.observe(self._state, features, actions)
+                self._state = perception.update(self._state, features, actions)
             if self._state is None:
                 raise RuntimeError("KeypointObservation: call reset() before using the belief")
             return perception.output(features, self._state, self.observation_space)[0]
@@ -598,7 +605,7 @@ class VecKeypointObservation(VecEnvWrapper):
         with self._perception.running():
             features = perception.encode(observations)
             if self.belief:
-                self._state, _ = perception.observe(perception.initial_state(self.num_envs), features, None)
+                self._state = perception.update(perception.initial_state(self.num_envs), features, None)
             return perception.output(features, self._state if self.belief else None, self.observation_space)
 
     def step_async(self, actions: np.ndarray) -> None:
@@ -704,7 +711,7 @@ class VectorKeypointObservation(gym.vector.VectorWrapper):
         with perception.running():
             features = perception.encode(observations)
             if self.belief:  # a fresh belief from each reset frame, as after a full reset
-                fresh, _ = perception.observe(perception.initial_state(self.num_envs), features, None)
+                fresh = perception.update(perception.initial_state(self.num_envs), features, None)
                 if restart.all():
                     self._state = fresh
                 else:  # sub-envs outside the mask keep their belief

@@ -60,6 +60,22 @@ def test_shapes(overrides: dict) -> None:
     assert pred.shape == (2, B, N + 7, D) and pred_rewards.shape == (2, B, N + 7)
 
 
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_update_belief_is_observe_steps_state(overrides: dict) -> None:
+    """The wrappers' cheaper belief update gives exactly the state observe_step gives."""
+    torch.manual_seed(0)
+    model = KeypointVRNN(tiny_config(**overrides), D, A)
+    features, actions, _ = batch()
+    state = fast = model.initial_state(B)
+    for t in range(N + M):
+        state, _ = model.observe_step(state, features[:, t], actions[:, t])
+        fast = model.update_belief(fast, features[:, t], actions[:, t])
+        for a, b in zip(fast, state):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="action: expected shape"):
+        model.update_belief(state, features[:, 0], actions[:, 0, :1])
+
+
 def test_zero_action_dim() -> None:
     model = KeypointVRNN(tiny_config(), D, 0)
     features, actions, rewards = batch(action_dim=0)
