@@ -146,9 +146,9 @@ class _Plan:
             gx = torch.linspace(-1.0, 1.0, width, device=device).repeat(width)
             gy = torch.linspace(1.0, -1.0, width, device=device).repeat_interleave(width)
             self.grid = torch.stack([gx, gy, torch.ones_like(gx)])  # (3, h*w), rows: x, y, 1 per heatmap pixel
-            self.grid_eps = self.eps * self.grid.sum(1, keepdim=True)  # what adding eps per pixel adds to each sum
+            # what adding eps per pixel adds to each sum (used in numpy, see __call__)
+            self.grid_eps = (self.eps * self.grid.sum(1, keepdim=True)).numpy()
             self.eps_total = self.eps * width * width
-            self.grid_eps_np = self.grid_eps.numpy()
         self.conv = _conv_fn()
         self.packed = self._pack()
 
@@ -209,11 +209,20 @@ class _Plan:
         heatmaps = F.softplus(maps).view(n, -1, maps.shape[1])  # (N, h*w, K)
         # (N, 3, K): sum x*m, sum y*m, sum m per keypoint; the rest on these few numbers in numpy (cheaper calls)
         sums = torch.matmul(self.grid, heatmaps).numpy()
-        shifted = sums + self.grid_eps_np  # the same sums over (m + eps), as heatmaps_to_keypoints centres them
+        shifted = sums + self.grid_eps  # the same sums over (m + eps), as heatmaps_to_keypoints centres them
         xy = shifted[:, :2] / shifted[:, 2:]
         mass = sums[:, 2]  # mu = mean / (eps + max mean) = sum / (eps * h * w + max sum)
         mu = mass / (np.float32(self.eps_total) + mass.max(axis=-1, keepdims=True))
         return torch.from_numpy(np.concatenate([xy, mu[:, None]], axis=1).transpose(0, 2, 1).reshape(n, -1))
+
+
+def _checked_frames(frames: np.ndarray | Tensor, size: int) -> Tensor:
+    """uint8 ``(N, size, size, 3)`` frames (numpy or torch) as a contiguous tensor; anything else is named."""
+    frames = torch.as_tensor(np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else frames)
+    if frames.dtype != torch.uint8 or frames.shape[1:] != (size, size, 3):
+        raise ValueError(f"expected uint8 frames (N, {size}, {size}, 3), got {frames.dtype} of shape "
+                         f"{tuple(frames.shape)}")
+    return frames.contiguous()
 
 
 class FastEncoder:
@@ -254,12 +263,8 @@ class FastEncoder:
         Raises:
             ValueError: frames are not uint8 ``(N, S, S, 3)`` at the model's image size.
         """
-        frames = torch.as_tensor(np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else frames)
-        frames = frames.contiguous()  # (N, H, W, 3) rows: a channels-last (N, 3, H, W) image once permuted
-        size = self.model.image_size
-        if frames.dtype != torch.uint8 or frames.shape[1:] != (size, size, 3):
-            raise ValueError(f"expected uint8 frames (N, {size}, {size}, 3), got {frames.dtype} of shape "
-                             f"{tuple(frames.shape)}")
+        # contiguous (N, H, W, 3) rows: a channels-last (N, 3, H, W) image once permuted
+        frames = _checked_frames(frames, self.model.image_size)
         key = self._watch.key()
         if key != self._key:  # also when the model was moved off the CPU since
             self._check_cpu()
@@ -379,11 +384,8 @@ class GraphedEncoder:
         Raises:
             ValueError: frames are not uint8 ``(N, S, S, 3)`` at the model's image size.
         """
-        frames = torch.as_tensor(np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else frames)
         size = self.model.image_size
-        if frames.dtype != torch.uint8 or frames.shape[1:] != (size, size, 3):
-            raise ValueError(f"expected uint8 frames (N, {size}, {size}, 3), got {frames.dtype} of shape "
-                             f"{tuple(frames.shape)}")
+        frames = _checked_frames(frames, size)
         if frames.device.type != "cpu":
             return self.call(frames)[0]
         # Through a reused pinned buffer, so that the copy to the device is asynchronous; the previous call's
