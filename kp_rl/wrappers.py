@@ -38,8 +38,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, SupportsFloat
 
@@ -99,6 +98,28 @@ def _observe_flat(model: PerceptionModel, h: torch.Tensor, z: torch.Tensor, x: t
     """``observe_step`` on and to flat tensors (what a CUDA graph captures)."""
     state, out = model.dynamics.observe_step(VRNNState(h, z, x), features, actions)
     return (*state, *out)
+
+
+class _Running:
+    """The context of :meth:`_Perception.running` (a small class: a generator-based context manager costs a
+    wrapper step several microseconds more)."""
+
+    __slots__ = ("threads", "previous", "mode")
+
+    def __init__(self, threads: int | None) -> None:
+        self.threads = threads
+
+    def __enter__(self) -> None:
+        self.mode = torch.inference_mode()
+        self.mode.__enter__()
+        self.previous = torch.get_num_threads()
+        if self.threads is not None and self.previous != self.threads:
+            torch.set_num_threads(self.threads)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.threads is not None and self.previous != self.threads:
+            torch.set_num_threads(self.previous)
+        self.mode.__exit__(*exc)
 
 
 class _Perception:
@@ -168,24 +189,14 @@ class _Perception:
                              f"actions but the env's action space {space} has {action_dim}")
 
     # -- computation (callers hold running()) --------------------------------------------------------------
-    @contextmanager
-    def running(self) -> Iterator[None]:
+    def running(self) -> "_Running":
         """``torch.inference_mode`` with torch's CPU thread count set to ``num_threads`` (restored on exit).
 
         A handful of small frames gains nothing from intra-op threads, and on a loaded machine each parallel
         region waits for a descheduled thread: with 2 threads on 2 busy cores one ``encode`` took ~100 ms
         instead of ~1 ms (experiments/bench_wrapper.py). Setting the count costs well under a microsecond.
         """
-        with torch.inference_mode():
-            previous = torch.get_num_threads()
-            if self.num_threads is None or self.device.type != "cpu" or previous == self.num_threads:
-                yield
-                return
-            torch.set_num_threads(self.num_threads)
-            try:
-                yield
-            finally:
-                torch.set_num_threads(previous)
+        return _Running(None if self.device.type != "cpu" else self.num_threads)
 
     def encode(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 ``(B, H, W, 3)`` -> features ``(B, D)`` on the device: one host -> device copy.
@@ -248,7 +259,8 @@ class _Perception:
         if state is not None:
             features = torch.cat([features, self.model.dynamics.belief(state)], dim=-1)
         out = features.cpu().numpy()
-        return np.clip(out, space.low, space.high, out=out)  # float rounding can leave x = 1 + 1e-7
+        # float rounding can leave x = 1 + 1e-7 (minimum/maximum: np.clip costs several times more here)
+        return np.maximum(np.minimum(out, space.high, out=out), space.low, out=out)
 
 
 def _find_wrapper(env: gym.Env, kind: type) -> Any:

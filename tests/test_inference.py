@@ -110,6 +110,7 @@ def test_generic_conv_when_onednn_is_missing(monkeypatch: pytest.MonkeyPatch) ->
 
 @pytest.mark.parametrize("representation", ["keypoints", "cnn"])
 def test_fused_prepacked_convs_are_checked_before_use(representation: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inference, "_onednn_graph", lambda: False)  # the eager path, not the compiled graph
     model = small_model(representation)
     fast = FastEncoder(model)
     with torch.inference_mode():
@@ -124,6 +125,66 @@ def test_fused_prepacked_convs_are_checked_before_use(representation: str, monke
         model.load_state_dict(small_model(representation, seed=3).state_dict())  # new weights: a new plan
         torch.testing.assert_close(fast(frames(2)), model.encode(frames(2)), atol=1e-5, rtol=1e-5)
         assert fast._plan.packed is None
+
+
+needs_onednn_graph = pytest.mark.skipif(not inference._onednn_graph(),
+                                        reason="this PyTorch build cannot compile with oneDNN Graph")
+
+
+@needs_onednn_graph
+@pytest.mark.parametrize("representation", ["keypoints", "cnn"])
+def test_convolutions_are_compiled_once_per_batch_size_and_thread_count(representation: str) -> None:
+    model = small_model(representation)
+    fast = FastEncoder(model)
+    previous = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            for threads, batch in [(1, 1), (1, 3), (2, 1), (1, 1)]:
+                torch.set_num_threads(threads)
+                torch.testing.assert_close(fast(frames(batch, seed=batch)), model.encode(frames(batch, seed=batch)),
+                                           atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(previous)
+    # compiled primitives keep the thread count they were built with: one graph per (batch, threads)
+    assert set(fast._plan.compiled) == {(1, 1), (3, 1), (1, 2)}
+    assert all(compiled is not None for compiled in fast._plan.compiled.values())
+
+
+@needs_onednn_graph
+def test_compiled_graph_sees_the_strides_it_was_compiled_for() -> None:
+    """``frame[None]`` in numpy has stride 0 on the batch axis: the graph's guard would reject it and run its
+    slow unfused fallback (same numbers, 1.5x the time), so frames are re-strided before the call."""
+    model = small_model("keypoints")
+    fast = FastEncoder(model)
+    frame = frames(1)[0]
+    with torch.inference_mode():
+        fast(frame[None])
+        compiled = fast._plan.compiled[(1, torch.get_num_threads())]
+        seen = []
+        fast._plan.compiled[(1, torch.get_num_threads())] = lambda x: seen.append(x.stride()) or compiled(x)
+        torch.testing.assert_close(fast(frame[None]), model.encode(frame[None]), atol=1e-5, rtol=1e-5)
+    assert torch.from_numpy(frame[None]).stride()[0] == 0 and seen == [(SIZE * SIZE * 3, SIZE * 3, 3, 1)]
+
+
+@pytest.mark.parametrize("representation", ["keypoints", "cnn"])
+def test_a_compiled_graph_is_checked_before_use(representation: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiler that returns something else (or fails) leaves the eager convs in charge: same features."""
+    model = small_model(representation)
+    monkeypatch.setattr(torch.jit, "freeze", lambda module: (lambda x: module(x) + 1.0))
+    fast = FastEncoder(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(frames(2)), model.encode(frames(2)), atol=1e-5, rtol=1e-5)
+    assert list(fast._plan.compiled.values()) == [None]
+
+    def broken(module: nn.Module) -> None:
+        raise RuntimeError("no oneDNN Graph here")
+
+    monkeypatch.setattr(torch.jit, "freeze", broken)
+    model.load_state_dict(small_model(representation, seed=2).state_dict())  # new weights: a new plan
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(frames(2)), model.encode(frames(2)), atol=1e-5, rtol=1e-5)
+    assert list(fast._plan.compiled.values()) == [None]
+    assert not torch.jit.onednn_fusion_enabled()  # the global switch is restored
 
 
 def test_bad_input_is_named() -> None:
