@@ -2,7 +2,8 @@
 
   * training frames/s: one optimiser step of the autoencoder loss on a batch of windows (the preset's
     batch size x sequence length), frames per second, median of several repeats;
-  * VRNN training steps/s (the preset's dynamics batch of N + M steps);
+  * VRNN training steps/s (the preset's dynamics batch of N + M steps); on CUDA the step replayed from a CUDA
+    graph as training runs it, and eagerly alongside;
   * encoder latency: ``model.encode`` on 1 frame and on a batch of 16 frames (what the RL wrappers call per
     env step / per vector step), milliseconds, median.
 The speed-up figures are ratios to the `paper` preset measured alongside. Runs on CUDA when present
@@ -29,6 +30,7 @@ from kp_rl.data import atomic_write_json
 from kp_rl.keypoints import count_parameters
 from kp_rl.model import PerceptionModel, resolve_device
 from kp_rl.report import save_figure
+from kp_rl.train import _CudaGraphStep
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -71,16 +73,36 @@ def bench_preset(name: str, repeats: int, device: torch.device) -> dict[str, flo
     features = torch.rand(train.dynamics_batch_size, dyn.sequence_length, model.feature_dim, device=device)
     actions = torch.rand(train.dynamics_batch_size, dyn.sequence_length, 1, device=device) * 2 - 1
     rewards = torch.rand(train.dynamics_batch_size, dyn.sequence_length, device=device)
-    dyn_optimizer = torch.optim.Adam(model.dynamics.parameters(), lr=1e-3)
+    dyn_batch = {"features": features, "action": actions, "reward": rewards}
+    dyn_params = list(model.dynamics.parameters())
+
+    def dyn_step_fn(capturable: bool):  # the training loop's step: loss, backward, clipping, Adam
+        dyn_optimizer = torch.optim.Adam(dyn_params, lr=1e-3, capturable=capturable)
+
+        def step(batch: dict[str, torch.Tensor], at: int | torch.Tensor) -> tuple[torch.Tensor]:
+            loss, _ = model.dynamics.loss(batch["features"], batch["action"], batch["reward"], at, 1000)
+            dyn_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(dyn_params, train.clip_grad_norm)
+            dyn_optimizer.step()
+            return (loss,)
+
+        return step
+
+    eager_step = dyn_step_fn(False)
 
     def dyn_step() -> None:
         with autocast:
-            loss, _ = model.dynamics.loss(features, actions, rewards, 100, 1000)
-        dyn_optimizer.zero_grad()
-        loss.backward()
-        dyn_optimizer.step()
+            eager_step(dyn_batch, 100)
 
-    dyn_seconds = timed(dyn_step, repeats, device)
+    dyn_seconds = timed(dyn_step, repeats, device)  # eager (bf16 autocast on CUDA, as before the graphs)
+    graph_seconds = None
+    if device.type == "cuda":  # what kp_rl.train now runs there: the step replayed from a CUDA graph (fp32)
+        graphed = _CudaGraphStep(dyn_step_fn(True), device)
+        for _ in range(graphed.warmup + 1):
+            graphed(dyn_batch, 100)
+        assert graphed.replaying, "the VRNN step could not be captured"
+        graph_seconds = timed(lambda: graphed(dyn_batch, 100), repeats * 4, device)
     model.eval()
     latency = {}
     for batch in (1, 16):
@@ -99,7 +121,9 @@ def bench_preset(name: str, repeats: int, device: torch.device) -> dict[str, flo
             "feature_dim": model.feature_dim, "cnn_feature_dim": cnn.feature_dim,
             "train_batch_frames": train.batch_size * train.sequence_length,
             "train_frames_per_s": train.batch_size * train.sequence_length / ae_seconds,
-            "train_step_s": ae_seconds, "vrnn_steps_per_s": 1.0 / dyn_seconds,
+            "train_step_s": ae_seconds, "vrnn_steps_per_s": 1.0 / (graph_seconds or dyn_seconds),
+            "vrnn_steps_per_s_eager": 1.0 / dyn_seconds,
+            "vrnn_cuda_graph_speedup": dyn_seconds / graph_seconds if graph_seconds else None,
             "encode_1_frame_ms": latency[1], "encode_16_frames_ms": latency[16]}
 
 
@@ -120,6 +144,10 @@ def main() -> None:
         print(f"{name:8s} {r['parameters_autoencoder']:10d} {r['parameters_cnn_autoencoder']:8d} {r['train_frames_per_s']:15.1f} {r['vrnn_steps_per_s']:13.1f} "
               f"{r['encode_1_frame_ms']:14.2f} {r['encode_16_frames_ms']:15.2f}")
     print(f"cpu preset trains {rows['cpu']['train_frames_per_s_vs_paper']:.1f}x the paper preset's frames/s")
+    for name, r in rows.items():
+        if r["vrnn_cuda_graph_speedup"]:
+            print(f"{name} VRNN steps/s: CUDA graph {r['vrnn_steps_per_s']:.1f} vs eager {r['vrnn_steps_per_s_eager']:.1f} "
+                  f"({r['vrnn_cuda_graph_speedup']:.1f}x)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / f"results_{device.type}.json", {"device": str(device), "presets": rows,

@@ -138,7 +138,8 @@ class TrainConfig:
     num_workers: int = 0
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU (and by the VRNN stage's CUDA graph, fp32)
+    cuda_graphs: bool = True  # VRNN stage on one GPU: each step replayed from a CUDA graph (launch-bound otherwise)
 
     def validate(self) -> None:
         for name in ("batch_size", "sequence_length", "steps", "dynamics_steps", "dynamics_batch_size", "log_every",

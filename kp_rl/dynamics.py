@@ -271,20 +271,28 @@ class KeypointVRNN(nn.Module):
         return future_x, future_r
 
     # ------------------------------------------------------------------ training objective
-    def schedules(self, step: int, total_steps: int) -> tuple[float, float, float]:
+    def schedules(self, step: int | Tensor, total_steps: int) -> tuple[float | Tensor, float | Tensor, float | Tensor]:
         """Annealed KL weight and scheduled-sampling probabilities of feeding the true features.
 
+        Args:
+            step: the training step, a number or a 0-dim tensor (a CUDA graph's step input: the results are
+                then tensors on its device, computed without leaving it).
+            total_steps: length of training.
         Returns:
             ``(kl_weight, teacher_prob_observed, teacher_prob_predicted)``.
         """
         cfg = self.cfg
-        kl_weight = cfg.kl_weight * (min(1.0, step / cfg.kl_anneal_steps) if cfg.kl_anneal_steps > 0 else 1.0)
+
+        def unit(value: float | Tensor) -> float | Tensor:  # clamped to [0, 1]
+            return value.clamp(0.0, 1.0) if isinstance(value, Tensor) else min(1.0, max(0.0, value))
+
+        kl_weight = cfg.kl_weight * (unit(step / cfg.kl_anneal_steps) if cfg.kl_anneal_steps > 0 else 1.0)
         ramp = cfg.sampling_ramp_fraction * total_steps
-        frac = min(1.0, max(0.0, step / ramp)) if ramp > 0 else 1.0
+        frac = unit(step / ramp) if ramp > 0 else 1.0
         return (kl_weight, 1.0 + frac * (cfg.sampling_observed_end - 1.0),
                 1.0 + frac * (cfg.sampling_predicted_end - 1.0))
 
-    def loss(self, features: Tensor, actions: Tensor, rewards: Tensor, step: int,
+    def loss(self, features: Tensor, actions: Tensor, rewards: Tensor, step: int | Tensor,
              total_steps: int) -> tuple[Tensor, dict[str, Tensor]]:
         """Training objective: observe ``N`` steps with the posterior, predict ``M`` with the prior.
 
@@ -299,7 +307,8 @@ class KeypointVRNN(nn.Module):
             features: ``(B, N + M, D)`` true features, **detached** by the caller.
             actions: ``(B, N + M, A)``.
             rewards: ``(B, N + M)``.
-            step: current training step (KL annealing, scheduled sampling).
+            step: current training step (KL annealing, scheduled sampling); a 0-dim tensor on the features'
+                device keeps the whole loss on the device (no host copies or synchronisation: CUDA-graph capture).
             total_steps: length of training (scheduled-sampling ramp).
         Returns:
             ``(loss, info)`` with info keys ``loss, kl, coord_observed, coord_predicted, reward_observed,
@@ -342,7 +351,8 @@ class KeypointVRNN(nn.Module):
             coord.append(best_error.mean())
             reward.append((r_hat - rewards[:, t]).pow(2).mean())
             teacher = p_observed if t < observed else p_predicted
-            fed = target if float(torch.rand(())) < teacher else x_hat
+            coin = torch.rand((), device=features.device)  # on the device: no host round trip per step
+            fed = torch.where(coin < teacher, target, x_hat)
             state = VRNNState(h, z, fed)
         coord_t, reward_t = torch.stack(coord), torch.stack(reward)
         kl = torch.stack(kls).mean() if kls else features.new_zeros(())
@@ -355,8 +365,11 @@ class KeypointVRNN(nn.Module):
             "coord_predicted": coord_t[observed:].mean().detach() if predicted else zero,
             "reward_observed": reward_t[:observed].mean().detach(),
             "reward_predicted": reward_t[observed:].mean().detach() if predicted else zero,
-            "kl_weight": torch.tensor(kl_weight, device=features.device),
-            "teacher_prob_observed": torch.tensor(p_observed, device=features.device),
+            # torch.full, not torch.tensor: a fill on the device rather than a copy from the host
+            "kl_weight": torch.full((), kl_weight, device=features.device) if not isinstance(kl_weight, Tensor)
+            else kl_weight.detach(),
+            "teacher_prob_observed": torch.full((), p_observed, device=features.device)
+            if not isinstance(p_observed, Tensor) else p_observed.detach(),
         }
         return loss, info
 

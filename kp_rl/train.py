@@ -28,6 +28,7 @@ import contextlib
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -108,6 +109,76 @@ class _Objective(nn.Module):
         return loss, parts
 
 
+class _CudaGraphStep:
+    """A training step captured once as a CUDA graph and replayed (the VRNN stage on a GPU).
+
+    An eager VRNN step is a few thousand tiny kernels, each costing more in Python and launch overhead than
+    on the GPU; replayed as one graph, the step costs one launch. ``step_fn(batch, step)`` is the whole step
+    (loss, backward, clipping, optimiser update; the optimiser built with ``capturable=True``); ``step`` reaches
+    it as a 0-dim tensor on the device. The first ``warmup`` calls run eagerly on a side stream (as capture
+    requires); the next one copies its batch into static buffers, captures, and replays; later calls copy their
+    batch in and replay. A batch of another shape runs eagerly. If the capture fails, a warning says why and
+    every later step runs eagerly.
+    """
+
+    def __init__(self, step_fn: Callable[[dict[str, Tensor], Tensor], tuple[Tensor, ...]], device: torch.device,
+                 warmup: int = 3) -> None:
+        self.step_fn, self.device, self.warmup = step_fn, device, warmup
+        self.step = torch.zeros((), device=device)
+        self.calls = 0
+        self.failed = False
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_batch: dict[str, Tensor] = {}
+        self.static_out: tuple[Tensor, ...] = ()
+
+    @property
+    def replaying(self) -> bool:
+        return self.graph is not None
+
+    def __call__(self, batch: dict[str, Tensor], step: int) -> tuple[Tensor, ...]:
+        self.step.fill_(step)
+        self.calls += 1
+        if self.graph is not None and all(self.static_batch[k].shape == v.shape for k, v in batch.items()):
+            for key, value in batch.items():
+                self.static_batch[key].copy_(value, non_blocking=True)
+            self.graph.replay()
+            return self.static_out
+        if self.failed or self.graph is not None or self.calls <= self.warmup:
+            return self._on_side_stream(batch)
+        self.static_batch = {k: v.clone() for k, v in batch.items()}
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.static_out = self.step_fn(self.static_batch, self.step)
+        except RuntimeError as error:  # e.g. an op that synchronises with the host
+            warnings.warn(f"CUDA graph capture of the training step failed, training eagerly: {error}",
+                          RuntimeWarning, stacklevel=2)
+            self.failed, self.static_batch, self.static_out = True, {}, ()
+            return self._on_side_stream(batch)
+        self.graph = graph
+        graph.replay()  # capturing ran nothing: this is the step itself
+        return self.static_out
+
+    def _on_side_stream(self, batch: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            out = self.step_fn(batch, self.step)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        return out
+
+
+def _set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
+    """Make a loaded Adam state fit this run: ``capturable`` (step counts on the parameters' device, as CUDA
+    graphs need) or not (step counts on the host, which a CPU run requires)."""
+    for group in optimizer.param_groups:
+        group["capturable"] = capturable
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if "step" in state:
+                state["step"] = state["step"].to(param.device if capturable else "cpu", torch.float32)
+
+
 def _train_loader(data: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int,
                   context: distributed.DistributedContext) -> DataLoader:
     """Batches of this rank: ``batch_size`` is the per-rank size; the global batch is ``batch_size x world``."""
@@ -149,6 +220,7 @@ def fit(
     images_fn: Callable[[dict[str, Tensor]], Tensor] | None = None,
     progress: bool = True,
     shuffle: bool = True,
+    cuda_graph: bool = False,
 ) -> Path:
     """The shared training loop. Resumes from ``out/model.pt`` when it holds an unfinished run of ``stage``.
 
@@ -168,6 +240,9 @@ def fit(
         l2_parameters: tensors that get ``weight_decay * sum(w**2)`` added to the loss.
         images_fn: batch -> uint8 image grid (3, H, W) for TensorBoard, every ``image_every`` steps.
         shuffle: random window order (False: dataset order, e.g. to compare runs step by step).
+        cuda_graph: on a CUDA device in one process, replay each step from a CUDA graph (in fp32: ``amp`` is
+            not applied), for losses that keep to the device (no host copies, no data-dependent Python
+            branches) and take their step as a tensor; see :class:`_CudaGraphStep`.
     Returns:
         Path of the final checkpoint.
     """
@@ -183,13 +258,14 @@ def fit(
             model.to(device)
         return _fit(model, parameters, loss_fn, train_data, val_data, out, path, device, context, steps=steps,
                     batch_size=batch_size, stage=stage, l2_parameters=l2_parameters, images_fn=images_fn,
-                    progress=progress, shuffle=shuffle)
+                    progress=progress, shuffle=shuffle, cuda_graph=cuda_graph)
 
 
 def _fit(model: PerceptionModel, parameters: list[torch.nn.Parameter], loss_fn: Callable, train_data: Dataset,
          val_data: Dataset | None, out: Path, path: Path, device: torch.device,
          context: distributed.DistributedContext, *, steps: int, batch_size: int, stage: str,
-         l2_parameters: list[torch.nn.Parameter], images_fn: Callable | None, progress: bool, shuffle: bool) -> Path:
+         l2_parameters: list[torch.nn.Parameter], images_fn: Callable | None, progress: bool, shuffle: bool,
+         cuda_graph: bool) -> Path:
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
@@ -197,12 +273,14 @@ def _fit(model: PerceptionModel, parameters: list[torch.nn.Parameter], loss_fn: 
     cfg = model.config.train
     main = context.is_main
     out.mkdir(parents=True, exist_ok=True)
-    optimizer = torch.optim.Adam(parameters, lr=cfg.lr)
+    graphed = cuda_graph and device.type == "cuda" and not context.enabled
+    optimizer = torch.optim.Adam(parameters, lr=cfg.lr, capturable=graphed)
     start_step, history = 0, {"train": [], "val": []}
     if path.exists():
         state = read_checkpoint(path)["train_state"] or {}
         if state.get("stage") == stage:
             optimizer.load_state_dict(state["optimizer"])
+            _set_capturable(optimizer, graphed)  # the checkpoint may come from the other kind of run
             start_step, history = state["step"], state["history"]
             torch.set_rng_state(state["torch_rng"])
     if start_step >= steps:
@@ -215,7 +293,7 @@ def _fit(model: PerceptionModel, parameters: list[torch.nn.Parameter], loss_fn: 
     batches = _forever(loader)
     writer = SummaryWriter(str(out / "tb"), purge_step=start_step) if main else None
     objective: nn.Module = _Objective(list(parameters), loss_fn, list(l2_parameters), cfg.weight_decay,
-                                      lambda: _autocast(device, cfg.amp))
+                                      lambda: _autocast(device, cfg.amp and not graphed))
     if context.enabled:
         objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
                                             find_unused_parameters=False)
@@ -241,7 +319,7 @@ def _fit(model: PerceptionModel, parameters: list[torch.nn.Parameter], loss_fn: 
             for i, batch in enumerate(val_loader):
                 if i >= cfg.eval_batches:
                     break
-                with _autocast(device, cfg.amp):
+                with _autocast(device, cfg.amp and not graphed):
                     _, parts = loss_fn(to_device(batch), step)
                 for name, value in parts.items():
                     sums[name] = sums.get(name, 0.0) + float(value)
@@ -253,6 +331,18 @@ def _fit(model: PerceptionModel, parameters: list[torch.nn.Parameter], loss_fn: 
             if name != "step":
                 writer.add_scalar(f"val/{name}", value, step)
 
+    def train_step(batch: dict[str, Tensor], step: int | Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        loss, parts = objective(batch, step)
+        if not graphed and not torch.isfinite(loss):  # (a graph's loss is checked after its replay)
+            raise FloatingPointError(f"{stage} loss is {float(loss)} at step {step}; lower train.lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.clip_grad_norm)
+        optimizer.step()
+        return loss.detach(), parts, grad_norm  # (a kept autograd graph would pin the parameters' grad nodes)
+
+    graph_step = _CudaGraphStep(train_step, device) if graphed else None
+
     model.train()
     bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=f"train {stage}",
                disable=not (progress and main), unit="step")
@@ -260,13 +350,12 @@ def _fit(model: PerceptionModel, parameters: list[torch.nn.Parameter], loss_fn: 
     try:
         for step in bar:
             batch = to_device(next(batches))
-            loss, parts = objective(batch, step)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{stage} loss is {float(loss)} at step {step}; lower train.lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.clip_grad_norm)
-            optimizer.step()
+            if graph_step is None:
+                loss, parts, grad_norm = train_step(batch, step)
+            else:
+                loss, parts, grad_norm = graph_step(batch, step)
+                if not torch.isfinite(loss):  # the update is done: stop before anything is saved
+                    raise FloatingPointError(f"{stage} loss is {float(loss)} at step {step}; lower train.lr")
             done = step + 1
             if done % cfg.log_every == 0 or done == steps:
                 parts = distributed.mean_across_ranks(parts)
@@ -274,6 +363,8 @@ def _fit(model: PerceptionModel, parameters: list[torch.nn.Parameter], loss_fn: 
                 elapsed = time.perf_counter() - tick
                 row = {"step": done, **{k: float(v) for k, v in parts.items()}, "grad_norm": float(grad_norm),
                        "steps_per_s": (done - logged) / max(elapsed, 1e-9)}
+                if graph_step is not None:
+                    row["cuda_graph"] = float(graph_step.replaying)
                 history["train"].append(row)
                 for name, value in row.items():
                     if name != "step":
@@ -475,11 +566,12 @@ def train_dynamics(
     model.autoencoder.eval()
     steps = config.train.dynamics_steps
 
-    def loss_fn(batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss_fn(batch: dict[str, Tensor], step: int | Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         return dynamics.loss(batch["features"], batch["action"], batch["reward"], step, steps)
 
     return fit(model, list(dynamics.parameters()), loss_fn, train_set, val_set, out, steps=steps,
-               batch_size=config.train.dynamics_batch_size, stage="dynamics", progress=progress)
+               batch_size=config.train.dynamics_batch_size, stage="dynamics", progress=progress,
+               cuda_graph=config.train.cuda_graphs)
 
 
 def _with_config(model: PerceptionModel, config: Config) -> PerceptionModel:

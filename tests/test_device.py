@@ -206,3 +206,26 @@ def test_cuda_graph_paths_match_eager_and_follow_new_weights(trained: Path) -> N
         np.testing.assert_allclose(copy.reset(seed=0)[0], observations[0], atol=1e-5)
         copy.close()
         env.close()
+
+
+@pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="CUDA graphs: a CUDA device only")
+def test_vrnn_training_replays_a_cuda_graph_with_the_eager_results(trained: Path, data: Path,
+                                                                    tmp_path: Path) -> None:
+    import warnings
+
+    history = json.loads((trained.parent / "history.json").read_text())["train"]
+    assert history[-1]["cuda_graph"] == 1.0  # the fixture's VRNN trained from a graph
+    # a deterministic VRNN (no latent, always the true features fed back): graph and eager steps must agree
+    deterministic = {"dynamics": {"stochastic": False, "sampling_observed_end": 1.0, "sampling_predicted_end": 1.0}}
+    weights = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="CUDA graph capture")  # fail here instead of falling back
+        for graphs in (True, False):
+            path = train_dynamics(trained.parent.parent / "ae", data, tmp_path / f"graphs-{graphs}",
+                                  {**deterministic, "train": {"cuda_graphs": graphs, "amp": False}}, device=DEVICE,
+                                  progress=False)
+            weights[graphs] = load(path, DEVICE).dynamics.state_dict()
+            rows = json.loads((tmp_path / f"graphs-{graphs}" / "history.json").read_text())["train"]
+            assert rows[-1].get("cuda_graph", 0.0) == float(graphs) and rows[-1]["loss"] < rows[0]["loss"]
+    for name, value in weights[True].items():
+        torch.testing.assert_close(value, weights[False][name], atol=1e-4, rtol=1e-3, msg=name)

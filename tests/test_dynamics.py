@@ -110,6 +110,31 @@ def test_schedules() -> None:
     assert model.schedules(100, 100)[1:] == pytest.approx((0.1, 0.5))
 
 
+@pytest.mark.parametrize("step", [0, 5, 40, 100])
+def test_a_tensor_step_gives_the_same_loss_as_a_number(step: int) -> None:
+    """What a CUDA graph feeds the loss (the step as a device tensor): the same schedules, loss and gradients."""
+    model = KeypointVRNN(tiny_config(kl_weight=0.5, kl_anneal_steps=10), D, A)
+    for got, want in zip(model.schedules(torch.tensor(float(step)), 100), model.schedules(step, 100)):
+        assert isinstance(got, torch.Tensor) and float(got) == pytest.approx(want)
+    features, actions, rewards = batch()
+    results = []
+    for at in (step, torch.tensor(float(step))):
+        torch.manual_seed(1)
+        model.zero_grad()
+        loss, info = model.loss(features, actions, rewards, at, 100)
+        loss.backward()
+        results.append((loss.detach(), {k: v.clone() for k, v in info.items()},
+                        [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (loss_n, info_n, grads_n), (loss_t, info_t, grads_t) = results
+    torch.testing.assert_close(loss_t, loss_n)
+    assert info_t.keys() == info_n.keys() and all(info_t[k].shape == () for k in info_t)
+    for key in info_n:
+        torch.testing.assert_close(info_t[key], info_n[key])
+    assert len(grads_t) == len(grads_n) > 0
+    for a, b in zip(grads_t, grads_n):
+        torch.testing.assert_close(a, b)
+
+
 def test_best_of_many_picks_minimum_and_routes_gradient() -> None:
     errors = torch.tensor([[3.0, 0.5], [1.0, 2.0], [2.0, 4.0]], requires_grad=True)
     best, index = best_of_many(errors)

@@ -82,6 +82,23 @@ def test_dynamics_training_and_cnn_baseline(data, config, keypoint_run, tmp_path
     assert cnn.feature_dim == 12 and not cnn.config.dynamics.stochastic
 
 
+def test_dynamics_resume_takes_the_optimiser_state_of_a_cuda_graph_run(data, config, keypoint_run, tmp_path):
+    """A VRNN run on a GPU saves a capturable Adam (CUDA graphs); resuming it on the CPU must still work."""
+    out = tmp_path / "dyn"
+    train_dynamics(keypoint_run, data, out, {"train": {"dynamics_steps": 10}}, progress=False)
+    ckpt = read_checkpoint(out / "model.pt")
+    optimiser = ckpt["train_state"]["optimizer"]
+    assert optimiser["state"] and all(not group["capturable"] for group in optimiser["param_groups"])
+    for group in optimiser["param_groups"]:
+        group["capturable"] = True  # as the GPU run stores it
+    ckpt["config"]["train"]["dynamics_steps"] = 20
+    torch.save(ckpt, out / "model.pt")
+    train_dynamics(keypoint_run, data, out, progress=False)
+    state = read_checkpoint(out / "model.pt")["train_state"]
+    assert state["step"] == 20
+    assert all(not group["capturable"] for group in state["optimizer"]["param_groups"])
+
+
 def test_load_errors_name_the_problem(keypoint_run, tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load(tmp_path / "missing.pt")
