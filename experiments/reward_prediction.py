@@ -160,11 +160,12 @@ def train_vrnn(model: nn.Module, train_set: FeatureSequences, val_set: FeatureSe
     steps = cfg.train.dynamics_steps
     start = time.perf_counter()
 
-    def loss_fn(batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss_fn(batch: dict[str, Tensor], step: int | Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         return dynamics.loss(batch["features"], batch["action"], batch["reward"], step, steps)
 
     fit(model, list(dynamics.parameters()), loss_fn, train_set, val_set, out, steps=steps,
-        batch_size=cfg.train.dynamics_batch_size, stage="dynamics", progress=progress)
+        batch_size=cfg.train.dynamics_batch_size, stage="dynamics", progress=progress,
+        cuda_graph=cfg.train.cuda_graphs)
     history = read_checkpoint(out / MODEL_FILE)["train_state"]["history"]
     return {"seconds_this_call": round(time.perf_counter() - start, 2), "steps_per_s": steps_per_second(history)}
 
