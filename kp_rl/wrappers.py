@@ -50,7 +50,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs, VecEnvStepReturn
 
 from kp_rl.dynamics import StepOutput, VRNNState
-from kp_rl.inference import FastEncoder, GraphedCall, GraphedEncoder
+from kp_rl.inference import FastBelief, FastEncoder, GraphedCall, GraphedEncoder
 from kp_rl.model import PerceptionModel, load, resolve_device
 
 __all__ = ["KeypointObservation", "StateObservation", "VecKeypointObservation", "VectorKeypointObservation",
@@ -104,14 +104,15 @@ class _Running:
     """The context of :meth:`_Perception.running` (a small class: a generator-based context manager costs a
     wrapper step several microseconds more)."""
 
-    __slots__ = ("threads", "previous", "mode")
+    __slots__ = ("threads", "inference", "previous", "mode")
 
-    def __init__(self, threads: int | None) -> None:
-        self.threads = threads
+    def __init__(self, threads: int | None, inference: bool) -> None:
+        self.threads, self.inference = threads, inference
 
     def __enter__(self) -> None:
-        self.mode = torch.inference_mode()
-        self.mode.__enter__()
+        if self.inference:
+            self.mode = torch.inference_mode()
+            self.mode.__enter__()
         self.previous = torch.get_num_threads()
         if self.threads is not None and self.previous != self.threads:
             torch.set_num_threads(self.threads)
@@ -119,7 +120,8 @@ class _Running:
     def __exit__(self, *exc: object) -> None:
         if self.threads is not None and self.previous != self.threads:
             torch.set_num_threads(self.previous)
-        self.mode.__exit__(*exc)
+        if self.inference:
+            self.mode.__exit__(*exc)
 
 
 class _Perception:
@@ -158,6 +160,7 @@ class _Perception:
         self._fast: Callable[[np.ndarray], torch.Tensor] = FastEncoder(model) if self.device.type == "cpu" \
             else GraphedEncoder(model)
         self._graphed_observe: GraphedCall | None = None
+        self._fast_belief = FastBelief(model) if self.device.type == "cpu" and model.dynamics is not None else None
         if self.device.type == "cuda" and model.dynamics is not None:
             self._graphed_observe = GraphedCall(functools.partial(_observe_flat, model),
                                                 functools.partial(getattr, model, "dynamics"))
@@ -189,14 +192,20 @@ class _Perception:
                              f"actions but the env's action space {space} has {action_dim}")
 
     # -- computation (callers hold running()) --------------------------------------------------------------
-    def running(self) -> "_Running":
+    def running(self, model_calls: bool = True) -> "_Running":
         """``torch.inference_mode`` with torch's CPU thread count set to ``num_threads`` (restored on exit).
 
         A handful of small frames gains nothing from intra-op threads, and on a loaded machine each parallel
         region waits for a descheduled thread: with 2 threads on 2 busy cores one ``encode`` took ~100 ms
         instead of ~1 ms (experiments/bench_wrapper.py). Setting the count costs well under a microsecond.
+
+        Args:
+            model_calls: the caller runs the model's own modules. ``False`` where it only calls :meth:`encode`,
+                :meth:`update` and the conversions: on the CPU their fast paths build no autograd graph, and
+                the inference mode is skipped (a few microseconds of every observation wrapper's step).
         """
-        return _Running(None if self.device.type != "cpu" else self.num_threads)
+        cpu = self.device.type == "cpu"
+        return _Running(self.num_threads if cpu else None, inference=model_calls or not cpu)
 
     def encode(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 ``(B, H, W, 3)`` -> features ``(B, D)`` on the device: one host -> device copy.
@@ -215,13 +224,15 @@ class _Perception:
             actions: one action (``batch=None``) or ``batch`` of them stacked (a VecEnv's).
             batch: ``None`` for one unbatched action.
         """
-        rows = [actions] if batch is None else list(actions)
         if isinstance(space, spaces.Box):
-            flat = np.clip(np.asarray(rows, np.float32).reshape(len(rows), -1), space.low.reshape(-1),
-                           space.high.reshape(-1)).astype(np.float32, copy=False)  # Shimmy: float64 bounds
+            flat = np.array(actions, np.float32).reshape(1 if batch is None else batch, -1)  # a copy: clipped in place
+            # (minimum/maximum into the float32 array: Shimmy's bounds are float64; np.clip costs more here)
+            np.maximum(np.minimum(flat, space.high.reshape(-1), out=flat), space.low.reshape(-1), out=flat)
         else:
+            rows = [actions] if batch is None else list(actions)
             flat = np.stack([spaces.flatten(space, a) for a in rows]).astype(np.float32)
-        return torch.from_numpy(flat).to(self.device)
+        tensor = torch.from_numpy(flat)
+        return tensor if self.device.type == "cpu" else tensor.to(self.device)
 
     def initial_state(self, batch: int) -> VRNNState:
         return self.model.dynamics.initial_state(batch, self.device)
@@ -242,6 +253,8 @@ class _Perception:
             actions = features.new_zeros(features.shape[0], self.model.action_dim)
         if self._graphed_observe is not None:  # one graph replay either way
             return self.observe(state, features, actions)[0]
+        if self._fast_belief is not None:  # numpy on the CPU: ~2x faster at one env's batch
+            return self._fast_belief(state, features, actions)
         return self.model.dynamics.update_belief(state, features, actions)
 
     def observe_restarting(self, state: VRNNState, features: torch.Tensor, actions: torch.Tensor,
@@ -256,9 +269,12 @@ class _Perception:
 
     def output(self, features: torch.Tensor, state: VRNNState | None, space: spaces.Box) -> np.ndarray:
         """``(B, D [+ belief_dim])`` float32 numpy within ``space`` (one device -> host copy)."""
-        if state is not None:
-            features = torch.cat([features, self.model.dynamics.belief(state)], dim=-1)
-        out = features.cpu().numpy()
+        if state is None:
+            out = features.cpu().numpy()
+        elif features.device.type == "cpu":  # KeypointVRNN.belief's concat(h, z), in numpy (cheaper call)
+            out = np.concatenate([features.numpy(), state.h.numpy(), state.z.numpy()], axis=-1)
+        else:
+            out = torch.cat([features, self.model.dynamics.belief(state)], dim=-1).cpu().numpy()
         # float rounding can leave x = 1 + 1e-7 (minimum/maximum: np.clip costs several times more here)
         return np.maximum(np.minimum(out, space.high, out=out), space.low, out=out)
 
@@ -356,7 +372,7 @@ class KeypointObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArg
 
     def _encode(self, observation: Any, action: Any, update: bool, first: bool) -> np.ndarray:
         perception = self._perception
-        with perception.running():
+        with perception.running(model_calls=False):
             features = perception.encode(self._frame(observation)[None])
             if not self.belief:
                 return perception.output(features, None, self.observation_space)[0]
@@ -603,7 +619,7 @@ class VecKeypointObservation(VecEnvWrapper):
     def reset(self) -> VecEnvObs:
         observations = self.venv.reset()
         perception = self._perception
-        with self._perception.running():
+        with self._perception.running(model_calls=False):
             features = perception.encode(observations)
             if self.belief:
                 self._state = perception.update(perception.initial_state(self.num_envs), features, None)
@@ -621,7 +637,7 @@ class VecKeypointObservation(VecEnvWrapper):
         frames = observations
         if terminal:  # one batch: current frames, then the terminal frames
             frames = np.concatenate([observations, np.stack([infos[i]["terminal_observation"] for i in terminal])])
-        with self._perception.running():
+        with self._perception.running(model_calls=False):
             features = perception.encode(frames)
             state = None
             if self.belief:
@@ -709,7 +725,7 @@ class VectorKeypointObservation(gym.vector.VectorWrapper):
         restart = np.ones(self.num_envs, bool) if mask is None or self._state is None else np.asarray(mask, bool)
         observations, infos = self.env.reset(seed=seed, options=options)
         perception = self._perception
-        with perception.running():
+        with perception.running(model_calls=False):
             features = perception.encode(observations)
             if self.belief:  # a fresh belief from each reset frame, as after a full reset
                 fresh = perception.update(perception.initial_state(self.num_envs), features, None)
@@ -729,7 +745,7 @@ class VectorKeypointObservation(gym.vector.VectorWrapper):
             raise RuntimeError("VectorKeypointObservation: call reset() before step()")
         observations, rewards, terminations, truncations, infos = self.env.step(actions)
         perception = self._perception
-        with perception.running():
+        with perception.running(model_calls=False):
             features = perception.encode(observations)
             if self.belief:
                 self._state = perception.observe_restarting(

@@ -11,7 +11,7 @@ from torch import nn
 
 import kp_rl
 from kp_rl import inference
-from kp_rl.inference import FastEncoder, GraphedCall, GraphedEncoder
+from kp_rl.inference import FastBelief, FastEncoder, GraphedCall, GraphedEncoder
 from kp_rl.model import PerceptionModel
 
 SIZE = 32
@@ -44,6 +44,19 @@ def test_same_features_as_the_model(representation: str, batch: int) -> None:
         assert got.shape == expected.shape == (batch, model.feature_dim) and got.dtype == torch.float32
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(FastEncoder(model)(torch.from_numpy(x)), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("representation", ["keypoints", "cnn"])
+def test_builds_no_autograd_graph_outside_inference_mode(representation: str) -> None:
+    """The wrappers call the fast paths without torch.inference_mode: nothing they return may require grad
+    (a one-channel head's weight, viewed, once kept its parameter's requires_grad)."""
+    config = kp_rl.get_preset("cpu").replace(**SMALL).replace(cnn={"map_channels": 1})
+    model = PerceptionModel(config, representation, action_dim=1, with_dynamics=True)
+    features = FastEncoder(model)(frames(2))
+    state = FastBelief(model)(model.dynamics.initial_state(2), features, torch.zeros(2, 1))
+    assert not any(t.requires_grad for t in (features, *state))
+    with torch.no_grad():
+        torch.testing.assert_close(features, model.encode(frames(2)), atol=1e-5, rtol=1e-5)
 
 
 def test_one_hot_frame_gives_a_keypoint_where_the_model_puts_it() -> None:
@@ -185,6 +198,61 @@ def test_a_compiled_graph_is_checked_before_use(representation: str, monkeypatch
         torch.testing.assert_close(fast(frames(2)), model.encode(frames(2)), atol=1e-5, rtol=1e-5)
     assert list(fast._plan.compiled.values()) == [None]
     assert not torch.jit.onednn_fusion_enabled()  # the global switch is restored
+
+
+def belief_model(seed: int = 0, action_dim: int = 2, **dynamics: object) -> PerceptionModel:
+    torch.manual_seed(seed)
+    config = kp_rl.get_preset("cpu").replace(**SMALL, dynamics={"rnn_units": 16, "latent_dim": 3, "posterior_hidden": 8,
+                                                                **dynamics})
+    model = PerceptionModel(config, action_dim=action_dim, with_dynamics=True).eval()
+    with torch.no_grad():  # GRU and posterior weights at a scale where the gates saturate now and then
+        for p in model.dynamics.parameters():
+            p.normal_(0.0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("variant", [{}, {"stochastic": False}, {"action_dim": 0}])
+def test_fast_belief_is_update_belief(variant: dict) -> None:
+    variant = dict(variant)
+    model = belief_model(action_dim=variant.pop("action_dim", 2), **variant)
+    dynamics, fast = model.dynamics, FastBelief(model)
+    steps, batch = 12, 3
+    features = torch.rand(steps, batch, model.feature_dim)
+    actions = torch.rand(steps, batch, model.action_dim) * 2 - 1
+    with torch.inference_mode():
+        state = mine = dynamics.initial_state(batch)
+        for t in range(steps):
+            state = dynamics.update_belief(state, features[t], actions[t])
+            mine = fast(mine, features[t], actions[t])
+            for got, want in zip(mine, state):
+                assert got.shape == want.shape and got.dtype == torch.float32
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert state.z.shape[1] == (3 if variant.get("stochastic", True) else 0)
+        with pytest.raises(ValueError, match="action: expected shape"):
+            fast(mine, features[0], actions[0, :, :1] if model.action_dim else actions[0, :, :0].new_zeros(batch, 1))
+
+
+def test_fast_belief_follows_new_weights_and_replaced_dynamics() -> None:
+    model, other = belief_model(seed=0), belief_model(seed=1)
+    fast = FastBelief(model)
+    features, actions = torch.rand(2, model.feature_dim), torch.rand(2, model.action_dim)
+    with torch.inference_mode():
+        start = model.dynamics.initial_state(2)
+        before = fast(start, features, actions).h
+        model.dynamics.load_state_dict(other.dynamics.state_dict())  # in place
+        torch.testing.assert_close(fast(start, features, actions).h,
+                                   other.dynamics.update_belief(start, features, actions).h, atol=1e-5, rtol=1e-5)
+        model.dynamics = belief_model(seed=2).dynamics  # replaced
+        torch.testing.assert_close(fast(start, features, actions).h,
+                                   model.dynamics.update_belief(start, features, actions).h, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before, fast(start, features, actions).h)
+
+
+def test_fast_belief_refuses_what_it_cannot_run() -> None:
+    with pytest.raises(ValueError, match="FastBelief needs a model with dynamics"):
+        FastBelief(small_model("keypoints"))
+    with pytest.raises(ValueError, match="FastBelief runs on the CPU; the dynamics are on meta"):
+        FastBelief(belief_model().to("meta"))
 
 
 def test_bad_input_is_named() -> None:
