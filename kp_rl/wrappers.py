@@ -104,15 +104,14 @@ class _Running:
     """The context of :meth:`_Perception.running` (a small class: a generator-based context manager costs a
     wrapper step several microseconds more)."""
 
-    __slots__ = ("threads", "inference", "previous", "mode")
+    __slots__ = ("threads", "previous", "mode")
 
-    def __init__(self, threads: int | None, inference: bool) -> None:
-        self.threads, self.inference = threads, inference
+    def __init__(self, threads: int | None) -> None:
+        self.threads = threads
 
     def __enter__(self) -> None:
-        if self.inference:
-            self.mode = torch.inference_mode()
-            self.mode.__enter__()
+        self.mode = torch.inference_mode()
+        self.mode.__enter__()
         self.previous = torch.get_num_threads()
         if self.threads is not None and self.previous != self.threads:
             torch.set_num_threads(self.threads)
@@ -120,8 +119,7 @@ class _Running:
     def __exit__(self, *exc: object) -> None:
         if self.threads is not None and self.previous != self.threads:
             torch.set_num_threads(self.previous)
-        if self.inference:
-            self.mode.__exit__(*exc)
+        self.mode.__exit__(*exc)
 
 
 class _Perception:
@@ -192,25 +190,19 @@ class _Perception:
                              f"actions but the env's action space {space} has {action_dim}")
 
     # -- computation (callers hold running()) --------------------------------------------------------------
-    def running(self, model_calls: bool = True) -> "_Running":
+    def running(self) -> "_Running":
         """``torch.inference_mode`` with torch's CPU thread count set to ``num_threads`` (restored on exit).
 
         A handful of small frames gains nothing from intra-op threads, and on a loaded machine each parallel
         region waits for a descheduled thread: with 2 threads on 2 busy cores one ``encode`` took ~100 ms
         instead of ~1 ms (experiments/bench_wrapper.py). Setting the count costs well under a microsecond.
-
-        Args:
-            model_calls: the caller runs the model's own modules. ``False`` where it only calls :meth:`encode`,
-                :meth:`update` and the conversions: on the CPU their fast paths build no autograd graph, and
-                the inference mode is skipped (a few microseconds of every observation wrapper's step).
         """
-        cpu = self.device.type == "cpu"
-        return _Running(self.num_threads if cpu else None, inference=model_calls or not cpu)
+        return _Running(self.num_threads if self.device.type == "cpu" else None)
 
     def encode(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 ``(B, H, W, 3)`` -> features ``(B, D)`` on the device: one host -> device copy.
 
-        On the CPU through :class:`~kp_rl.inference.FastEncoder` (the same features, ~2.7x faster for one
+        On the CPU through :class:`~kp_rl.inference.FastEncoder` (the same features, ~2.9x faster for one
         frame), on CUDA through :class:`~kp_rl.inference.GraphedEncoder` (CUDA graphs, frames copied in from
         a pinned buffer).
         """
@@ -372,7 +364,7 @@ class KeypointObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArg
 
     def _encode(self, observation: Any, action: Any, update: bool, first: bool) -> np.ndarray:
         perception = self._perception
-        with perception.running(model_calls=False):
+        with perception.running():
             features = perception.encode(self._frame(observation)[None])
             if not self.belief:
                 return perception.output(features, None, self.observation_space)[0]
@@ -619,7 +611,7 @@ class VecKeypointObservation(VecEnvWrapper):
     def reset(self) -> VecEnvObs:
         observations = self.venv.reset()
         perception = self._perception
-        with self._perception.running(model_calls=False):
+        with self._perception.running():
             features = perception.encode(observations)
             if self.belief:
                 self._state = perception.update(perception.initial_state(self.num_envs), features, None)
@@ -637,7 +629,7 @@ class VecKeypointObservation(VecEnvWrapper):
         frames = observations
         if terminal:  # one batch: current frames, then the terminal frames
             frames = np.concatenate([observations, np.stack([infos[i]["terminal_observation"] for i in terminal])])
-        with self._perception.running(model_calls=False):
+        with self._perception.running():
             features = perception.encode(frames)
             state = None
             if self.belief:
@@ -725,7 +717,7 @@ class VectorKeypointObservation(gym.vector.VectorWrapper):
         restart = np.ones(self.num_envs, bool) if mask is None or self._state is None else np.asarray(mask, bool)
         observations, infos = self.env.reset(seed=seed, options=options)
         perception = self._perception
-        with perception.running(model_calls=False):
+        with perception.running():
             features = perception.encode(observations)
             if self.belief:  # a fresh belief from each reset frame, as after a full reset
                 fresh = perception.update(perception.initial_state(self.num_envs), features, None)
@@ -745,7 +737,7 @@ class VectorKeypointObservation(gym.vector.VectorWrapper):
             raise RuntimeError("VectorKeypointObservation: call reset() before step()")
         observations, rewards, terminations, truncations, infos = self.env.step(actions)
         perception = self._perception
-        with perception.running(model_calls=False):
+        with perception.running():
             features = perception.encode(observations)
             if self.belief:
                 self._state = perception.observe_restarting(
