@@ -1,6 +1,6 @@
 """Fast inference paths for the wrappers: uint8 pixels -> features (and belief steps), a few frames at a time.
 
-On the CPU, :class:`FastEncoder`; on a CUDA device, :class:`GraphedEncoder` and :class:`GraphedCall`, which
+On the CPU, :class:`FastEncoder` and :class:`FastBelief`; on a CUDA device, :class:`GraphedEncoder` and :class:`GraphedCall`, which
 replay CUDA graphs (one launch instead of one per kernel: at these sizes a GPU step is launch-bound).
 
 The wrappers encode one frame per env step (or one per sub-env). At that size PyTorch's default CPU conv
@@ -16,8 +16,9 @@ the pixels, coordinate channels, heatmap centres of mass) each cost more in disp
   an eager oneDNN call spends ~20 us per layer rebuilding its primitive descriptor (more than the arithmetic
   of most of these layers). Where that compiler is missing or its result differs, the convs run eagerly on
   prepacked weights with the activation fused;
-* the keypoint head's 1x1 conv is one matrix product, and the heatmaps' centres of mass and intensities a
-  second one against a fixed ``[x, y, 1]`` grid.
+* the keypoint head's 1x1 conv is one matrix product (a 1x1 conv in the compiled graph), and the heatmaps'
+  centres of mass and intensities a second one against a fixed ``[x, y, 1]`` grid; the last few operations
+  on these ``3 K`` numbers run in numpy.
 
 Results match :meth:`PerceptionModel.encode` to float rounding (~1e-6). The plan copies nothing but a few
 reshaped kernels, and :class:`FastEncoder` rebuilds it whenever a parameter of the encoder changes
@@ -68,8 +69,8 @@ def _onednn_graph() -> bool:
             and hasattr(torch.jit, "onednn_fusion_enabled") and hasattr(torch.jit, "freeze"))
 
 
-class _TrunkModule(nn.Module):
-    """What the plan compiles, as plain ops for tracing: uint8 ``(N, H, W, 3)`` -> :meth:`_Plan.trunk`'s output
+class _ConvStage(nn.Module):
+    """What the plan compiles, as plain ops for tracing: uint8 ``(N, H, W, 3)`` -> :meth:`_Plan.conv_stage`'s output
     (keypoints: the heatmap sums, the 1x1 head as a convolution oneDNN Graph fuses; CNN: the last activations)."""
 
     def __init__(self, plan: "_Plan") -> None:
@@ -212,7 +213,7 @@ class _Plan:
             self.eps_total = self.eps * width * width
         self.conv = _conv_fn()
         self.packed = self._pack()
-        # (batch, torch threads) -> the trunk compiled by oneDNN Graph, or None where that failed. The thread
+        # (batch, torch threads) -> the conv stage compiled by oneDNN Graph, or None where that failed. The thread
         # count is part of the key: compiled primitives keep the count they were built with.
         self.compiled: dict[tuple[int, int], Callable[[Tensor], Tensor] | None] = {}
 
@@ -245,7 +246,7 @@ class _Plan:
         return packed
 
     def _compile(self, frames: Tensor) -> Callable[[Tensor], Tensor] | None:
-        """:meth:`trunk` traced, frozen and fused by oneDNN Graph for ``frames``' batch size and the current thread
+        """:meth:`conv_stage` traced, frozen and fused by oneDNN Graph for ``frames``' batch size and the current thread
         count, if this build can and it gives the unfused path's results; else None. Takes ~0.1-0.3 s."""
         if not _onednn_graph() or frames.device.type != "cpu":
             return None
@@ -255,7 +256,7 @@ class _Plan:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")  # TorchScript's deprecation notices and tracer warnings
                 torch.jit.enable_onednn_fusion(True)
-                compiled = torch.jit.freeze(torch.jit.trace(_TrunkModule(self).eval(), test))
+                compiled = torch.jit.freeze(torch.jit.trace(_ConvStage(self).eval(), test))
                 for _ in range(3):  # profiling runs; the fused plan runs from the third call
                     out = compiled(test)
                 fused = "oneDNNFusionGroup" in str(torch.jit.last_executed_optimized_graph())
@@ -269,7 +270,7 @@ class _Plan:
             torch.jit.enable_onednn_fusion(enabled)
         return compiled
 
-    def trunk(self, frames: Tensor) -> Tensor:
+    def conv_stage(self, frames: Tensor) -> Tensor:
         """uint8 ``(N, H, W, 3)`` -> for keypoints :meth:`_heatmap_sums`, else the last conv's activations:
         compiled where it can be, else eager."""
         key = (frames.shape[0], torch.get_num_threads())
@@ -314,7 +315,7 @@ class _Plan:
 
     def __call__(self, frames: Tensor) -> Tensor:
         """uint8 ``(N, H, W, 3)`` -> float32 ``(N, feature_dim)``."""
-        out = self.trunk(frames)
+        out = self.conv_stage(frames)
         n = out.shape[0]
         if not self.keypoints:
             maps = F.leaky_relu_(self._head(out), self.slope).view(n, -1, self.head_weight.shape[1])
