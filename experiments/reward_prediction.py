@@ -90,14 +90,8 @@ LABELS = {"struct": "Struct-VRNN", "cnn": "CNN-VRNN", "struct_no_kp_losses": "St
           "struct_deterministic": "Struct-VRNN, deterministic",
           "struct_no_best_of_many": "Struct-VRNN, no best-of-many",
           "state": "state VRNN (upper ref.)", BASELINE: "mean reward"}
-# Everything tiny, for the test (tests/test_reward_prediction.py): 32 px frames, short episodes, a few steps.
-QUICK = dict(keypoints={"image_size": 32, "num_keypoints": 4, "base_filters": 4, "layers_per_scale": 0},
-             cnn={"latent_dim": 12},
-             dynamics={"rnn_units": 16, "latent_dim": 4, "prior_hidden": 16, "posterior_hidden": 16,
-                       "decoder_hidden": 16, "reward_hidden": 16, "observed_steps": 4, "predicted_steps": 4,
-                       "num_samples": 3},
-             train={"batch_size": 4, "sequence_length": 4, "dynamics_batch_size": 8, "log_every": 2,
-                    "eval_every": 4, "checkpoint_every": 4, "image_every": 1000, "eval_batches": 1})
+# The smoke run's logging cadence on top of the `tiny` preset (tests/test_reward_prediction.py)
+QUICK_TRAIN = {"log_every": 2, "eval_every": 4, "checkpoint_every": 4, "image_every": 1000, "eval_batches": 1}
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -298,8 +292,8 @@ def main() -> None:
     env_kwargs: dict[str, Any] = {}
     max_steps = None
     if args.quick:
-        base = base.replace(**QUICK)
-        env_kwargs, max_steps = {"image_size": QUICK["keypoints"]["image_size"]}, 15
+        base = kp_rl.get_preset("tiny").replace(train=QUICK_TRAIN)
+        env_kwargs, max_steps = {"image_size": base.keypoints.image_size}, 15
         args.ae_steps, args.dyn_steps = min(args.ae_steps, 4), min(args.dyn_steps, 4)
         args.video_windows = min(args.video_windows, 2)
         args.threads = args.threads or 1

@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset directory (kp-rl collect)")
     p.add_argument("--out", required=True, help="run directory: model.pt, history.json, tb/ (resumes if present)")
     p.add_argument("--keypoints", help="dynamics only: the trained keypoints (or cnn) run to build on")
-    p.add_argument("--preset", default="cpu", choices=["cpu", "paper"])
+    p.add_argument("--preset", default="cpu", choices=["cpu", "paper", "tiny"])
     p.add_argument("--config", help="YAML with a preset and section overrides")
     p.add_argument("--steps", type=int, help="override the training steps of this stage")
     p.add_argument("--batch-size", type=int)

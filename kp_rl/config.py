@@ -1,4 +1,4 @@
-"""Typed configuration: dataclasses for every model and training knob, with the ``cpu`` and ``paper`` presets.
+"""Typed configuration: dataclasses for every model and training knob, with the ``paper``, ``cpu`` and ``tiny`` presets.
 
 The paper's values (Minderer et al. 2019, reference implementation) are written once, in :data:`PRESETS`.
 Configs round-trip through plain dicts (checkpoints) and YAML files (experiments)::
@@ -228,11 +228,23 @@ PRESETS: dict[str, Config] = {
         train=TrainConfig(batch_size=16, sequence_length=8, steps=2000, dynamics_steps=3000, image_every=250,
                           eval_every=250, checkpoint_every=250),
     ),
+    # A smoke test of the whole pipeline in seconds (the test suite's and the quick demo's sizes): 32x32
+    # frames, 4 keypoints, a 16-unit VRNN, a few dozen steps with logs, evaluations and checkpoints along the way.
+    "tiny": Config(
+        preset="tiny",
+        keypoints=KeypointConfig(image_size=32, num_keypoints=4, base_filters=4, layers_per_scale=0),
+        cnn=CNNConfig(latent_dim=12, map_channels=1),
+        dynamics=DynamicsConfig(rnn_units=16, latent_dim=4, prior_hidden=16, posterior_hidden=16, decoder_hidden=16,
+                                reward_hidden=16, observed_steps=4, predicted_steps=4, num_samples=3,
+                                kl_anneal_steps=500),
+        train=TrainConfig(batch_size=4, sequence_length=4, steps=30, dynamics_steps=30, dynamics_batch_size=8,
+                          lr=3e-3, log_every=5, eval_every=10, checkpoint_every=10, image_every=15),
+    ),
 }
 
 
 def get_preset(name: str) -> Config:
-    """Return a preset by name (``cpu`` or ``paper``)."""
+    """Return a preset by name: ``paper``, ``cpu`` or ``tiny`` (a smoke test)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
     return PRESETS[name]

@@ -27,13 +27,7 @@ QUICK = {"episodes": 3, "max_steps": 20, "image_size": 32, "autoencoder_steps": 
 
 
 def _config(quick: bool):
-    config = get_preset("cpu")
-    if quick:
-        config = config.replace(
-            keypoints={"image_size": 32, "num_keypoints": 4, "base_filters": 4, "layers_per_scale": 0},
-            cnn={"latent_dim": 12}, dynamics={"rnn_units": 16, "latent_dim": 4, "observed_steps": 4,
-                                              "predicted_steps": 4, "num_samples": 2},
-            train={"batch_size": 2, "sequence_length": 4, "log_every": 2})
+    config = get_preset("tiny").replace(train={"batch_size": 2, "log_every": 2}) if quick else get_preset("cpu")
     budget = QUICK if quick else FULL
     return config.replace(train={"steps": budget["autoencoder_steps"], "dynamics_steps": budget["dynamics_steps"]})
 

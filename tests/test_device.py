@@ -25,7 +25,6 @@ from kp_rl.model import PerceptionModel, load
 from kp_rl.sb3 import CNNExtractor, KeypointExtractor
 from kp_rl.train import train_autoencoder, train_dynamics
 from kp_rl.wrappers import KeypointObservation, VecKeypointObservation, WorldModel
-from tiny import TINY
 
 DEVICE = os.environ.get("KP_RL_TEST_DEVICE", "cuda")
 pytestmark = [
@@ -35,8 +34,8 @@ pytestmark = [
 ]
 # cuDNN convolutions may use TF32 on recent GPUs (10-bit mantissa): compare features loosely.
 ATOL = 5e-3
-TINY = {**TINY, "train": {**TINY["train"], "steps": 40}}  # a clearer fall of the bf16 reconstruction loss
-SIZE, K = TINY["keypoints"]["image_size"], TINY["keypoints"]["num_keypoints"]
+TINY = kp_rl.get_preset("tiny").replace(train={"steps": 40})  # a clearer fall of the bf16 reconstruction loss
+SIZE, K = TINY.keypoints.image_size, TINY.keypoints.num_keypoints
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +47,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _train(data: Path, root: Path, representation: str) -> Path:
     """Autoencoder + dynamics trained on the device (bf16 autocast on CUDA); returns the dynamics checkpoint."""
-    config = kp_rl.get_preset("cpu").replace(**TINY)
+    config = TINY
     train_autoencoder(data, root / "ae", config, representation, device=DEVICE, progress=False)
     history = json.loads((root / "ae" / "history.json").read_text())["train"]
     assert history[-1]["reconstruction"] < history[0]["reconstruction"]
@@ -162,7 +161,7 @@ def test_the_unstructured_agent_on_the_device(trained_cnn: Path, tmp_path: Path)
 
 def test_a_model_object_is_moved_to_the_device() -> None:
     torch.manual_seed(0)
-    model = PerceptionModel(kp_rl.get_preset("cpu").replace(**TINY), action_dim=1, with_dynamics=True)
+    model = PerceptionModel(TINY, action_dim=1, with_dynamics=True)
     env = KeypointObservation(gym.make("kp_rl/cartpole-swingup-v0", image_size=SIZE), model, device=DEVICE)
     assert env.model.device.type == torch.device(DEVICE).type and not env.model.training
     obs, _ = env.reset(seed=0)

@@ -10,7 +10,6 @@ import kp_rl
 from kp_rl.data import collect
 from kp_rl.model import CheckpointError, load, read_checkpoint, resolve_device
 from kp_rl.train import train_autoencoder, train_dynamics, training_seconds
-from tiny import TINY
 
 
 
@@ -23,7 +22,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def config():
-    return kp_rl.get_preset("cpu").replace(**TINY)
+    return kp_rl.get_preset("tiny")
 
 
 @pytest.fixture(scope="module")
