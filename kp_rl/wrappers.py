@@ -245,9 +245,9 @@ class _Perception:
             actions = features.new_zeros(features.shape[0], self.model.action_dim)
         if self._graphed_observe is not None:  # one graph replay either way
             return self.observe(state, features, actions)[0]
-        if self._fast_belief is not None:  # numpy on the CPU: ~2x faster at one env's batch
-            return self._fast_belief(state, features, actions)
-        return self.model.dynamics.update_belief(state, features, actions)
+        # the CPU (resolve_device gives cpu or cuda): update_belief's state, 21 vs 35 us at one env's batch
+        assert self._fast_belief is not None
+        return self._fast_belief(state, features, actions)
 
     def observe_restarting(self, state: VRNNState, features: torch.Tensor, actions: torch.Tensor,
                            restart: np.ndarray) -> VRNNState:
