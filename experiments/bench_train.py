@@ -30,7 +30,7 @@ from kp_rl.data import atomic_write_json
 from kp_rl.keypoints import count_parameters
 from kp_rl.model import PerceptionModel, resolve_device
 from kp_rl.report import save_figure
-from kp_rl.train import _CudaGraphStep
+from kp_rl.train import CudaGraphStep
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -98,7 +98,7 @@ def bench_preset(name: str, repeats: int, device: torch.device) -> dict[str, flo
     dyn_seconds = timed(dyn_step, repeats, device)  # eager (bf16 autocast on CUDA, as before the graphs)
     graph_seconds = None
     if device.type == "cuda":  # what kp_rl.train now runs there: the step replayed from a CUDA graph (fp32)
-        graphed = _CudaGraphStep(dyn_step_fn(True), device)
+        graphed = CudaGraphStep(dyn_step_fn(True), device)
         for _ in range(graphed.warmup + 1):
             graphed(dyn_batch, 100)
         assert graphed.replaying, "the VRNN step could not be captured"

@@ -163,7 +163,7 @@ class DMCPixelEnv(gym.Env, gym.utils.EzPickle):
 
     ``info`` on reset and every step: ``state`` (float32 flat dm_control observation), ``physics`` (full
     physics state), ``body_pixels`` ((bodies, 2) float32 column/row of every non-world body's centre of mass),
-    ``discount``. Attributes: ``task_spec``, ``body_names``.
+    ``discount``. Attributes: ``task_spec``, ``body_names``, ``state_space`` (the space of ``info["state"]``).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 30}
@@ -194,6 +194,8 @@ class DMCPixelEnv(gym.Env, gym.utils.EzPickle):
         size = spec.image_size
         self.observation_space = gym.spaces.Box(0, 255, (size, size, 3), np.uint8)
         self.action_space = gym.spaces.Box(-1.0, 1.0, action_spec.shape, np.float32)
+        state_dim = sum(int(np.prod(v.shape)) for v in self._env.observation_spec().values())
+        self.state_space = gym.spaces.Box(-np.inf, np.inf, (state_dim,), np.float32)  # info["state"]
         self._frame: np.ndarray | None = None
         self._control_steps = 0
 

@@ -44,7 +44,7 @@ from stable_baselines3.common.preprocessing import is_image_space_channels_first
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import Tensor, nn
 
-from kp_rl.model import PerceptionModel, load
+from kp_rl.perception import ModelLike, Perception
 from kp_rl.report import draw_keypoints
 
 __all__ = ["CNNExtractor", "KeypointExtractor", "KeypointOverlayCallback"]
@@ -69,10 +69,9 @@ class _PerceptionExtractor(BaseFeaturesExtractor):
         if channels % 3:
             raise ValueError(f"{name} expects RGB frames (3 channels, or 3 * n_stack when frame-stacked), got "
                              f"{channels} channels in observation space of shape {shape}")
-        model = load(model_path, "cpu", representation=self.representation)  # SB3 moves the policy later
-        if tuple(size) != (model.image_size, model.image_size):
-            raise ValueError(f"{name}: observations are {size[0]}x{size[1]} frames but the model at {model_path} "
-                             f"expects {model.image_size}x{model.image_size}")
+        perception = Perception(model_path, "cpu", representation=self.representation, who=name)  # SB3 moves it
+        perception.check_frame_size((*size, 3), "the observation space")
+        model = perception.model
         self.n_stack = channels // 3
         super().__init__(observation_space, features_dim=self.n_stack * model.feature_dim)
         self.autoencoder: nn.Module = model.autoencoder
@@ -152,9 +151,6 @@ class CNNExtractor(_PerceptionExtractor):
     representation = "cnn"
 
 
-# ----------------------------------------------------------------------------------------------- drawing
-
-
 # ---------------------------------------------------------------------------------------------- callback
 
 
@@ -186,24 +182,19 @@ class KeypointOverlayCallback(BaseCallback):
         (128, 256, 3)
     """
 
-    def __init__(self, source: gym.Env | np.ndarray, model: PerceptionModel | str | Path, log_every: int = 1000,
+    def __init__(self, source: gym.Env | np.ndarray, model: ModelLike, log_every: int = 1000,
                  num_frames: int = 4, scale: int = 4, seed: int = 0, verbose: int = 0) -> None:
         super().__init__(verbose)
-        self.perception = load(model) if isinstance(model, (str, Path)) else model.eval()
-        if self.perception.representation != "keypoints":
-            raise ValueError(f"KeypointOverlayCallback needs a 'keypoints' model, got a "
-                             f"{self.perception.representation!r} model")
+        self.perception = Perception(model, representation="keypoints", who="KeypointOverlayCallback",
+                                     num_threads=None)
         if log_every < 1 or num_frames < 1 or scale < 1:
             raise ValueError(f"log_every, num_frames and scale must be >= 1, got {log_every}, {num_frames}, {scale}")
-        size = self.perception.image_size
         if isinstance(source, gym.Env):
-            pixels = isinstance(source.observation_space, spaces.Box) and source.observation_space.dtype == np.uint8
-            if not pixels and source.render_mode != "rgb_array":
-                raise ValueError(f"KeypointOverlayCallback: the env gives no frames (observation space "
-                                 f"{source.observation_space}, render_mode={source.render_mode!r})")
+            self._frame = self.perception.frame_source(source)
             self._frames = None
         else:
             frames = np.asarray(source)
+            size = self.perception.model.image_size
             if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (size, size, 3):
                 raise ValueError(f"KeypointOverlayCallback: expected uint8 frames (N, {size}, {size}, 3), got "
                                  f"{frames.dtype} of shape {frames.shape}")
@@ -216,13 +207,12 @@ class KeypointOverlayCallback(BaseCallback):
         if self._frames is not None:
             return self._frames
         env = self.source
-        pixels = env.observation_space.dtype == np.uint8 and len(env.observation_space.shape) == 3
         env.action_space.seed(self.seed)
         observation, _ = env.reset(seed=self.seed)
-        frames = [observation if pixels else env.render()]
+        frames = [self._frame(observation)]
         for _ in range(self.num_frames - 1):
             observation, _, terminated, truncated, _ = env.step(env.action_space.sample())
-            frames.append(observation if pixels else env.render())
+            frames.append(self._frame(observation))
             if terminated or truncated:
                 break
         return np.stack(frames)
@@ -230,7 +220,7 @@ class KeypointOverlayCallback(BaseCallback):
     def overlay(self) -> np.ndarray:
         """The logged picture: uint8 ``(H * scale, N * W * scale, 3)``, frames with their keypoints, left to right."""
         frames = self._clip()
-        with torch.inference_mode():
+        with self.perception.running():
             keypoints = self.perception.encode(frames).unflatten(-1, (-1, 3)).cpu().numpy()
         big = frames.repeat(self.scale, axis=1).repeat(self.scale, axis=2)
         return np.concatenate([draw_keypoints(f, k) for f, k in zip(big, keypoints)], axis=1)

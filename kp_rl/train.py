@@ -109,7 +109,7 @@ class _Objective(nn.Module):
         return loss, parts
 
 
-class _CudaGraphStep:
+class CudaGraphStep:
     """A training step captured once as a CUDA graph and replayed (the VRNN stage on a GPU).
 
     An eager VRNN step is a few thousand tiny kernels, each costing more in Python and launch overhead than
@@ -242,7 +242,7 @@ def fit(
         shuffle: random window order (False: dataset order, e.g. to compare runs step by step).
         cuda_graph: on a CUDA device in one process, replay each step from a CUDA graph (in fp32: ``amp`` is
             not applied), for losses that keep to the device (no host copies, no data-dependent Python
-            branches) and take their step as a tensor; see :class:`_CudaGraphStep`.
+            branches) and take their step as a tensor; see :class:`CudaGraphStep`.
     Returns:
         Path of the final checkpoint.
     """
@@ -341,7 +341,7 @@ def _fit(model: PerceptionModel, parameters: list[torch.nn.Parameter], loss_fn: 
         optimizer.step()
         return loss.detach(), parts, grad_norm  # (a kept autograd graph would pin the parameters' grad nodes)
 
-    graph_step = _CudaGraphStep(train_step, device) if graphed else None
+    graph_step = CudaGraphStep(train_step, device) if graphed else None
 
     model.train()
     bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=f"train {stage}",

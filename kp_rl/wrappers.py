@@ -11,8 +11,8 @@
 Frames come from the observation when it is a uint8 image ``(H, W, 3)`` (the ``kp_rl/<domain>-<task>-v0``
 envs), otherwise from ``env.render()`` (``render_mode="rgb_array"``, e.g. Shimmy's
 ``dm_control/cartpole-swingup-v0`` with ``render_kwargs={"width": 64, "height": 64}``). The model runs in eval
-mode under ``torch.inference_mode`` on the chosen device; each step makes one host -> device copy of the frame
-batch and one device -> host copy of the result.
+mode under ``torch.inference_mode`` on the chosen device, through one :class:`~kp_rl.perception.Perception`
+per env (wrappers stacked on one env share it).
 
 Time convention (that of :mod:`kp_rl.dynamics`): ``step(a_t)`` returns observation ``x_t`` and reward
 ``r_t``; the belief after that step has seen ``a_t`` and ``x_t``. ``reset()`` observes the first frame with
@@ -23,7 +23,7 @@ Example:
     >>> cfg = kp_rl.get_preset("cpu").replace(keypoints={"image_size": 32, "num_keypoints": 4, "base_filters": 4})
     >>> model = kp_rl.PerceptionModel(cfg, action_dim=1, with_dynamics=True)
     >>> env = gym.make("kp_rl/cartpole-swingup-v0", image_size=32)
-    >>> env = WorldModel(KeypointObservation(env, model), model)
+    >>> env = WorldModel(KeypointObservation(env, model))   # shares the inner wrapper's model
     >>> obs, info = env.reset(seed=0)
     >>> obs.shape, obs.dtype
     ((12,), dtype('float32'))
@@ -37,8 +37,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, SupportsFloat
 
@@ -49,226 +47,12 @@ from gymnasium import spaces
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs, VecEnvStepReturn
 
-from kp_rl.dynamics import StepOutput, VRNNState
-from kp_rl.inference import FastBelief, FastEncoder, GraphedCall, GraphedEncoder
-from kp_rl.model import PerceptionModel, load, resolve_device
+from kp_rl.dynamics import VRNNState
+from kp_rl.model import PerceptionModel
+from kp_rl.perception import ModelLike, Perception, feature_bounds
 
 __all__ = ["KeypointObservation", "StateObservation", "VecKeypointObservation", "VectorKeypointObservation",
            "WorldModel", "feature_bounds"]
-
-ModelLike = PerceptionModel | str | Path
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-
-
-def feature_bounds(model: PerceptionModel) -> tuple[np.ndarray, np.ndarray]:
-    """Bounds of :meth:`PerceptionModel.encode`'s output.
-
-    Keypoints: ``x, y`` in [-1, 1] and ``mu`` in [0, 1], ordered ``(x0, y0, mu0, x1, ...)``; the CNN
-    baseline's latent is tanh-bounded to [-1, 1].
-
-    Returns:
-        ``(low, high)``, float32 arrays of shape ``(feature_dim,)``.
-    """
-    if model.representation == "keypoints":
-        low = np.tile(np.array([-1.0, -1.0, 0.0], np.float32), model.feature_dim // 3)
-    else:
-        low = np.full(model.feature_dim, -1.0, np.float32)
-    return low, np.ones(model.feature_dim, np.float32)
-
-
-def _is_pixel_space(space: spaces.Space) -> bool:
-    return (isinstance(space, spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3
-            and space.shape[-1] == 3)
-
-
-def _same_model(a: PerceptionModel, b: PerceptionModel) -> bool:
-    """Same object, or same config and representation with equal weights."""
-    if a is b:
-        return True
-    if a.representation != b.representation or a.config != b.config:
-        return False
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
-
-
-def _observe_flat(model: PerceptionModel, h: torch.Tensor, z: torch.Tensor, x: torch.Tensor,
-                  features: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``observe_step`` on and to flat tensors (what a CUDA graph captures)."""
-    state, out = model.dynamics.observe_step(VRNNState(h, z, x), features, actions)
-    return (*state, *out)
-
-
-class _Running:
-    """The context of :meth:`_Perception.running` (a small class: a generator-based context manager costs a
-    wrapper step several microseconds more)."""
-
-    __slots__ = ("threads", "previous", "mode")
-
-    def __init__(self, threads: int | None) -> None:
-        self.threads = threads
-
-    def __enter__(self) -> None:
-        self.mode = torch.inference_mode()
-        self.mode.__enter__()
-        self.previous = torch.get_num_threads()
-        if self.threads is not None and self.previous != self.threads:
-            torch.set_num_threads(self.threads)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.threads is not None and self.previous != self.threads:
-            torch.set_num_threads(self.previous)
-        self.mode.__exit__(*exc)
-
-
-class _Perception:
-    """What the wrappers share: the model on its device, frames -> features, belief updates, conversions.
-
-    Args:
-        model: a :class:`PerceptionModel` (moved to ``device``, set to eval mode) or a checkpoint path.
-        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
-        need_dynamics: the caller uses the VRNN (belief or world model).
-        who: the wrapper's name, for error messages.
-        num_threads: torch intra-op threads while the model runs on the CPU (``None``: torch's global setting).
-    """
-
-    def __init__(self, model: ModelLike, device: str | torch.device, need_dynamics: bool, who: str,
-                 num_threads: int | None = 1) -> None:
-        if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
-                                        or num_threads < 1):
-            raise ValueError(f"{who}: num_threads must be a positive integer or None, got {num_threads!r}")
-        self.num_threads = num_threads
-        self.device = resolve_device(device)
-        self.model_path: str | None = None
-        if isinstance(model, (str, Path)):
-            self.model_path = str(model)
-            model = load(model, self.device, require_dynamics=need_dynamics)
-        elif isinstance(model, PerceptionModel):
-            if need_dynamics and model.dynamics is None:
-                raise ValueError(f"{who} needs a model with dynamics (a trained VRNN); this "
-                                 f"{model.representation!r} model has only an autoencoder")
-            model = model.to(self.device).eval()
-        else:
-            raise TypeError(f"{who}: model must be a kp_rl.PerceptionModel or a checkpoint path, "
-                            f"got {type(model).__name__}")
-        self.model = model
-        # the fast paths (resolve_device gives cpu or cuda): oneDNN on the CPU, CUDA graphs on a GPU, where a
-        # step is launch-bound at these sizes
-        self._fast: Callable[[np.ndarray], torch.Tensor] = FastEncoder(model) if self.device.type == "cpu" \
-            else GraphedEncoder(model)
-        self._graphed_observe: GraphedCall | None = None
-        self._fast_belief = FastBelief(model) if self.device.type == "cpu" and model.dynamics is not None else None
-        if self.device.type == "cuda" and model.dynamics is not None:
-            self._graphed_observe = GraphedCall(functools.partial(_observe_flat, model),
-                                                functools.partial(getattr, model, "dynamics"))
-        self.feature_dim = model.feature_dim
-        self.belief_dim = model.dynamics.belief_dim if model.dynamics is not None else 0
-        self.who = who
-
-    # -- spaces and checks ---------------------------------------------------------------------------------
-    def observation_space(self, belief: bool) -> spaces.Box:
-        low, high = feature_bounds(self.model)
-        if belief:
-            inf = np.full(self.belief_dim, np.inf, np.float32)
-            low, high = np.concatenate([low, -inf]), np.concatenate([high, inf])
-        return spaces.Box(low, high, dtype=np.float32)
-
-    def check_frame_shape(self, shape: tuple[int, ...], source: str) -> None:
-        size = self.model.image_size
-        if len(shape) != 3 or shape[-1] != 3:
-            raise ValueError(f"{self.who}: expected RGB frames (H, W, 3) from {source}, got shape {shape}")
-        if shape[:2] != (size, size):
-            raise ValueError(f"{self.who}: {source} gives {shape[0]}x{shape[1]} frames but the model expects "
-                             f"{size}x{size}; make the env render at {size}x{size} (e.g. image_size={size} or "
-                             f"render_kwargs={{'width': {size}, 'height': {size}}})")
-
-    def check_action_space(self, space: spaces.Space) -> None:
-        action_dim = spaces.flatdim(space)
-        if action_dim != self.model.action_dim:
-            raise ValueError(f"{self.who}: the model's dynamics were trained with {self.model.action_dim}-dim "
-                             f"actions but the env's action space {space} has {action_dim}")
-
-    # -- computation (callers hold running()) --------------------------------------------------------------
-    def running(self) -> "_Running":
-        """``torch.inference_mode`` with torch's CPU thread count set to ``num_threads`` (restored on exit).
-
-        A handful of small frames gains nothing from intra-op threads, and on a loaded machine each parallel
-        region waits for a descheduled thread: with 2 threads on 2 busy cores one ``encode`` took ~100 ms
-        instead of ~1 ms (experiments/bench_wrapper.py). Setting the count costs well under a microsecond.
-        """
-        return _Running(self.num_threads if self.device.type == "cpu" else None)
-
-    def encode(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 ``(B, H, W, 3)`` -> features ``(B, D)`` on the device: one host -> device copy.
-
-        On the CPU through :class:`~kp_rl.inference.FastEncoder` (the same features, ~2.9x faster for one
-        frame), on CUDA through :class:`~kp_rl.inference.GraphedEncoder` (CUDA graphs, frames copied in from
-        a pinned buffer).
-        """
-        return self._fast(frames)
-
-    def actions(self, space: spaces.Space, actions: Any, batch: int | None = None) -> torch.Tensor:
-        """Actions as the dynamics see them: flattened (one-hot if discrete), clipped to a Box, ``(B, A)``.
-
-        Args:
-            space: the env's action space.
-            actions: one action (``batch=None``) or ``batch`` of them stacked (a VecEnv's).
-            batch: ``None`` for one unbatched action.
-        """
-        if isinstance(space, spaces.Box):
-            flat = np.array(actions, np.float32).reshape(1 if batch is None else batch, -1)  # a copy: clipped in place
-            # (minimum/maximum into the float32 array: Shimmy's bounds are float64; np.clip costs more here)
-            np.maximum(np.minimum(flat, space.high.reshape(-1), out=flat), space.low.reshape(-1), out=flat)
-        else:
-            rows = [actions] if batch is None else list(actions)
-            flat = np.stack([spaces.flatten(space, a) for a in rows]).astype(np.float32)
-        tensor = torch.from_numpy(flat)
-        return tensor if self.device.type == "cpu" else tensor.to(self.device)
-
-    def initial_state(self, batch: int) -> VRNNState:
-        return self.model.dynamics.initial_state(batch, self.device)
-
-    def observe(self, state: VRNNState, features: torch.Tensor,
-                actions: torch.Tensor | None) -> tuple[VRNNState, StepOutput]:
-        if actions is None:
-            actions = features.new_zeros(features.shape[0], self.model.action_dim)
-        if self._graphed_observe is not None:
-            self.model.dynamics._check_step(state, actions, features)  # shape errors, before any copy
-            outputs = self._graphed_observe(*state, features, actions)
-            return VRNNState(*outputs[:3]), StepOutput(*outputs[3:])
-        return self.model.dynamics.observe_step(state, features, actions)
-
-    def update(self, state: VRNNState, features: torch.Tensor, actions: torch.Tensor | None) -> VRNNState:
-        """The belief after observing ``features`` (``observe`` without the predictions the caller would drop)."""
-        if actions is None:
-            actions = features.new_zeros(features.shape[0], self.model.action_dim)
-        if self._graphed_observe is not None:  # one graph replay either way
-            return self.observe(state, features, actions)[0]
-        # the CPU (resolve_device gives cpu or cuda): update_belief's state, 21 vs 35 us at one env's batch
-        assert self._fast_belief is not None
-        return self._fast_belief(state, features, actions)
-
-    def observe_restarting(self, state: VRNNState, features: torch.Tensor, actions: torch.Tensor,
-                           restart: np.ndarray) -> VRNNState:
-        """One belief update of a batch of sub-envs, where the rows in ``restart`` (bool ``(B,)``) start over.
-
-        A restarting row sees its frame from a zero state with a zero action, as after ``reset()``; the others
-        continue their episode with the action taken.
-        """
-        keep = torch.from_numpy(~np.asarray(restart, bool)).to(features)[:, None]
-        return self.update(VRNNState(*(t * keep for t in state)), features, actions * keep)
-
-    def output(self, features: torch.Tensor, state: VRNNState | None, space: spaces.Box) -> np.ndarray:
-        """``(B, D [+ belief_dim])`` float32 numpy within ``space`` (one device -> host copy)."""
-        if state is None:
-            out = features.cpu().numpy()
-        elif features.device.type == "cpu":  # KeypointVRNN.belief's concat(h, z), in numpy (cheaper call)
-            out = np.concatenate([features.numpy(), state.h.numpy(), state.z.numpy()], axis=-1)
-        else:
-            out = torch.cat([features, self.model.dynamics.belief(state)], dim=-1).cpu().numpy()
-        # float rounding can leave x = 1 + 1e-7 (minimum/maximum: np.clip costs several times more here)
-        return np.maximum(np.minimum(out, space.high, out=out), space.low, out=out)
 
 
 def _find_wrapper(env: gym.Env, kind: type) -> Any:
@@ -327,72 +111,51 @@ class KeypointObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArg
         gym.utils.RecordConstructorArgs.__init__(self, model=model, belief=belief, device=str(device),
                                                  num_threads=num_threads)
         gym.ObservationWrapper.__init__(self, env)
-        self._perception = _Perception(model, device, need_dynamics=belief, who="KeypointObservation",
-                                       num_threads=num_threads)
-        self.belief = bool(belief)
-        self._from_obs = _is_pixel_space(env.observation_space)
-        if self._from_obs:
-            self._perception.check_frame_shape(env.observation_space.shape, "the observation space")
-        elif env.render_mode != "rgb_array":
-            raise ValueError(f"KeypointObservation needs frames: uint8 (H, W, 3) image observations or "
-                             f"render_mode='rgb_array', got observation space {env.observation_space} and "
-                             f"render_mode={env.render_mode!r}")
+        self.perception = Perception(model, device, need_dynamics=belief, who="KeypointObservation",
+                                     num_threads=num_threads)
+        self._frame = self.perception.frame_source(env)
         if belief:
-            self._perception.check_action_space(env.action_space)
-        self._frame_checked = self._from_obs
-        self._state: VRNNState | None = None
-        self.observation_space = self._perception.observation_space(self.belief)
+            self.perception.check_action_space(env.action_space)
+            self.perception.tracks_belief = True
+        self.belief = bool(belief)
+        self.observation_space = self.perception.observation_space(self.belief)
 
     @property
     def model(self) -> PerceptionModel:
         """The perception model (on :attr:`device`, eval mode)."""
-        return self._perception.model
+        return self.perception.model
 
     @property
     def device(self) -> torch.device:
-        return self._perception.device
+        return self.perception.device
 
-    def _frame(self, observation: Any) -> np.ndarray:
-        frame = observation if self._from_obs else self.env.render()
-        if not self._frame_checked:
-            if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8:
-                raise ValueError(f"KeypointObservation: env.render() must return a uint8 (H, W, 3) array, got "
-                                 f"{type(frame).__name__} {getattr(frame, 'dtype', '')}")
-            self._perception.check_frame_shape(frame.shape, "env.render()")
-            self._frame_checked = True
-        return frame
-
-    def _encode(self, observation: Any, action: Any, update: bool, first: bool) -> np.ndarray:
-        perception = self._perception
+    def _observe(self, observation: Any, action: Any, first: bool) -> np.ndarray:
+        perception = self.perception
         with perception.running():
-            features = perception.encode(self._frame(observation)[None])
-            if not self.belief:
-                return perception.output(features, None, self.observation_space)[0]
-            if update:
-                if first:
-                    self._state = perception.initial_state(1)
-                    actions = None
-                else:
-                    actions = perception.actions(self.env.action_space, action)
-                self._state = perception.update(self._state, features, actions)
-            if self._state is None:
-                raise RuntimeError("KeypointObservation: call reset() before using the belief")
-            return perception.output(features, self._state, self.observation_space)[0]
+            actions = None if first or not perception.tracks_belief else \
+                perception.actions(self.env.action_space, action)
+            features = perception.observe(self._frame(observation), actions, first)
+            return perception.output(features, perception.state if self.belief else None)[0]
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None
               ) -> tuple[np.ndarray, dict[str, Any]]:
         """Reset the env and the belief; returns the first frame's features (+ belief)."""
         observation, info = self.env.reset(seed=seed, options=options)
-        return self._encode(observation, None, update=True, first=True), info
+        return self._observe(observation, None, first=True), info
 
     def step(self, action: Any) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
         """Step the env, encode the new frame and (``belief=True``) update the belief with ``action``."""
         observation, reward, terminated, truncated, info = self.env.step(action)
-        return self._encode(observation, action, update=True, first=False), reward, terminated, truncated, info
+        return self._observe(observation, action, first=False), reward, terminated, truncated, info
 
     def observation(self, observation: Any) -> np.ndarray:
         """Encode one observation without updating the belief (the current belief is appended as is)."""
-        return self._encode(observation, None, update=False, first=False)
+        perception = self.perception
+        if self.belief and perception.state is None:
+            raise RuntimeError("KeypointObservation: call reset() before using the belief")
+        with perception.running():
+            features = perception.encode(self._frame(observation)[None])
+            return perception.output(features, perception.state if self.belief else None)[0]
 
 
 # ------------------------------------------------------------------------------------------ world model
@@ -415,12 +178,14 @@ class WorldModel(gym.Wrapper, gym.utils.RecordConstructorArgs):
     ``reset()`` puts ``predicted_features`` in ``info`` too. With ``replace_reward=True`` ``step`` returns
     ``predicted_reward`` as the reward and keeps the env's in ``info["true_reward"]``.
 
-    Frames come from pixel observations, from a :class:`KeypointObservation` directly below that uses the
-    same model (its features are reused, not recomputed), or from ``env.render()`` (``rgb_array``).
+    Over a :class:`KeypointObservation` of the same model (``model=None``, the same object or the same
+    checkpoint path) it shares that wrapper's perception: the features and belief it computes are reused, not
+    computed again. Otherwise frames come from pixel observations or ``env.render()`` (``rgb_array``).
 
     Args:
         env: the environment (pixels, a :class:`KeypointObservation` of it, or one that renders ``rgb_array``).
-        model: a :class:`~kp_rl.model.PerceptionModel` with dynamics, or a checkpoint path.
+        model: a :class:`~kp_rl.model.PerceptionModel` with dynamics, or a checkpoint path; ``None``: the model
+            of the :class:`KeypointObservation` below.
         replace_reward: return the predicted reward instead of the env's.
         device: where the model runs.
         num_threads: torch CPU threads while the wrapper runs the model (see :class:`KeypointObservation`).
@@ -448,81 +213,76 @@ class WorldModel(gym.Wrapper, gym.utils.RecordConstructorArgs):
         >>> env.close()
     """
 
-    def __init__(self, env: gym.Env, model: ModelLike, replace_reward: bool = False,
+    def __init__(self, env: gym.Env, model: ModelLike | None = None, replace_reward: bool = False,
                  device: str | torch.device = "cpu", num_threads: int | None = 1) -> None:
         gym.utils.RecordConstructorArgs.__init__(self, model=model, replace_reward=replace_reward,
                                                  device=str(device), num_threads=num_threads)
         gym.Wrapper.__init__(self, env)
-        self._perception = _Perception(model, device, need_dynamics=True, who="WorldModel",
-                                       num_threads=num_threads)
-        self._perception.check_action_space(env.action_space)
-        self.replace_reward = bool(replace_reward)
-        self._source = self._frame_source(env)
-        self._state: VRNNState | None = None
-
-    def _frame_source(self, env: gym.Env) -> str:
-        if _is_pixel_space(env.observation_space):
-            self._perception.check_frame_shape(env.observation_space.shape, "the observation space")
-            return "pixels"
         inner = _find_wrapper(env, KeypointObservation)
-        if (inner is not None and env.observation_space == inner.observation_space
-                and _same_model(inner.model, self._perception.model)):
-            return "features"
-        if env.render_mode == "rgb_array":
-            return "render"
-        raise ValueError(f"WorldModel needs frames: uint8 (H, W, 3) image observations, the observations of a "
-                         f"KeypointObservation with the same model, or render_mode='rgb_array'; got observation "
-                         f"space {env.observation_space} and render_mode={env.render_mode!r}")
+        shared = inner is not None and env.observation_space == inner.observation_space and (
+            model is None or model is inner.model
+            or (isinstance(model, (str, Path)) and str(model) == inner.perception.model_path))
+        if shared:
+            self.perception = inner.perception
+            if self.perception.model.dynamics is None:
+                raise ValueError("WorldModel needs a model with dynamics (a trained VRNN); the KeypointObservation "
+                                 "below has only an autoencoder")
+            self._frame = None
+        elif model is None:
+            raise ValueError("WorldModel: pass a model, or wrap a KeypointObservation whose model it shares")
+        else:
+            self.perception = Perception(model, device, need_dynamics=True, who="WorldModel", num_threads=num_threads)
+            try:
+                self._frame = self.perception.frame_source(env)
+            except ValueError as exc:
+                if inner is None:
+                    raise
+                raise ValueError(f"{exc}; over a KeypointObservation, pass model=None to share its model") from None
+        self.perception.check_action_space(env.action_space)
+        self.perception.tracks_belief = self.perception.wants_outputs = True
+        self.replace_reward = bool(replace_reward)
 
     @property
     def model(self) -> PerceptionModel:
-        return self._perception.model
+        return self.perception.model
 
     @property
     def state(self) -> VRNNState | None:
         """The VRNN state after the last observed step (batch of 1), ``None`` before ``reset()``."""
-        return self._state
+        return self.perception.state
 
     @property
     def belief(self) -> np.ndarray:
         """The current belief ``concat(h, z)``, float32 ``(belief_dim,)``."""
         self._check_reset()
-        with self._perception.running():
-            return self._perception.model.dynamics.belief(self._state)[0].cpu().numpy()
+        with self.perception.running():
+            return self.model.dynamics.belief(self.perception.state)[0].cpu().numpy()
 
     def _check_reset(self) -> None:
-        if self._state is None:
+        if self.perception.state is None:
             raise RuntimeError("WorldModel: call reset() first")
 
-    def _features(self, observation: Any) -> torch.Tensor:
-        perception = self._perception
-        if self._source == "features":
-            obs = np.asarray(observation, np.float32)[: perception.feature_dim]
-            return torch.from_numpy(obs[None].copy()).to(perception.device)
-        frame = observation if self._source == "pixels" else self.env.render()
-        perception.check_frame_shape(np.shape(frame), "the env")
-        return perception.encode(np.asarray(frame)[None])
+    def _observe(self, observation: Any, action: Any, first: bool) -> None:
+        """Own frames: encode and update the belief (a shared perception was updated by the inner wrapper)."""
+        if self._frame is not None:
+            perception = self.perception
+            with perception.running():
+                actions = None if first else perception.actions(self.env.action_space, action)
+                perception.observe(self._frame(observation), actions, first)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
         """Reset the env and the VRNN state; ``info["predicted_features"]`` is the first frame's ``x̂_0``."""
         observation, info = self.env.reset(seed=seed, options=options)
-        with self._perception.running():
-            features = self._features(observation)
-            self._state = self._perception.initial_state(1)
-            self._state, out = self._perception.observe(self._state, features, None)
-            info = {**info, "predicted_features": out.features[0].cpu().numpy()}
-        return observation, info
+        self._observe(observation, None, first=True)
+        return observation, {**info, "predicted_features": self.perception.last_output.features[0].cpu().numpy()}
 
     def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
         """Step the env and the VRNN; adds ``predicted_reward`` and ``predicted_features`` to ``info``."""
         self._check_reset()
         observation, reward, terminated, truncated, info = self.env.step(action)
-        perception = self._perception
-        with self._perception.running():
-            features = self._features(observation)
-            actions = perception.actions(self.env.action_space, action)
-            self._state, out = perception.observe(self._state, features, actions)
-            predicted = torch.cat([out.reward, out.features[0]]).cpu().numpy()  # one device -> host copy
+        self._observe(observation, action, first=False)
+        out = self.perception.last_output
+        predicted = torch.cat([out.reward, out.features[0]]).cpu().numpy()  # one device -> host copy
         info = {**info, "predicted_reward": float(predicted[0]), "predicted_features": predicted[1:]}
         if self.replace_reward:
             info["true_reward"] = reward
@@ -548,10 +308,10 @@ class WorldModel(gym.Wrapper, gym.utils.RecordConstructorArgs):
             raise ValueError(f"WorldModel.imagine: expected actions (M, {self.model.action_dim}) or "
                              f"(N, M, {self.model.action_dim}), got shape {np.shape(actions)}")
         batch = actions.shape[0]
-        with self._perception.running():
-            state = VRNNState(*(t.expand(batch, -1) for t in self._state))
+        with self.perception.running():
+            state = VRNNState(*(t.expand(batch, -1) for t in self.perception.state))
             features, rewards = self.model.dynamics.imagine(
-                state, torch.from_numpy(actions).to(self._perception.device), num_samples, sample)
+                state, torch.from_numpy(actions).to(self.perception.device), num_samples, sample)
             return {"features": features.cpu().numpy(), "rewards": rewards.cpu().numpy()}
 
 
@@ -590,32 +350,27 @@ class VecKeypointObservation(VecEnvWrapper):
 
     def __init__(self, venv: VecEnv, model: ModelLike, belief: bool = False, device: str | torch.device = "cpu",
                  num_threads: int | None = 1) -> None:
-        self._perception = _Perception(model, device, need_dynamics=belief, who="VecKeypointObservation",
-                                       num_threads=num_threads)
-        if not _is_pixel_space(venv.observation_space):
-            raise ValueError(f"VecKeypointObservation needs uint8 (H, W, 3) image observations, got "
-                             f"{venv.observation_space}; wrap each env that only renders with "
-                             f"gymnasium.wrappers.AddRenderObservation(env, render_only=True)")
-        self._perception.check_frame_shape(venv.observation_space.shape, "the observation space")
+        self.perception = Perception(model, device, need_dynamics=belief, who="VecKeypointObservation",
+                                     num_threads=num_threads)
+        self.perception.check_vector_frames(venv.observation_space)
         if belief:
-            self._perception.check_action_space(venv.action_space)
+            self.perception.check_action_space(venv.action_space)
         self.belief = bool(belief)
-        super().__init__(venv, observation_space=self._perception.observation_space(self.belief))
-        self._state: VRNNState | None = None
+        super().__init__(venv, observation_space=self.perception.observation_space(self.belief))
         self._actions: np.ndarray | None = None
 
     @property
     def model(self) -> PerceptionModel:
-        return self._perception.model
+        return self.perception.model
 
     def reset(self) -> VecEnvObs:
         observations = self.venv.reset()
-        perception = self._perception
-        with self._perception.running():
+        perception = self.perception
+        with perception.running():
             features = perception.encode(observations)
             if self.belief:
-                self._state = perception.update(perception.initial_state(self.num_envs), features, None)
-            return perception.output(features, self._state if self.belief else None, self.observation_space)
+                perception.state = perception.advance(None, features, None)
+            return perception.output(features, perception.state if self.belief else None)
 
     def step_async(self, actions: np.ndarray) -> None:
         self._actions = actions
@@ -623,27 +378,26 @@ class VecKeypointObservation(VecEnvWrapper):
 
     def step_wait(self) -> VecEnvStepReturn:
         observations, rewards, dones, infos = self.venv.step_wait()
-        perception = self._perception
+        perception = self.perception
         n = self.num_envs
         terminal = [int(i) for i in np.flatnonzero(dones) if "terminal_observation" in infos[i]]
         frames = observations
         if terminal:  # one batch: current frames, then the terminal frames
             frames = np.concatenate([observations, np.stack([infos[i]["terminal_observation"] for i in terminal])])
-        with self._perception.running():
+        with perception.running():
             features = perception.encode(frames)
             state = None
             if self.belief:
-                if self._state is None:
+                if perception.state is None:
                     raise RuntimeError("VecKeypointObservation: call reset() before step()")
                 actions = perception.actions(self.action_space, self._actions, n)
                 # rows 0..n-1: the current frames, restarting where the sub-env reset; rows n..: the terminal
                 # frames, continuing the episode that just ended
-                state = VRNNState(*(torch.cat([t, t[terminal]]) for t in self._state))
+                state = VRNNState(*(torch.cat([t, t[terminal]]) for t in perception.state))
                 restart = np.concatenate([np.asarray(dones, bool), np.zeros(len(terminal), bool)])
-                state = perception.observe_restarting(state, features, torch.cat([actions, actions[terminal]]),
-                                                      restart)
-                self._state = VRNNState(*(t[:n] for t in state))
-            out = perception.output(features, state, self.observation_space)
+                state = perception.advance(state, features, torch.cat([actions, actions[terminal]]), restart)
+                perception.state = VRNNState(*(t[:n] for t in state))
+            out = perception.output(features, state)
         for row, i in enumerate(terminal):
             infos[i]["terminal_observation"] = out[n + row]
         return out[:n], rewards, dones, infos
@@ -688,62 +442,60 @@ class VectorKeypointObservation(gym.vector.VectorWrapper):
                  device: str | torch.device = "cpu", num_threads: int | None = 1) -> None:
         super().__init__(env)
         who = "VectorKeypointObservation"
-        self._perception = _Perception(model, device, need_dynamics=belief, who=who, num_threads=num_threads)
-        if not _is_pixel_space(env.single_observation_space):
-            raise ValueError(f"{who} needs uint8 (H, W, 3) image observations, got {env.single_observation_space}; "
-                             f"wrap each env that only renders with "
-                             f"gymnasium.wrappers.AddRenderObservation(env, render_only=True)")
-        self._perception.check_frame_shape(env.single_observation_space.shape, "the observation space")
+        self.perception = Perception(model, device, need_dynamics=belief, who=who, num_threads=num_threads)
+        self.perception.check_vector_frames(env.single_observation_space)
         self._mode = gym.vector.AutoresetMode(env.metadata.get("autoreset_mode", gym.vector.AutoresetMode.NEXT_STEP))
         if self._mode == gym.vector.AutoresetMode.SAME_STEP:
             raise ValueError(f"{who} supports the NEXT_STEP and DISABLED autoreset modes, got SAME_STEP (its final "
                              f"observations would stay pixels in info)")
         if belief:
-            self._perception.check_action_space(env.single_action_space)
+            self.perception.check_action_space(env.single_action_space)
         self.belief = bool(belief)
-        self.single_observation_space = self._perception.observation_space(self.belief)
+        self.single_observation_space = self.perception.observation_space(self.belief)
         self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, self.num_envs)
-        self._state: VRNNState | None = None
         self._restart = np.zeros(self.num_envs, bool)  # sub-envs whose next frame is a reset frame (NEXT_STEP)
 
     @property
     def model(self) -> PerceptionModel:
-        return self._perception.model
+        return self.perception.model
 
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None
               ) -> tuple[np.ndarray, dict[str, Any]]:
         """Reset the sub-envs (all, or ``options["reset_mask"]``) and their beliefs; returns their features."""
+        perception = self.perception
         mask = None if options is None else options.get("reset_mask")  # read before the env pops it
-        restart = np.ones(self.num_envs, bool) if mask is None or self._state is None else np.asarray(mask, bool)
+        restart = np.ones(self.num_envs, bool) if mask is None or perception.state is None else np.asarray(mask, bool)
         observations, infos = self.env.reset(seed=seed, options=options)
-        perception = self._perception
         with perception.running():
             features = perception.encode(observations)
-            if self.belief:  # a fresh belief from each reset frame, as after a full reset
-                fresh = perception.update(perception.initial_state(self.num_envs), features, None)
-                if restart.all():
-                    self._state = fresh
-                else:  # sub-envs outside the mask keep their belief
-                    reset_rows = torch.from_numpy(restart).to(features.device)[:, None]
-                    self._state = VRNNState(*(torch.where(reset_rows, new, old)
-                                              for new, old in zip(fresh, self._state)))
-            out = perception.output(features, self._state if self.belief else None, self.single_observation_space)
+            if self.belief:  # a fresh belief from each reset frame; sub-envs outside the mask keep theirs
+                zeros = torch.zeros(self.num_envs, self.model.action_dim, device=features.device)
+                perception.state = self._masked(perception.advance(perception.state, features, zeros, restart),
+                                                perception.state, restart)
+            out = perception.output(features, perception.state if self.belief else None)
         self._restart[restart] = False
         return out, infos
 
+    @staticmethod
+    def _masked(new: VRNNState, old: VRNNState | None, rows: np.ndarray) -> VRNNState:
+        if old is None or rows.all():
+            return new
+        reset_rows = torch.from_numpy(rows).to(new.h.device)[:, None]
+        return VRNNState(*(torch.where(reset_rows, a, b) for a, b in zip(new, old)))
+
     def step(self, actions: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Step the sub-envs, encode their frames and (``belief=True``) update the beliefs with ``actions``."""
-        if self.belief and self._state is None:
+        perception = self.perception
+        if self.belief and perception.state is None:
             raise RuntimeError("VectorKeypointObservation: call reset() before step()")
         observations, rewards, terminations, truncations, infos = self.env.step(actions)
-        perception = self._perception
         with perception.running():
             features = perception.encode(observations)
             if self.belief:
-                self._state = perception.observe_restarting(
-                    self._state, features, perception.actions(self.single_action_space, actions, self.num_envs),
+                perception.state = perception.advance(
+                    perception.state, features, perception.actions(self.single_action_space, actions, self.num_envs),
                     self._restart)
-            out = perception.output(features, self._state if self.belief else None, self.single_observation_space)
+            out = perception.output(features, perception.state if self.belief else None)
         if self._mode == gym.vector.AutoresetMode.NEXT_STEP:
             self._restart = np.logical_or(terminations, truncations)
         return out, rewards, terminations, truncations, infos
@@ -753,7 +505,8 @@ class StateObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
     """The oracle's observation: the low-dimensional state that ``kp_rl`` envs put in ``info["state"]``.
 
     Args:
-        env: a ``kp_rl/<domain>-<task>-v0`` env (any env whose ``reset``/``step`` infos carry ``state``).
+        env: a ``kp_rl/<domain>-<task>-v0`` env (any env whose unwrapped env has a ``state_space`` and whose
+            ``reset``/``step`` infos carry ``state``).
 
     Example:
         >>> import gymnasium as gym, kp_rl
@@ -767,13 +520,12 @@ class StateObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
     def __init__(self, env: gym.Env) -> None:
         gym.utils.RecordConstructorArgs.__init__(self)
         gym.ObservationWrapper.__init__(self, env)
-        _, info = env.reset()
-        if "state" not in info:
-            raise ValueError(f"StateObservation needs an env whose info carries 'state' (kp_rl envs do); "
-                             f"{env.spec.id if env.spec else env} gives {sorted(info)}")
-        size = np.asarray(info["state"]).shape
-        self.observation_space = spaces.Box(-np.inf, np.inf, size, np.float32)
-        self._state = np.asarray(info["state"], np.float32)
+        space = getattr(env.unwrapped, "state_space", None)
+        if not isinstance(space, spaces.Box):
+            raise ValueError(f"StateObservation needs an env with a state_space whose info carries 'state' "
+                             f"(kp_rl envs do); {env.spec.id if env.spec else env} has none")
+        self.observation_space = space
+        self._state: np.ndarray | None = None
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         obs, info = self.env.reset(seed=seed, options=options)
@@ -786,4 +538,6 @@ class StateObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
         return self.observation(obs), reward, terminated, truncated, info
 
     def observation(self, observation: Any) -> np.ndarray:
+        if self._state is None:
+            raise RuntimeError("StateObservation: call reset() first")
         return self._state.copy()

@@ -15,7 +15,6 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 import kp_rl
 import kp_rl.wrappers
-from kp_rl.inference import FastEncoder
 from kp_rl.model import CheckpointError, PerceptionModel
 from kp_rl.wrappers import KeypointObservation, VecKeypointObservation, WorldModel
 
@@ -192,16 +191,27 @@ def test_world_model_info_and_reward_replacement(model: PerceptionModel) -> None
 
 def test_world_model_reuses_keypoint_observations(model: PerceptionModel, model_path: Path) -> None:
     on_pixels = WorldModel(pixel_env(), model)
-    composed = WorldModel(KeypointObservation(pixel_env(), model_path, belief=True), model)
-    assert composed._source == "features"  # the same weights: no second encoding
-    for env in (on_pixels, composed):
+    composed = WorldModel(KeypointObservation(pixel_env(), model_path, belief=True))
+    by_path = WorldModel(KeypointObservation(pixel_env(), model_path), model_path)
+    for env in (composed, by_path):  # one perception: the inner wrapper's features and belief, not computed again
+        assert env.perception is env.env.perception and env._frame is None
+    with pytest.raises(ValueError, match="pass model=None to share"):  # another model object, and no frames
+        WorldModel(KeypointObservation(pixel_env(), model_path), model)
+    separate = WorldModel(KeypointObservation(pixel_env(render_mode="rgb_array"), model_path), model)
+    assert separate.perception is not separate.env.perception and separate._frame is not None
+    for env in (on_pixels, composed, by_path, separate):
         env.reset(seed=3)
     for _ in range(3):
         action = np.array([0.3], np.float32)
-        a, b = on_pixels.step(action)[-1], composed.step(action)[-1]
-        assert a["predicted_reward"] == pytest.approx(b["predicted_reward"], abs=1e-5)
-    on_pixels.close()
-    composed.close()
+        infos = [env.step(action)[-1] for env in (on_pixels, composed, by_path, separate)]
+        for info in infos[1:]:
+            assert info["predicted_reward"] == pytest.approx(infos[0]["predicted_reward"], abs=1e-5)
+    obs = composed.step(np.array([0.3], np.float32))[0]  # the inner belief is the world model's
+    np.testing.assert_allclose(obs[K * 3:], composed.belief, atol=1e-6)
+    for env in (on_pixels, composed, by_path, separate):
+        env.close()
+    with pytest.raises(ValueError, match="pass a model, or wrap a KeypointObservation"):
+        WorldModel(pixel_env())
 
 
 def test_world_model_imagine_shapes(model: PerceptionModel) -> None:
@@ -286,8 +296,8 @@ def test_thread_count_is_set_while_encoding_and_restored(model: PerceptionModel,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     previous = torch.get_num_threads()
     env = KeypointObservation(pixel_env(), model, num_threads=1)
-    seen, encode = [], FastEncoder.__call__  # the wrappers' CPU path
-    monkeypatch.setattr(FastEncoder, "__call__",
+    seen, encode = [], PerceptionModel.encode  # the wrappers' CPU path: the model's own encode
+    monkeypatch.setattr(PerceptionModel, "encode",
                         lambda self, frames: seen.append(torch.get_num_threads()) or encode(self, frames))
     env.reset(seed=0)
     assert seen == [1] and torch.get_num_threads() == previous
@@ -322,7 +332,11 @@ def test_discrete_actions_enter_the_belief_one_hot() -> None:
 
 
 def test_docstring_examples_run() -> None:
-    assert doctest.testmod(kp_rl.wrappers, optionflags=doctest.ELLIPSIS).failed == 0
+    import kp_rl.perception
+
+    for module in (kp_rl.wrappers, kp_rl.perception):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0
 
 
 def test_state_observation_is_the_low_dimensional_state() -> None:
