@@ -27,10 +27,9 @@ import torch
 import kp_rl
 from kp_rl.agents import build_agent, get_agent, make_vec_env
 from kp_rl.bench import machine
-from kp_rl.data import atomic_write_json
+from kp_rl.files import save_figure, write_json
 from kp_rl.envs import get_spec
 from kp_rl.model import resolve_device
-from kp_rl.report import save_figure
 
 ENV_STEPS = 100_000  # the gpu spec's budget per run
 
@@ -106,7 +105,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "results.json", {
+    write_json(out / "results.json", {
         "task": args.task, "preset": args.preset, "fill": args.fill, "updates": args.updates,
         "repeats": args.repeats, "devices": devices, "agents": rows, "machine": machine(),
     })

@@ -19,8 +19,8 @@ import numpy as np
 
 import kp_rl
 from kp_rl.bench import machine, median_rate
-from kp_rl.data import atomic_write_json, collect
-from kp_rl.report import save_figure
+from kp_rl.files import save_figure, write_json
+from kp_rl.data import collect
 
 
 def stepper(env: gym.Env, steps: int, render: bool):
@@ -85,7 +85,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "results.json", {"task": args.task, "size": args.size, "steps": args.steps,
+    write_json(out / "results.json", {"task": args.task, "size": args.size, "steps": args.steps,
                                              "env_frames_per_s": rows, "collection": collection,
                                              "machine": machine()})
     import matplotlib

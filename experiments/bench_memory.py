@@ -77,8 +77,7 @@ def write_dataset(root: Path, frames: int, episode_frames: int, size: int) -> in
 
 def main() -> None:
     from kp_rl.bench import machine
-    from kp_rl.data import atomic_write_json
-    from kp_rl.report import save_figure
+    from kp_rl.files import save_figure, write_json
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=30000)
@@ -110,7 +109,7 @@ def main() -> None:
         "machine": machine(),
     }
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "results.json", result)
+    write_json(out / "results.json", result)
 
     print(f"{'mode':12s} {'frames':>8s} {'peak RSS (MB)':>14s}")
     print(f"{'imports':12s} {0:8d} {rows['imports']['peak_rss_mb']:14.0f}")

@@ -26,10 +26,9 @@ import torch
 
 import kp_rl
 from kp_rl.bench import machine
-from kp_rl.data import atomic_write_json
+from kp_rl.files import save_figure, write_json
 from kp_rl.keypoints import count_parameters
 from kp_rl.model import PerceptionModel, resolve_device
-from kp_rl.report import save_figure
 from kp_rl.train import CudaGraphStep
 
 
@@ -150,7 +149,7 @@ def main() -> None:
                   f"({r['vrnn_cuda_graph_speedup']:.1f}x)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / f"results_{device.type}.json", {"device": str(device), "presets": rows,
+    write_json(out / f"results_{device.type}.json", {"device": str(device), "presets": rows,
                                                              "repeats": args.repeats, "machine": machine()})
     import matplotlib
 

@@ -30,9 +30,8 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
 import kp_rl
 from kp_rl.bench import machine, median_rate
-from kp_rl.data import atomic_write_json
+from kp_rl.files import save_figure, write_json
 from kp_rl.model import resolve_device
-from kp_rl.report import save_figure
 from kp_rl.inference import FastEncoder, GraphedEncoder
 from kp_rl.wrappers import KeypointObservation, VecKeypointObservation, VectorKeypointObservation
 
@@ -224,7 +223,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "results.json", {
+    write_json(out / "results.json", {
         "task": args.task, "size": args.size, "steps": args.steps, "n_envs": args.n_envs,
         "model": args.model or f"{args.preset} preset (random weights)", "feature_dim": model.feature_dim,
         "device": device,

@@ -31,14 +31,16 @@ from torch import nn
 
 import kp_rl
 from kp_rl.bench import machine
-from kp_rl.data import SequenceDataset, atomic_write_json, collect
+from kp_rl.files import write_json
+from kp_rl.data import SequenceDataset, collect, encode_episodes
 from kp_rl.envs import pixels_to_unit
 from kp_rl.keypoints import add_coord_channels, build_encoder_trunk, preprocess_frames, trunk_channels
 from kp_rl.metrics import tracking_error
 from kp_rl.model import PerceptionModel
-from kp_rl.report import keypoint_strip, save_figure
+from kp_rl.files import save_figure
+from kp_rl.report import keypoint_strip
 from kp_rl.evaluate import reconstruction_errors
-from kp_rl.train import encode_episodes, seed_everything, train_autoencoder
+from kp_rl.train import seed_everything, train_autoencoder
 
 
 def frames_and_coords(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -146,7 +148,7 @@ def main() -> None:
             track = f"{r['tracking_rmse']:14.4f} {r['tracking_rmse_px']:7.2f}" if "tracking_rmse" in r else " " * 22
             recon = f"{r['reconstruction']:10.2f}" if "reconstruction" in r else ""
             print(f"{task:18s} {name:14s} {track} {recon}")
-    atomic_write_json(out / "results.json", results)
+    write_json(out / "results.json", results)
 
     import matplotlib
 

@@ -64,14 +64,15 @@ from torch import Tensor, nn
 import kp_rl
 from kp_rl.bench import machine
 from kp_rl.config import Config
-from kp_rl.data import atomic_write_bytes, atomic_write_json, collect, episode_files, load_episode, split_episodes
+from kp_rl.files import write_bytes, write_json
+from kp_rl.data import FeatureSequences, collect, encode_episodes, episode_files, load_episode, split_episodes
 from kp_rl.dynamics import KeypointVRNN
 from kp_rl.envs import get_spec, pixels_to_unit
-from kp_rl.metrics import evaluate_reward_prediction, reward_prediction_error, tracking_error
+from kp_rl.evaluate import evaluate_reward_prediction
+from kp_rl.metrics import reward_prediction_error, tracking_error
 from kp_rl.model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, read_checkpoint
-from kp_rl.report import save_figure
-from kp_rl.train import (MODEL_FILE, FeatureSequences, encode_episodes, fit, seed_everything, steps_per_second,
-                         train_autoencoder, train_dynamics)
+from kp_rl.files import save_figure
+from kp_rl.train import MODEL_FILE, fit, seed_everything, steps_per_second, train_autoencoder, train_dynamics
 from kp_rl.video import predict_frames, video_metrics, write_comparison
 
 KEYS = ("image", "action", "reward", "state", "true_object_pos")
@@ -113,9 +114,9 @@ def with_features(episodes: list[dict[str, np.ndarray]], features: list[np.ndarr
 
 # ------------------------------------------------------------------------------------------- dynamics models
 class StateDynamics(nn.Module):
-    """The VRNN on true states: the minimal bundle :func:`kp_rl.train.fit` trains (``config``, ``device``,
-    ``save``, ``train``/``eval``), with the state normalisation kept as buffers. Checkpoints use the kp_rl
-    checkpoint header (so ``fit`` can resume them) with ``representation: "state"``; reload with :meth:`load`."""
+    """The VRNN on true states, a :class:`kp_rl.train.Trainable` bundle for :func:`kp_rl.train.fit`, with the
+    state normalisation kept as buffers. Checkpoints use the kp_rl checkpoint header (so ``fit`` can resume them)
+    with ``representation: "state"``; reload with :meth:`load`."""
 
     def __init__(self, config: Config, state_dim: int, action_dim: int,
                  mean: np.ndarray | None = None, scale: np.ndarray | None = None) -> None:
@@ -136,7 +137,7 @@ class StateDynamics(nn.Module):
                     "config": self.config.to_dict(), "state_dim": self.dynamics.feature_dim,
                     "action_dim": self.dynamics.action_dim, "state_dict": self.state_dict(),
                     "train_state": train_state}, buffer)
-        atomic_write_bytes(Path(path), lambda f: f.write(buffer.getvalue()))
+        write_bytes(Path(path), buffer.getvalue())
 
     @classmethod
     def load(cls, path: Path) -> "StateDynamics":
@@ -452,7 +453,7 @@ def main() -> None:
 
     results["seconds"] = round(time.perf_counter() - wall, 1)
     results = jsonable(results)
-    atomic_write_json(out / "results.json", results)
+    write_json(out / "results.json", results)
 
     methods = list(METHODS) + [BASELINE]
     print(f"\nreward prediction over {horizon} open-loop steps after {observed} observed (held-out episodes; "

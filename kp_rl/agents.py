@@ -26,7 +26,7 @@ import gymnasium as gym
 import numpy as np
 import yaml
 
-from kp_rl.data import atomic_write_json
+from kp_rl.files import write_json
 
 OBSERVATION_KINDS = ("keypoints", "keypoints+belief", "cnn-vrnn", "pixels", "state")
 ALGOS = ("SAC", "PPO")
@@ -222,7 +222,7 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
             tmp_buffer = out / ".replay_buffer.tmp.pkl"
             algo.save_replay_buffer(tmp_buffer)
             tmp_buffer.replace(buffer_path)
-        atomic_write_json(curve_path, curve)
+        write_json(curve_path, curve)
 
     clock = {"start": time.perf_counter(), "spent": curve["seconds"][-1] if curve["seconds"] else 0.0}
 

@@ -32,17 +32,22 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import tempfile
 import time
 import zipfile
 from pathlib import Path
 from collections import OrderedDict
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset, Sampler
+
+from kp_rl.files import write_bytes, write_json
+
+if TYPE_CHECKING:
+    from kp_rl.model import PerceptionModel
 
 MANIFEST = "manifest.json"
 FORMAT = "kp_rl.episodes"
@@ -53,29 +58,6 @@ POLICIES = ("random",)
 
 class DatasetError(ValueError):
     """A dataset directory, shard or window request is invalid; the message names the file or value."""
-
-
-# -- atomic writes ---------------------------------------------------------------------------------------
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, lambda f: f.write(json.dumps(data, indent=2, sort_keys=True).encode()))
 
 
 # -- episodes --------------------------------------------------------------------------------------------
@@ -119,7 +101,7 @@ def rollout(env: Any, seed: int, policy: str = "random", max_steps: int | None =
 
 def save_episode(path: Path, episode: dict[str, np.ndarray]) -> None:
     """Write one episode shard atomically (compressed ``.npz``)."""
-    atomic_write_bytes(Path(path), lambda f: np.savez_compressed(f, **episode))
+    write_bytes(Path(path), lambda f: np.savez_compressed(f, **episode))
 
 
 def load_episode(path: Path, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
@@ -256,7 +238,7 @@ def collect(
         entries = sorted(done.values(), key=lambda e: e["index"])
         manifest.update(episodes=entries, num_episodes=len(entries), num_frames=sum(e["frames"] for e in entries),
                         versions=_versions())
-        atomic_write_json(manifest_path, manifest)
+        write_json(manifest_path, manifest)
 
     write_manifest()
     jobs = [(i, episode_seed(seed, i), policy, str(out), max_steps) for i in todo]
@@ -638,3 +620,53 @@ def sequence_dataset(root: str | Path, sequence_length: int, *, streaming: bool 
     if streaming:
         return StreamingSequenceDataset(root, sequence_length, cache_size=cache_size, **kwargs)
     return SequenceDataset(root, sequence_length, **kwargs)
+
+
+# -- encoded features (the VRNN's data) ------------------------------------------------------------------
+@torch.inference_mode()
+def encode_episodes(model: "PerceptionModel", episodes: list[dict[str, np.ndarray]], batch_size: int = 256) -> list[np.ndarray]:
+    """Every frame of every episode through the (frozen) autoencoder: one ``(L, feature_dim)`` array each."""
+    return [np.concatenate([model.encode(e["image"][i:i + batch_size]).float().cpu().numpy()
+                            for i in range(0, len(e["image"]), batch_size)]) for e in episodes]
+
+
+class FeatureSequences(Dataset):
+    """Windows of per-episode ``features`` with their ``action`` and ``reward`` arrays (the VRNN's data).
+
+    Args:
+        episodes: dicts with ``features`` (L, D), ``action`` (L, A), ``reward`` (L,) arrays.
+        sequence_length: steps per window (observed + predicted).
+        stride: step between window starts.
+    """
+
+    def __init__(self, episodes: list[dict[str, Any]], sequence_length: int, stride: int = 1):
+        self.sequence_length = sequence_length
+        self.episodes = [{k: torch.as_tensor(np.asarray(e[k]), dtype=torch.float32)
+                          for k in ("features", "action", "reward")} for e in episodes]
+        lengths = [len(e["features"]) for e in self.episodes]
+        if not lengths or max(lengths) < sequence_length:
+            raise DatasetError(f"window of {sequence_length} steps is longer than every episode "
+                               f"(longest: {max(lengths, default=0)})")
+        self.index = [(e, s) for e, n in enumerate(lengths) for s in range(0, n - sequence_length + 1, stride)]
+
+    @classmethod
+    def from_frames(cls, model: "PerceptionModel", frames: SequenceDataset, sequence_length: int,
+                    stride: int = 1) -> "FeatureSequences":
+        """Encode every episode of ``frames`` (one at a time: streaming datasets never hold them all)."""
+        episodes = []
+        for episode in frames.episodes:
+            features = encode_episodes(model, [episode])[0]
+            episodes.append({**{k: v for k, v in episode.items() if k != "image"}, "features": features})
+        return cls(episodes, sequence_length, stride)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        e, s = self.index[i]
+        return {k: v[s:s + self.sequence_length] for k, v in self.episodes[e].items()}
+
+    def stacked(self, limit: int) -> dict[str, Tensor]:
+        """The first ``limit`` windows as one batch (for evaluation)."""
+        items = [self[i] for i in range(min(limit, len(self)))]
+        return {k: torch.stack([item[k] for item in items]) for k in items[0]}

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from kp_rl.config import get_preset
-from kp_rl.data import SequenceDataset, atomic_write_bytes, atomic_write_json, collect
-from kp_rl.report import dataset_summary, save_figure
+from kp_rl.files import save_figure, write_bytes, write_json
+from kp_rl.data import SequenceDataset, collect
+from kp_rl.report import dataset_summary
 
 TASK = "cartpole-swingup"
 FULL = {"episodes": 60, "max_steps": None, "image_size": 64, "autoencoder_steps": 1000, "dynamics_steps": 1500,
@@ -112,7 +113,7 @@ def run_demo(out: Path, data: Path, quick: bool = False, runs: Path = Path("runs
 
     summary["seconds"]["total"] = round(time.perf_counter() - clock["start"], 1)
     summary["machine"] = machine()
-    atomic_write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     _write_page(summary, out)
     print(f"\n[demo] finished in {summary['seconds']['total'] / 60:.1f} min; results page: {out / 'README.md'}")
     return summary
@@ -169,4 +170,4 @@ def _write_page(summary: dict[str, Any], out: Path) -> None:
         lines += ["", f"Machine: {m['cpu']}, {m['cpu_count']} cores, {m['torch_threads']} torch thread(s), "
                       f"CUDA: {m['cuda'] or 'none'}" + (f", 1-minute load at the end: {load:.2f}." if load is not None
                                                         else ".")]
-    atomic_write_bytes(out / "README.md", lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    write_bytes(out / "README.md", ("\n".join(lines) + "\n").encode())

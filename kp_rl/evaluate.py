@@ -11,14 +11,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from kp_rl.data import SequenceDataset, atomic_write_json
+from kp_rl.files import write_json
+from kp_rl.data import FeatureSequences, SequenceDataset, encode_episodes
 from kp_rl.envs import pixels_to_unit
 from kp_rl.keypoints import preprocess_frames
 from kp_rl.losses import reconstruction_loss
-from kp_rl.metrics import evaluate_reward_prediction, reward_prediction_error, tracking_error
+from kp_rl.metrics import reward_prediction_error, tracking_error
 from kp_rl.model import PerceptionModel, load
-from kp_rl.train import FeatureSequences, encode_episodes
 
 
 @torch.inference_mode()
@@ -56,6 +57,35 @@ def tracking(model: PerceptionModel, data: str | Path) -> dict[str, float]:
             err["mean_baseline_rmse"] * pixels}
 
 
+@torch.inference_mode()
+def evaluate_reward_prediction(dynamics: torch.nn.Module, windows: dict[str, Tensor], observed: int,
+                     num_samples: int) -> dict[str, Any]:
+    """Open-loop reward prediction of a VRNN over the predicted part of windows.
+
+    Args:
+        dynamics: a :class:`kp_rl.dynamics.KeypointVRNN`.
+        windows: a batch with ``features`` (B, N + M, D), ``action`` (B, N + M, A), ``reward`` (B, N + M).
+        observed: N, the steps the model observes (with the posterior) before predicting open loop.
+        num_samples: S for the best-of-S figure (stochastic models only).
+    Returns:
+        ``prior_mean``: :func:`reward_prediction_error` of the prediction from the prior mean; and for
+        stochastic models ``best_of_samples``: the same for the best of S prior samples per window
+        (oracle-selected, an optimistic figure).
+    """
+    dynamics.eval()
+    features, actions, rewards = windows["features"], windows["action"], windows["reward"]
+    truth = rewards[:, observed:]
+    _, mean_rewards = dynamics.predict(features[:, :observed], actions, 1, sample=False)
+    out = {"prior_mean": reward_prediction_error(mean_rewards[0, :, observed:], truth)}
+    if dynamics.cfg.stochastic and num_samples > 1:
+        _, samples = dynamics.predict(features[:, :observed], actions, num_samples, sample=True)
+        samples = samples[:, :, observed:]  # (S, B, M)
+        best = (samples - truth).pow(2).mean(-1).argmin(0)  # (B,)
+        out["best_of_samples"] = reward_prediction_error(samples[best, torch.arange(len(best))], truth)
+        out["best_of_samples"]["num_samples"] = num_samples
+    return out
+
+
 def reward_prediction(model: PerceptionModel, data: str | Path, stride: int = 4,
                       max_windows: int = 512) -> dict[str, Any]:
     """Open-loop reward prediction on held-out windows (observe N, predict M), with a mean-reward baseline."""
@@ -84,7 +114,7 @@ def evaluate(model_path: str | Path, data: str | Path, out: str | Path | None = 
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "eval.json", _jsonable(report))
+        write_json(out / "eval.json", _jsonable(report))
         if model.has_dynamics:
             from kp_rl.video import predict_frames, write_comparison
 

@@ -29,7 +29,7 @@ import numpy as np
 import yaml
 
 from kp_rl.agents import get_agent
-from kp_rl.data import atomic_write_json
+from kp_rl.files import write_json
 
 PERCEPTION_DEFAULTS = {"preset": "cpu", "episodes": 100, "autoencoder_steps": 1000, "dynamics_steps": 2000}
 # Observation kind -> the perception models it needs (run folders under models/<task>/; the last one is loaded)
@@ -220,7 +220,7 @@ def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str,
 
     from kp_rl.bench import machine
     from kp_rl.envs import get_spec
-    from kp_rl.report import save_figure
+    from kp_rl.files import save_figure
 
     table: dict[str, Any] = {}
     perception: dict[str, dict[str, float]] = {}
@@ -243,7 +243,7 @@ def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str,
     summary = {"spec": spec.__dict__, "table": table, "perception_minutes": perception, "machine": machine(),
                "curves": {f"{t}/{a}/seed{s}": c for (t, a, s), c in curves.items()}}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "results.json", summary)
+    write_json(out / "results.json", summary)
     for axis in ("steps", "seconds"):
         fig, axes = plt.subplots(1, len(spec.tasks), figsize=(4.5 * len(spec.tasks), 3.2), squeeze=False)
         for ax, task in zip(axes[0], spec.tasks):

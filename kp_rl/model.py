@@ -128,13 +128,13 @@ class PerceptionModel(nn.Module):
 
     def save(self, path: str | Path, train_state: dict[str, Any] | None = None) -> None:
         """Write the checkpoint atomically (temporary file + rename): an interrupted save loses nothing."""
-        from kp_rl.data import atomic_write_bytes
+        from kp_rl.files import write_bytes
 
         buffer = io.BytesIO()
         torch.save(self.checkpoint(train_state), buffer)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, lambda f: f.write(buffer.getvalue()))
+        write_bytes(path, buffer.getvalue())
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -7,18 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from kp_rl.data import atomic_write_json, episode_files, load_episode, read_manifest
-
-
-def save_figure(fig: Any, path: Path) -> None:
-    """Save a matplotlib figure atomically and close it."""
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
+from kp_rl.files import save_figure, write_json
+from kp_rl.data import episode_files, load_episode, read_manifest
 
 
 def dataset_summary(root: str | Path, out: str | Path | None = None, episodes_shown: int = 4) -> dict[str, Any]:
@@ -63,7 +53,7 @@ def dataset_summary(root: str | Path, out: str | Path | None = None, episodes_sh
                 ax.axis("off")
         fig.suptitle(f"{summary.get('env_id', root.name)}: frames with projected body positions (red)", fontsize=8)
         save_figure(fig, out / "frames.png")
-        atomic_write_json(out / "summary.json", summary)
+        write_json(out / "summary.json", summary)
     return summary
 
 

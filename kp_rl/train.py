@@ -30,7 +30,7 @@ import random
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -40,12 +40,31 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from kp_rl import distributed
 from kp_rl.config import Config, get_preset
-from kp_rl.data import (DatasetError, EpisodeBlockSampler, SequenceDataset, StreamingSequenceDataset,
-                        atomic_write_json, read_manifest, sequence_dataset)
+from kp_rl.files import write_json
+from kp_rl.data import (DatasetError, EpisodeBlockSampler, FeatureSequences, SequenceDataset,
+                        StreamingSequenceDataset, read_manifest, sequence_dataset)
 from kp_rl.keypoints import preprocess_frames
 from kp_rl.model import PerceptionModel, load, read_checkpoint, resolve_device
 
 MODEL_FILE = "model.pt"
+
+
+class Trainable(Protocol):
+    """What :func:`fit` trains: an ``nn.Module`` bundle with its :class:`Config` and a checkpoint writer.
+
+    :class:`PerceptionModel` is one; a bundle of another kind (e.g. a VRNN on true states) implements the same
+    four members. ``save`` must write a checkpoint :func:`kp_rl.model.read_checkpoint` reads back, with the
+    given ``train_state`` under ``"train_state"``, so that ``fit`` can resume it.
+    """
+
+    config: Config
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def save(self, path: str | Path, train_state: dict[str, Any] | None = None) -> None: ...
+
+    def train(self, mode: bool = True) -> Any: ...
 
 
 def seed_everything(seed: int) -> None:
@@ -206,7 +225,7 @@ def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContext
 
 
 def fit(
-    model: PerceptionModel,
+    model: Trainable,
     parameters: list[torch.nn.Parameter],
     loss_fn: Callable[[dict[str, Tensor], int], tuple[Tensor, dict[str, Tensor]]],
     train_data: Dataset,
@@ -261,7 +280,7 @@ def fit(
                     progress=progress, shuffle=shuffle, cuda_graph=cuda_graph)
 
 
-def _fit(model: PerceptionModel, parameters: list[torch.nn.Parameter], loss_fn: Callable, train_data: Dataset,
+def _fit(model: Trainable, parameters: list[torch.nn.Parameter], loss_fn: Callable, train_data: Dataset,
          val_data: Dataset | None, out: Path, path: Path, device: torch.device,
          context: distributed.DistributedContext, *, steps: int, batch_size: int, stage: str,
          l2_parameters: list[torch.nn.Parameter], images_fn: Callable | None, progress: bool, shuffle: bool,
@@ -305,7 +324,7 @@ def _fit(model: PerceptionModel, parameters: list[torch.nn.Parameter], loss_fn: 
         if main:
             model.save(path, train_state={"stage": stage, "step": step, "optimizer": optimizer.state_dict(),
                                           "history": history, "torch_rng": torch.get_rng_state()})
-            atomic_write_json(out / "history.json", history)
+            write_json(out / "history.json", history)
         distributed.barrier()  # the other ranks go on once the checkpoint is complete
 
     def validate(step: int) -> None:
@@ -460,55 +479,6 @@ def train_autoencoder(
 
 
 # -- stage 2: dynamics on frozen features --------------------------------------------------------------------
-@torch.inference_mode()
-def encode_episodes(model: PerceptionModel, episodes: list[dict[str, np.ndarray]], batch_size: int = 256) -> list[np.ndarray]:
-    """Every frame of every episode through the (frozen) autoencoder: one ``(L, feature_dim)`` array each."""
-    return [np.concatenate([model.encode(e["image"][i:i + batch_size]).float().cpu().numpy()
-                            for i in range(0, len(e["image"]), batch_size)]) for e in episodes]
-
-
-class FeatureSequences(Dataset):
-    """Windows of per-episode ``features`` with their ``action`` and ``reward`` arrays (the VRNN's data).
-
-    Args:
-        episodes: dicts with ``features`` (L, D), ``action`` (L, A), ``reward`` (L,) arrays.
-        sequence_length: steps per window (observed + predicted).
-        stride: step between window starts.
-    """
-
-    def __init__(self, episodes: list[dict[str, Any]], sequence_length: int, stride: int = 1):
-        self.sequence_length = sequence_length
-        self.episodes = [{k: torch.as_tensor(np.asarray(e[k]), dtype=torch.float32)
-                          for k in ("features", "action", "reward")} for e in episodes]
-        lengths = [len(e["features"]) for e in self.episodes]
-        if not lengths or max(lengths) < sequence_length:
-            raise DatasetError(f"window of {sequence_length} steps is longer than every episode "
-                               f"(longest: {max(lengths, default=0)})")
-        self.index = [(e, s) for e, n in enumerate(lengths) for s in range(0, n - sequence_length + 1, stride)]
-
-    @classmethod
-    def from_frames(cls, model: PerceptionModel, frames: SequenceDataset, sequence_length: int,
-                    stride: int = 1) -> "FeatureSequences":
-        """Encode every episode of ``frames`` (one at a time: streaming datasets never hold them all)."""
-        episodes = []
-        for episode in frames.episodes:
-            features = encode_episodes(model, [episode])[0]
-            episodes.append({**{k: v for k, v in episode.items() if k != "image"}, "features": features})
-        return cls(episodes, sequence_length, stride)
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        e, s = self.index[i]
-        return {k: v[s:s + self.sequence_length] for k, v in self.episodes[e].items()}
-
-    def stacked(self, limit: int) -> dict[str, Tensor]:
-        """The first ``limit`` windows as one batch (for evaluation)."""
-        items = [self[i] for i in range(min(limit, len(self)))]
-        return {k: torch.stack([item[k] for item in items]) for k in items[0]}
-
-
 def train_dynamics(
     autoencoder_run: str | Path,
     data: str | Path,

@@ -169,8 +169,7 @@ def write_comparison(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kp_rl.data import atomic_write_bytes
-    from kp_rl.report import save_figure
+    from kp_rl.files import save_figure, write_bytes
 
     if not rows:
         raise ValueError("rows is empty: pass at least the ground-truth video")
@@ -185,7 +184,7 @@ def write_comparison(
 
     gif = iio.imwrite("<bytes>", _comparison_frames(rows, observed, scale, labels), extension=".gif",
                       duration=round(1000 / fps), loop=0)
-    atomic_write_bytes(stem.with_name(stem.name + ".gif"), lambda f: f.write(gif))
+    write_bytes(stem.with_name(stem.name + ".gif"), gif)
 
     fig, axes = plt.subplots(len(rows), steps, figsize=(steps * 0.9, len(rows) * 0.95), squeeze=False)
     for r, (name, video) in enumerate(rows.items()):

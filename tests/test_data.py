@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from kp_rl.data import (DatasetError, SequenceDataset, collect, episode_files, load_episode, read_manifest,
-                        shard_name)
+from kp_rl.data import DatasetError, SequenceDataset, collect, episode_files, load_episode, read_manifest, shard_name
 from kp_rl.envs import UnknownTaskError
 
 

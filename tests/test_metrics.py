@@ -10,7 +10,6 @@ import torch
 
 from kp_rl import metrics
 from kp_rl.metrics import (
-    FVD,
     fit_ridge,
     frechet_distance,
     frechet_distance_from_features,
@@ -19,7 +18,6 @@ from kp_rl.metrics import (
     predict_ridge,
     psnr,
     reward_prediction_error,
-    small_video_net,
     ssim,
     tracking_error,
 )
@@ -166,7 +164,7 @@ def test_reward_prediction_error():
         reward_prediction_error(pred[:, :2], true)
 
 
-# ----------------------------------------------------------------------------------------- Frechet / FVD
+# ----------------------------------------------------------------------------------------------- Frechet
 
 
 def test_frechet_closed_forms():
@@ -198,62 +196,3 @@ def test_frechet_singular_covariance_is_finite():
     assert frechet_distance(np.zeros(3), cov, np.zeros(3), cov) == pytest.approx(0.0, abs=1e-5)
 
 
-def _smooth_videos(n: int, seed: int) -> torch.Tensor:
-    """Moving bright squares on a dark background: (n, 4, 3, 16, 16) in [0, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    v = torch.zeros(n, 4, 3, 16, 16)
-    start = torch.randint(0, 8, (n, 2), generator=g)
-    for i in range(n):
-        for t in range(4):
-            r, c = int(start[i, 0]) + t, int(start[i, 1]) + t
-            v[i, t, :, r : r + 4, c : c + 4] = 1.0
-    return v
-
-
-def test_fvd_zero_for_identical_and_grows_for_noise():
-    fvd = FVD(small_video_net(features=8, seed=0))
-    real, other = _smooth_videos(64, 0), _smooth_videos(64, 1)
-    noise = torch.rand(64, 4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    assert fvd(real, real, batch_size=16) == pytest.approx(0.0, abs=1e-6)
-    assert fvd(real, noise) > 10 * fvd(real, other)
-    assert fvd(real.numpy(), other.numpy()) == pytest.approx(fvd(real, other), rel=1e-6)
-
-
-def test_small_video_net_seeded_and_leaves_global_rng():
-    state = torch.get_rng_state()
-    a, b = small_video_net(seed=3), small_video_net(seed=3)
-    assert torch.equal(torch.get_rng_state(), state)
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        assert torch.equal(pa, pb)
-    assert not torch.equal(next(small_video_net(seed=4).parameters()), next(a.parameters()))
-    assert a(torch.rand(2, 3, 3, 8, 8)).shape == (2, 32)
-
-
-@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # TorchScript is deprecated in torch 2.13
-def test_fvd_from_file_roundtrip(tmp_path):
-    net = small_video_net(features=8, seed=1)
-    real, other = _smooth_videos(30, 0), _smooth_videos(30, 1)
-    expected = FVD(net)(real, other, batch_size=8)  # 30 = 3 x 8 + 6: a partial last batch
-    scripted = tmp_path / "net.pt"
-    torch.jit.save(torch.jit.script(net), str(scripted))
-    assert FVD.from_file(scripted)(real, other, batch_size=8) == pytest.approx(expected, rel=1e-6)
-    exported = tmp_path / "net.pt2"
-    batch = torch.export.Dim("batch", min=1)
-    program = torch.export.export(net, (real[:8],), dynamic_shapes={"videos": {0: batch}})
-    torch.export.save(program, str(exported))
-    assert FVD.from_file(exported)(real, other, batch_size=8) == pytest.approx(expected, rel=1e-6)
-    state = tmp_path / "state.pt"
-    torch.save({"state_dict": net.state_dict()}, state)
-    loaded = FVD.from_file(state, builder=lambda: small_video_net(features=8, seed=99))
-    assert loaded(real, other) == pytest.approx(expected, rel=1e-6)
-
-
-def test_fvd_from_file_missing_names_path(tmp_path):
-    missing = tmp_path / "i3d_torchscript.pt"
-    with pytest.raises(FileNotFoundError, match="i3d_torchscript.pt"):
-        FVD.from_file(missing)
-
-
-def test_public_api_listed():
-    for name in metrics.__all__:
-        assert hasattr(metrics, name)

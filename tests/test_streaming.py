@@ -10,8 +10,7 @@ from torch.utils.data import DataLoader
 
 import kp_rl
 import kp_rl.data as data_module
-from kp_rl.data import (DatasetError, EpisodeBlockSampler, SequenceDataset, StreamingSequenceDataset, collect,
-                        count_frames, sequence_dataset)
+from kp_rl.data import DatasetError, EpisodeBlockSampler, SequenceDataset, StreamingSequenceDataset, collect, count_frames, sequence_dataset
 from kp_rl.train import train_autoencoder
 
 KEYS = ("image", "action", "reward", "true_object_pos")
