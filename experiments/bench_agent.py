@@ -5,7 +5,9 @@ speed does not depend on the weights) on ``--task``: the agent's own VecEnv is s
 random actions (SAC's warm-up: env step, perception, replay-buffer insert), then ``algo.train`` is timed for
 ``--updates`` gradient steps, ``--repeats`` times (median). Both are measured on the CPU and, when
 ``--device`` is not the CPU, on that device in the same run, so the device column is a ratio to the CPU of
-the same machine. From these rates the script estimates the agent-training time of one run of the ``gpu``
+the same machine. For agents with perception it also times the agent's VecEnv step against the same env
+without perception (interleaved rounds, median), and reports perception's cost per agent step as a share of
+a SAC training step (one env step with perception + one gradient update). From these rates the script estimates the agent-training time of one run of the ``gpu``
 spec (``experiments/structured_vs_unstructured_gpu.yaml``: 100k env steps = 100k / action repeat agent
 steps, one update per agent step; perception training and evaluation not included).
 Writes results/bench_agent/{results.json, bench_agent.png}.
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 import gymnasium as gym
+import numpy as np
 import torch
 
 import kp_rl
@@ -34,6 +37,28 @@ from kp_rl.model import resolve_device
 ENV_STEPS = 100_000  # the gpu spec's budget per run
 
 
+def step_ms(venv, steps: int) -> float:
+    """Milliseconds per ``venv.step`` with random actions."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        venv.step(np.stack([venv.action_space.sample() for _ in range(venv.num_envs)]))
+    return 1e3 * (time.perf_counter() - start) / steps
+
+
+def perception_ms(venv, env_id: str, steps: int, rounds: int = 5) -> float:
+    """Milliseconds perception adds to one step of ``venv`` (vs the same env without it; median of rounds)."""
+    from stable_baselines3.common.monitor import Monitor
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    raw = DummyVecEnv([lambda: Monitor(gym.make(env_id))] * venv.num_envs)
+    raw.reset()
+    venv.reset()
+    try:
+        return statistics.median(step_ms(venv, steps) - step_ms(raw, steps) for _ in range(rounds))
+    finally:
+        raw.close()
+
+
 def measure(agent: str, task: str, device: str, model: kp_rl.PerceptionModel | None, fill: int, updates: int,
             repeats: int) -> dict[str, float]:
     """Env steps/s (random-action warm-up) and gradient updates/s of one agent on one device."""
@@ -43,6 +68,7 @@ def measure(agent: str, task: str, device: str, model: kp_rl.PerceptionModel | N
     venv = make_vec_env(get_spec(task).env_id, spec, model.to(device) if spec.needs_model else None, seed=0,
                         device=device)
     try:
+        extra = perception_ms(venv, get_spec(task).env_id, fill) if spec.needs_model else 0.0
         algo = build_agent(spec, venv, seed=0, device=device)
         start = time.perf_counter()
         algo.learn(fill)  # all warm-up: random actions, no gradient step
@@ -66,8 +92,10 @@ def measure(agent: str, task: str, device: str, model: kp_rl.PerceptionModel | N
     updates_per_s = statistics.median(rates)
     agent_steps = ENV_STEPS // get_spec(task).action_repeat
     hours = agent_steps * (1 / steps_per_s + 1 / updates_per_s) / 3600
+    sac_step_ms = 1e3 / steps_per_s + 1e3 / updates_per_s
     return {"env_steps_per_s": steps_per_s, "updates_per_s": updates_per_s, "updates_min": min(rates),
-            "updates_max": max(rates), "agent_steps_100k": agent_steps, "hours_per_100k_run": hours}
+            "updates_max": max(rates), "agent_steps_100k": agent_steps, "hours_per_100k_run": hours,
+            "perception_ms_per_step": extra, "sac_step_ms": sac_step_ms, "perception_share": extra / sac_step_ms}
 
 
 def main() -> None:
@@ -97,11 +125,12 @@ def main() -> None:
 
     print(f"SAC on {args.task} ({args.preset} preset for keypoint agents); {machine()['cuda'] or machine()['cpu']}")
     print(f"{'agent':24s} {'device':8s} {'env steps/s':>12s} {'updates/s':>10s} {'vs cpu':>7s} "
-          f"{'h per 100k-env-step run':>24s}")
+          f"{'h per 100k-env-step run':>24s} {'perception ms':>14s} {'% of SAC step':>14s}")
     for agent, per_device in rows.items():
         for d, row in per_device.items():
             print(f"{agent:24s} {d:8s} {row['env_steps_per_s']:12.0f} {row['updates_per_s']:10.1f} "
-                  f"{row['updates_vs_cpu']:6.2f}x {row['hours_per_100k_run']:24.2f}")
+                  f"{row['updates_vs_cpu']:6.2f}x {row['hours_per_100k_run']:24.2f} "
+                  f"{row['perception_ms_per_step']:14.2f} {100 * row['perception_share']:13.1f}%")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,10 +6,9 @@ and Gymnasium's ``SyncVectorEnv`` raw vs :class:`~kp_rl.wrappers.VectorKeypointO
 encoded in one batch). The model is the ``--preset`` model with random weights (speed does not depend
 on the weights) unless ``--model`` points to a checkpoint. Configurations are measured in interleaved rounds
 (raw, wrapped, raw, ...) so that drifting machine load hits all of them alike; each figure is the median over
-rounds, and each ratio the median of the per-round ratios to the raw env of the same round. On the CPU the
-wrappers encode through :class:`~kp_rl.inference.FastEncoder` (on CUDA through
-:class:`~kp_rl.inference.GraphedEncoder`, CUDA graphs); its latency is also set against
-``model.encode`` (the generic path) in the same run, at batch 1 and ``--n-envs``.
+rounds, and each ratio the median of the per-round ratios to the raw env of the same round. The wrappers
+encode with the model's own ``encode`` under ``torch.inference_mode``; its latency for one frame right after
+an env step (cold caches, what a single-env wrapper pays) and back to back is reported too.
 Writes results/bench_wrapper/{results.json, bench_wrapper.png}.
 
     python experiments/bench_wrapper.py [--task cartpole-swingup] [--steps 300] [--repeats 7] [--num-threads 1]
@@ -32,7 +31,6 @@ import kp_rl
 from kp_rl.bench import machine, median_rate
 from kp_rl.files import save_figure, write_json
 from kp_rl.model import resolve_device
-from kp_rl.inference import FastEncoder, GraphedEncoder
 from kp_rl.wrappers import KeypointObservation, VecKeypointObservation, VectorKeypointObservation
 
 
@@ -105,25 +103,6 @@ def encode_between_steps(encode: Callable[[np.ndarray], torch.Tensor], env: gym.
     return {"between env steps": statistics.median(between), "back to back": statistics.median(back_to_back)}
 
 
-def encode_latency(encode: Callable[[torch.Tensor], torch.Tensor], batch: int, size: int, threads: int,
-                   calls: int) -> float:
-    """Milliseconds per ``encode`` call on ``batch`` uint8 frames with ``threads`` torch threads (median of 3)."""
-    frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), np.uint8))
-    previous = torch.get_num_threads()
-
-    def run() -> int:
-        with torch.inference_mode():
-            for _ in range(calls):
-                encode(frames).cpu()  # features back on the host, as the wrappers return them (syncs CUDA)
-        return calls
-
-    torch.set_num_threads(threads)
-    try:
-        return 1e3 / median_rate(run, repeats=3)["median"]
-    finally:
-        torch.set_num_threads(previous)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="cartpole-swingup")
@@ -186,27 +165,8 @@ def main() -> None:
         ratios = [r / b for r, b in zip(rates[label], rates[base])]
         rows[label] = {"median": statistics.median(rates[label]), "min": min(rates[label]),
                        "max": max(rates[label]), "repeats": args.repeats, "vs_raw": statistics.median(ratios)}
-    # Encoder latency: the wrappers' fast path (FastEncoder on the CPU, CUDA graphs on a GPU) against
-    # model.encode, at the wrappers' thread count and at torch's default (one thread per core). On a GPU each
-    # call reads the features back, as the wrappers do (else only the launches would be timed).
-    fast_name = {"cpu": "FastEncoder", "cuda": "CUDA graphs"}.get(torch.device(device).type)
-    encoders = {"model.encode": model.encode}
-    if fast_name == "FastEncoder":
-        encoders[fast_name] = FastEncoder(model)
-    elif fast_name == "CUDA graphs":
-        encoders[fast_name] = GraphedEncoder(model)
-        encoders = {name: (lambda frames, fn=fn: fn(frames).cpu()) for name, fn in encoders.items()}
-    latency: dict[str, float] = {}
-    for count, calls in sorted({(threads or default_threads, 100), (default_threads, 10)}):
-        for batch in (1, args.n_envs):
-            for name, encode in encoders.items():
-                latency[f"{name}, batch {batch}, {count} thread(s)"] = encode_latency(encode, batch, args.size,
-                                                                                     count, calls)
-    speedup = {key.replace("model.encode, ", ""): value / latency[key.replace("model.encode", str(fast_name))]
-               for key, value in latency.items() if key.startswith("model.encode") and fast_name in encoders}
     # the wrappers' encoder right after each raw env step vs back to back (cold vs warm caches)
-    in_context = encode_between_steps(encoders.get(str(fast_name), encoders["model.encode"]), envs[single][1],
-                                      args.steps, threads or default_threads)
+    in_context = encode_between_steps(model.encode, envs[single][1], args.steps, threads or default_threads)
     for _, env in envs.values():
         env.close()
 
@@ -216,10 +176,6 @@ def main() -> None:
         print(f"{label:60s} {row['median']:9.0f} {row['vs_raw']:7.2f}x")
     print(f"wrappers' torch threads: {threads or default_threads} (torch default here: {default_threads})")
     print("wrappers' encoder, one frame (ms): " + ", ".join(f"{k}: {v:.3f}" for k, v in in_context.items()))
-    print(f"{'encoder latency (ms), ' + device:40s} {'model.encode':>13s} {str(fast_name):>12s} {'speed-up':>9s}")
-    for key in (k.replace("model.encode, ", "") for k in latency if k.startswith("model.encode")):
-        fast = f"{latency[f'{fast_name}, ' + key]:12.3f} {speedup[key]:8.2f}x" if key in speedup else ""
-        print(f"{key:40s} {latency['model.encode, ' + key]:13.3f} {fast}")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -227,8 +183,8 @@ def main() -> None:
         "task": args.task, "size": args.size, "steps": args.steps, "n_envs": args.n_envs,
         "model": args.model or f"{args.preset} preset (random weights)", "feature_dim": model.feature_dim,
         "device": device,
-        "wrapper_threads": threads or default_threads, "env_steps_per_s": rows, "encode_ms": latency,
-        "fast_path": fast_name, "fast_encoder_speedup": speedup, "encode_1_frame_ms_in_context": in_context,
+        "wrapper_threads": threads or default_threads, "env_steps_per_s": rows,
+        "encode_1_frame_ms_in_context": in_context,
         "machine": machine(),
     })
     import matplotlib

@@ -53,9 +53,8 @@ import io
 import math
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,7 +147,7 @@ class StateDynamics(nn.Module):
 
 
 def train_vrnn(model: nn.Module, train_set: FeatureSequences, val_set: FeatureSequences, out: Path,
-               progress: bool) -> dict[str, float]:
+               progress: bool, threads: int | None) -> dict[str, float]:
     """Train the state-based VRNN with kp_rl's shared loop (resumes / reuses ``out/model.pt``)."""
     dynamics: KeypointVRNN = model.dynamics
     cfg = model.config
@@ -160,20 +159,9 @@ def train_vrnn(model: nn.Module, train_set: FeatureSequences, val_set: FeatureSe
 
     fit(model, list(dynamics.parameters()), loss_fn, train_set, val_set, out, steps=steps,
         batch_size=cfg.train.dynamics_batch_size, stage="dynamics", progress=progress,
-        cuda_graph=cfg.train.cuda_graphs)
+        cuda_graph=cfg.train.cuda_graphs, threads=threads)
     history = read_checkpoint(out / MODEL_FILE)["train_state"]["history"]
     return {"seconds_this_call": round(time.perf_counter() - start, 2), "steps_per_s": steps_per_second(history)}
-
-
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
@@ -392,19 +380,18 @@ def main() -> None:
                     else:
                         model = StateDynamics(base.replace(**overrides), features["state"][0][0].shape[-1],
                                               train_eps[0]["action"].shape[-1], state_mean, state_scale)
-                with torch_threads(args.dyn_threads):
-                    if method == "state":
-                        timing = train_vrnn(model, train_set, val_set, run, progress)
-                    else:
-                        tick = time.perf_counter()
-                        model = kp_rl.load(train_dynamics(autoencoders[source], root, run, overrides, progress=progress,
-                                                          datasets=(train_set, val_set)))
-                        history = read_checkpoint(run / MODEL_FILE)["train_state"]["history"]
-                        timing = {"seconds_this_call": round(time.perf_counter() - tick, 2),
-                                  "steps_per_s": steps_per_second(history)}
-                    model.eval()
-                    torch.manual_seed(seed)  # best-of-S draws alike for fresh and resumed runs
-                    scores = evaluate_reward_prediction(model.dynamics, eval_batch, observed, base.dynamics.num_samples)
+                if method == "state":
+                    timing = train_vrnn(model, train_set, val_set, run, progress, args.dyn_threads)
+                else:
+                    tick = time.perf_counter()
+                    model = kp_rl.load(train_dynamics(autoencoders[source], root, run, overrides, progress=progress,
+                                                      datasets=(train_set, val_set), threads=args.dyn_threads))
+                    history = read_checkpoint(run / MODEL_FILE)["train_state"]["history"]
+                    timing = {"seconds_this_call": round(time.perf_counter() - tick, 2),
+                              "steps_per_s": steps_per_second(history)}
+                model.eval()
+                torch.manual_seed(seed)  # best-of-S draws alike for fresh and resumed runs
+                scores = evaluate_reward_prediction(model.dynamics, eval_batch, observed, base.dynamics.num_samples)
                 per_seed[str(seed)] = {**scores["prior_mean"], **timing,
                                        **({"best_of_samples": scores["best_of_samples"]}
                                           if "best_of_samples" in scores else {})}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import time
 import warnings
@@ -47,6 +48,21 @@ from kp_rl.keypoints import preprocess_frames
 from kp_rl.model import PerceptionModel, load, read_checkpoint, resolve_device
 
 MODEL_FILE = "model.pt"
+# torch CPU threads per stage unless the caller says (experiments/bench_threads.py, 2 cores: the autoencoder's
+# convolutions run 2x faster on both cores and lose a third beside one busy process; the VRNN's small GRU steps
+# gain nothing from a second thread and ran 4x slower with one while another process was busy)
+STAGE_THREADS = {"autoencoder": None, "dynamics": 1}  # None: one per core
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Torch's CPU thread count set to ``threads`` (``None``: one per core) for the block, then restored."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class Trainable(Protocol):
@@ -240,6 +256,7 @@ def fit(
     progress: bool = True,
     shuffle: bool = True,
     cuda_graph: bool = False,
+    threads: int | None = None,
 ) -> Path:
     """The shared training loop. Resumes from ``out/model.pt`` when it holds an unfinished run of ``stage``.
 
@@ -262,6 +279,8 @@ def fit(
         cuda_graph: on a CUDA device in one process, replay each step from a CUDA graph (in fp32: ``amp`` is
             not applied), for losses that keep to the device (no host copies, no data-dependent Python
             branches) and take their step as a tensor; see :class:`CudaGraphStep`.
+        threads: torch CPU threads while training (default: :data:`STAGE_THREADS` of ``stage``, else one per
+            core).
     Returns:
         Path of the final checkpoint.
     """
@@ -271,7 +290,8 @@ def fit(
     if batch_size % world:
         raise ValueError(f"batch size {batch_size} does not divide among {world} processes; "
                          f"choose a multiple of {world}")
-    with distributed.process_group(distributed.local_device(device)) as context:
+    with torch_threads(threads or STAGE_THREADS.get(stage)), \
+            distributed.process_group(distributed.local_device(device)) as context:
         if context.enabled:
             device = distributed.local_device(device, context)
             model.to(device)
@@ -437,6 +457,7 @@ def train_autoencoder(
     *,
     streaming: bool | None = None,
     shuffle: bool = True,
+    threads: int | None = None,
 ) -> Path:
     """Train the keypoint autoencoder (or the CNN baseline's) on a dataset; returns ``out/model.pt``.
 
@@ -447,6 +468,7 @@ def train_autoencoder(
         streaming: read episodes on demand (:class:`~kp_rl.data.StreamingSequenceDataset`) instead of holding
             them in memory; None: stream above :data:`~kp_rl.data.STREAMING_MIN_FRAMES` frames.
         shuffle: random window order (False: dataset order).
+        threads: torch CPU threads (default: one per core; see :data:`STAGE_THREADS`).
     """
     out, data = Path(out), Path(data)
     path = out / MODEL_FILE
@@ -475,7 +497,8 @@ def train_autoencoder(
     return fit(model, list(autoencoder.parameters()), loss_fn, train_set, val_set, out,
                steps=config.train.steps, batch_size=config.train.batch_size, stage="autoencoder",
                l2_parameters=list(autoencoder.l2_parameters()),
-               images_fn=lambda batch: _autoencoder_images(model, batch), progress=progress, shuffle=shuffle)
+               images_fn=lambda batch: _autoencoder_images(model, batch), progress=progress, shuffle=shuffle,
+               threads=threads)
 
 
 # -- stage 2: dynamics on frozen features --------------------------------------------------------------------
@@ -489,6 +512,7 @@ def train_dynamics(
     datasets: tuple[Dataset, Dataset | None] | None = None,
     *,
     streaming: bool | None = None,
+    threads: int | None = None,
 ) -> Path:
     """Train the VRNN (+ reward head) on the frozen features of a trained autoencoder; returns ``out/model.pt``.
 
@@ -501,6 +525,7 @@ def train_dynamics(
             (saves re-encoding the data when several dynamics models share one autoencoder).
         streaming: encode the frames episode by episode from disk (None: above
             :data:`~kp_rl.data.STREAMING_MIN_FRAMES` frames); the VRNN's features are small and held in memory.
+        threads: torch CPU threads (default: 1; see :data:`STAGE_THREADS`).
 
     Under ``torchrun`` it trains data-parallel (see :func:`fit`); every rank encodes the data itself.
     """
@@ -541,7 +566,7 @@ def train_dynamics(
 
     return fit(model, list(dynamics.parameters()), loss_fn, train_set, val_set, out, steps=steps,
                batch_size=config.train.dynamics_batch_size, stage="dynamics", progress=progress,
-               cuda_graph=config.train.cuda_graphs)
+               cuda_graph=config.train.cuda_graphs, threads=threads)
 
 
 def _with_config(model: PerceptionModel, config: Config) -> PerceptionModel:

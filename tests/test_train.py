@@ -1,3 +1,4 @@
+import os
 import json
 import subprocess
 import sys
@@ -149,3 +150,26 @@ def test_threads_option_sets_torch_threads(tmp_path, capsys):
     finally:
         torch.set_num_threads(before)
     assert "missing" in capsys.readouterr().err
+
+
+def test_each_stage_trains_with_its_thread_default_unless_told(data, config, keypoint_run, tmp_path, monkeypatch):
+    from kp_rl.dynamics import KeypointVRNN
+    from kp_rl.keypoints import KeypointAutoencoder
+    from kp_rl.train import STAGE_THREADS
+
+    seen: dict[str, list[int]] = {"autoencoder": [], "dynamics": []}
+    for stage, cls in (("autoencoder", KeypointAutoencoder), ("dynamics", KeypointVRNN)):
+        loss = cls.loss
+        monkeypatch.setattr(cls, "loss", lambda self, *a, _loss=loss, _s=stage, **k:
+                            seen[_s].append(torch.get_num_threads()) or _loss(self, *a, **k))
+    before = torch.get_num_threads()
+    quick = config.replace(train={"steps": 2, "dynamics_steps": 2})
+    train_autoencoder(data, tmp_path / "ae", quick, progress=False)
+    train_dynamics(keypoint_run, data, tmp_path / "dyn", {"train": {"dynamics_steps": 2}}, progress=False)
+    cores = len(os.sched_getaffinity(0))
+    assert set(seen["autoencoder"]) == {STAGE_THREADS["autoencoder"] or cores}
+    assert set(seen["dynamics"]) == {STAGE_THREADS["dynamics"]} == {1}
+    assert torch.get_num_threads() == before  # restored
+    seen["dynamics"].clear()
+    train_dynamics(keypoint_run, data, tmp_path / "dyn2", {"train": {"dynamics_steps": 2}}, progress=False, threads=2)
+    assert set(seen["dynamics"]) == {2}
