@@ -33,6 +33,7 @@ from kp_rl.bench import machine
 from kp_rl.files import save_figure, write_json
 from kp_rl.envs import get_spec
 from kp_rl.model import resolve_device
+from kp_rl.report import experiment_readme, markdown_table
 
 ENV_STEPS = 100_000  # the gpu spec's budget per run
 
@@ -154,7 +155,20 @@ def main() -> None:
     ax.set_title(f"{args.task}: {machine()['cuda'] or machine()['cpu']}", fontsize=9)
     ax.legend()
     save_figure(fig, out / "bench_agent.png")
-    print(f"wrote {out}/results.json and bench_agent.png")
+    table = markdown_table(
+        ["agent", "device", "env steps/s", "updates/s", "vs CPU", "h per 100k-env-step run", "perception ms/step",
+         "perception share of a SAC step"],
+        [[agent, d, f"{r['env_steps_per_s']:.0f}", f"{r['updates_per_s']:.1f}", f"{r['updates_vs_cpu']:.2f}x",
+          f"{r['hours_per_100k_run']:.2f}", f"{r['perception_ms_per_step']:.2f}", f"{100 * r['perception_share']:.1f}%"]
+         for agent, per_device in rows.items() for d, r in per_device.items()])
+    experiment_readme(out, "experiments/bench_agent.py", __doc__, f"""\
+SAC on {args.task}; keypoint agents with a random-weight `{args.preset}` model; warm-up of {args.fill} env steps, \
+{args.repeats} x {args.updates} timed updates; torch threads: {torch.get_num_threads()}.
+
+{table}
+
+![updates/s](bench_agent.png)""", machine())
+    print(f"wrote {out}/results.json, README.md and bench_agent.png")
 
 
 if __name__ == "__main__":

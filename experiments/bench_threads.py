@@ -26,6 +26,7 @@ import kp_rl
 from kp_rl.bench import machine
 from kp_rl.files import write_json
 from kp_rl.keypoints import preprocess_frames
+from kp_rl.report import experiment_readme, markdown_table
 
 
 def stage_steps(preset: str) -> dict[str, Callable[[], None]]:
@@ -125,7 +126,21 @@ def main() -> None:
     write_json(Path(args.out) / "results.json", {"preset": args.preset, "seconds": args.seconds,
                                                  "rounds": args.rounds, "steps_per_s": rows, "choice": choice,
                                                  "machine": machine()})
-    print(f"wrote {args.out}/results.json")
+    table = markdown_table(["stage", "load", *[f"{n} thread(s): steps/s" for n in counts]],
+                           [[stage, load, *[f"{rows[f'{stage} | {n} thread(s) | {load}']['median']:.1f}" for n in counts]]
+                            for stage in steps for load in ("idle", "one busy core")])
+    choices = "\n".join(f"- {stage}: **{c['threads']} thread(s)** (worst fraction of the best rate: "
+                         + ", ".join(f"{n} thread(s) {w:.2f}" for n, w in c["worst_fraction_of_best"].items()) + ")"
+                         for stage, c in choice.items())
+    experiment_readme(args.out, "experiments/bench_threads.py", __doc__, f"""\
+`{args.preset}` preset; {args.seconds:g} s per measurement, medians of {args.rounds} interleaved rounds.
+
+{table}
+
+The thread count that keeps the most of the best rate in the worse of the two conditions:
+
+{choices}""", machine())
+    print(f"wrote {args.out}/results.json and README.md")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import kp_rl
 from kp_rl.bench import machine, median_rate
 from kp_rl.files import save_figure, write_json
 from kp_rl.model import resolve_device
+from kp_rl.report import experiment_readme, markdown_table
 from kp_rl.wrappers import KeypointObservation, VecKeypointObservation, VectorKeypointObservation
 
 
@@ -203,7 +204,19 @@ def main() -> None:
     ax.set_xlim(0, 1.15 * max(row["max"] for row in rows.values()))
     ax.set_xlabel(f"env steps/s ({title}; median of {args.repeats} rounds; ratio to raw)")
     save_figure(fig, out / "bench_wrapper.png")
-    print(f"wrote {out}/results.json and bench_wrapper.png")
+    table = markdown_table(["setup", "env steps/s (median)", "vs raw"],
+                           [[label, f"{row['median']:.0f}", f"{row['vs_raw']:.2f}x"] for label, row in rows.items()])
+    experiment_readme(out, "experiments/bench_wrapper.py", __doc__, f"""\
+{title}; wrappers on {threads or default_threads} torch thread(s); medians of {args.repeats} interleaved rounds of \
+{args.steps} steps.
+
+{table}
+
+One frame through `model.encode` right after each env step: {in_context['between env steps']:.3f} ms \
+({in_context['back to back']:.3f} ms back to back).
+
+![env steps/s](bench_wrapper.png)""", machine())
+    print(f"wrote {out}/results.json, README.md and bench_wrapper.png")
 
 
 if __name__ == "__main__":

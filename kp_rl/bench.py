@@ -21,11 +21,26 @@ def median_rate(run: Callable[[], int], repeats: int = 5, warmup: int = 1) -> di
     return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "repeats": repeats}
 
 
+def commit() -> str | None:
+    """The git commit of the working tree (``+dirty`` with uncommitted changes), or ``None`` outside git."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
+    """What the numbers were measured on, when, and at which commit."""
     import torch
 
     info: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
-from kp_rl.files import save_figure, write_json
+from kp_rl.files import save_figure, write_json, write_text
 from kp_rl.data import episode_files, load_episode, read_manifest
 
 
@@ -139,3 +139,32 @@ def keypoint_strip(models: dict[str, Any], frames: np.ndarray, path: str | Path,
                 ax.set_title(f"t={t}", fontsize=7)
     fig.suptitle(title, fontsize=8)
     save_figure(fig, Path(path))
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table (what experiment scripts write into their results README).
+
+    >>> print(markdown_table(["agent", "return"], [["state", 843], ["pixels", 50]]))
+    | agent | return |
+    |---|---|
+    | state | 843 |
+    | pixels | 50 |
+    """
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
+def experiment_readme(out: str | Path, script: str, doc: str, body: str, machine: dict[str, Any]) -> None:
+    """Write ``out/README.md`` for an experiment script: its description (the script's docstring), the machine,
+    this run's figures (``body``, markdown), and a pointer to ``HISTORY.md`` when the folder keeps one."""
+    out = Path(out)
+    title, _, rest = doc.strip().partition("\n")
+    where = (f"{machine.get('cpu', '?')}, {machine.get('cpu_count', '?')} cores"
+             + (f", {machine['cuda']}" if machine.get("cuda") else "")
+             + (f"; 1-minute load average {machine['load_avg_1min']:.2f}" if machine.get("load_avg_1min") is not None
+                else ""))
+    parts = [f"# {title.rstrip('.')} (`{script}`)", rest.strip(), f"Run of {machine.get('date', '?')} on {where}, "
+             f"commit {machine.get('commit', '?')}.", body.strip()]
+    if (out / "HISTORY.md").exists():
+        parts.append("Earlier runs and what changed between them: [HISTORY.md](HISTORY.md).")
+    write_text(out / "README.md", "\n\n".join(parts) + "\n")

@@ -30,6 +30,7 @@ def test_bench_agent_measures_each_agent_on_each_device(tmp_path: Path) -> None:
         assert abs(row["sac_step_ms"] - 1e3 / row["env_steps_per_s"] - 1e3 / row["updates_per_s"]) < 1e-9
     assert report["agents"]["sac-state"]["cpu"]["perception_ms_per_step"] == 0.0  # no perception to time
     assert (tmp_path / "bench_agent.png").stat().st_size > 0 and "sac-keypoints-belief" in result.stdout
+    assert "| sac-keypoints-belief | cpu |" in (tmp_path / "README.md").read_text()
 
 
 def test_bench_wrapper_reports_ratios_to_raw(tmp_path: Path) -> None:
@@ -39,3 +40,13 @@ def test_bench_wrapper_reports_ratios_to_raw(tmp_path: Path) -> None:
     assert rows["single: raw"]["vs_raw"] == 1.0 and 0 < rows["single: KeypointObservation"]["vs_raw"]
     assert set(report["encode_1_frame_ms_in_context"]) == {"between env steps", "back to back"}
     assert (tmp_path / "bench_wrapper.png").stat().st_size > 0
+    assert "| single: KeypointObservation |" in (tmp_path / "README.md").read_text()
+
+
+def test_bench_threads_chooses_a_thread_count_per_stage(tmp_path: Path) -> None:
+    run("bench_threads.py", "--preset", "tiny", "--seconds", "0.05", "--rounds", "1", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert set(report["choice"]) == {"autoencoder", "vrnn", "sac update (keypoints + belief)"}
+    assert all(c["threads"] in c["worst_fraction_of_best"] or str(c["threads"]) in c["worst_fraction_of_best"]
+               for c in report["choice"].values())
+    assert "thread(s): steps/s" in (tmp_path / "README.md").read_text()
