@@ -15,3 +15,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def checker_findings():
+    """Run Gymnasium's and SB3's env checkers on an env; return what they warned about (errors raise).
+
+    Gymnasium's note that a wrapped env "is different from the unwrapped version" is left out: it says only
+    that the checker was given a wrapper, which is the point of checking one.
+    """
+    import re
+    import warnings
+
+    from gymnasium.utils.env_checker import check_env
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    def run(env) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            check_env(env)
+            sb3_check_env(env)
+        messages = [re.sub(r"\x1b\[[0-9;]*m", "", str(w.message)) for w in caught]
+        return sorted(m for m in messages if "is different from the unwrapped version" not in m)
+
+    return run
+
+
+INFINITE_BOX = ["WARN: A Box observation space maximum value is infinity. This is probably too high.",
+                "WARN: A Box observation space minimum value is -infinity. This is probably too low."]

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from kp_rl import metrics
 from kp_rl.metrics import (
     fit_ridge,
     frechet_distance,
