@@ -94,8 +94,14 @@ def get_agent(name: str | Path) -> AgentSpec:
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise UnknownAgentError(f"agent file not found: {path}")
-        data = yaml.safe_load(path.read_text())
-        spec = AgentSpec(name=path.stem, **data)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
+        known = {f.name for f in dataclasses.fields(AgentSpec)} - {"name"}
+        if not isinstance(data, dict) or not {"algo", "observation"} <= set(data) or set(data) - known:
+            raise ValueError(f"{path}: expected a mapping with algo, observation and some of {sorted(known)}")
+        spec = AgentSpec(name=path.stem, **{k: v if v is not None else {} for k, v in data.items()})
         spec.validate()
         return spec
     catalog = load_agent_catalog()
@@ -211,6 +217,8 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
                         ("checkpoint_every", checkpoint_every)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if model is not None and not spec.needs_model:
+        raise ValueError(f"agent {spec.name} ({spec.observation} observations) takes no model; drop --model")
     device = str(resolve_device(device))
     out = check_output_dir(out)
     previous = _read_curve(out)
