@@ -182,6 +182,16 @@ def _finished(curve: dict[str, Any] | None, steps: int) -> bool:
     return curve["steps"][-1] >= steps  # written before budgets were recorded
 
 
+def _eval_episodes(out: Path, curve: dict[str, Any] | None) -> int | None:
+    """Episodes per evaluation of the run in ``out`` (None for a new run)."""
+    if curve and "eval_episodes" in curve:
+        return int(curve["eval_episodes"])
+    if (out / "evaluations.npz").is_file():  # a run from before the curve recorded it
+        with np.load(out / "evaluations.npz") as record:
+            return int(record["results"].shape[1])
+    return None
+
+
 def finished_curve(out: str | Path, steps: int) -> dict[str, Any] | None:
     """The learning curve of a run in ``out`` that finished ``steps`` agent steps, else None (nothing loaded)."""
     curve = _read_curve(Path(out))
@@ -189,7 +199,8 @@ def finished_curve(out: str | Path, steps: int) -> dict[str, Any] | None:
 
 
 def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path, seed: int | None = None,
-                model: Any = None, eval_every: int = 5000, eval_episodes: int = 5, device: str = "cpu",
+                model: Any = None, eval_every: int | None = None, eval_episodes: int | None = None,
+                device: str = "cpu",
                 checkpoint_every: int = 10_000, env_kwargs: dict[str, Any] | None = None,
                 progress: bool = True) -> dict[str, Any]:
     """Train an agent for ``steps`` agent steps with periodic evaluation; resumes the run in ``out``.
@@ -197,7 +208,9 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
     ``out/run.json`` records what the run is (:mod:`kp_rl.runs`: agent, algorithm, observation kind, env id,
     seed, perception model path and checkpoint hash); a folder that holds another run is refused before anything
     is written. A finished run returns its curve; a bigger ``steps`` extends it, a smaller one than it trained is
-    refused. ``seed`` None: the run's recorded seed (0 for a new run); ``model`` None on a resume: the recorded one.
+    refused. ``seed`` None: the run's recorded seed (0 for a new run); ``model`` None on a resume: the recorded one;
+    ``eval_every`` None: the run's (5000 for a new run); ``eval_episodes`` None: the run's (5 for a new run; a
+    resume cannot change it: SB3's record keeps one count).
 
     Evaluation is SB3's ``EvalCallback`` (deterministic policy, ``eval_episodes`` episodes on a separate env),
     run every ``eval_every`` agent steps (env steps / the task's action repeat: ``steps``' unit) and at the end
@@ -215,7 +228,7 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
     spec = agent if isinstance(agent, AgentSpec) else get_agent(agent)
     for name, value in (("steps", steps), ("eval_every", eval_every), ("eval_episodes", eval_episodes),
                         ("checkpoint_every", checkpoint_every)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if model is not None and not spec.needs_model:
         raise ValueError(f"agent {spec.name} ({spec.observation} observations) takes no model; drop --model")
@@ -236,8 +249,17 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
         model = recorded["model"]
         identity.update(model=model, model_sha256=checkpoint_hash(model))
         check_run(out, identity, found)
+    evaluated = _eval_episodes(out, previous)
+    if eval_episodes is not None and evaluated is not None and eval_episodes != evaluated:
+        raise ValueError(f"{out} evaluates with {evaluated} episodes, not {eval_episodes}; resume it with its own "
+                         f"count or choose another output folder")
+    eval_episodes = eval_episodes or evaluated or 5
     if _finished(previous, steps):
+        if eval_every is not None and previous.get("eval_every", eval_every) != eval_every:
+            raise ValueError(f"{out} finished with an evaluation every {previous['eval_every']} agent steps, not "
+                             f"{eval_every}; a bigger --steps continues on the new schedule")
         return previous
+    eval_every = eval_every or (previous or {}).get("eval_every", 5000)
     trained = previous.get("agent_steps", 0) if previous else 0
     if steps < trained:
         raise ValueError(f"{out} has trained {trained} agent steps, more than the {steps} asked for; "
@@ -275,7 +297,7 @@ def _train(spec: AgentSpec, venv: Any, eval_env: Any, steps: int, out: Path, ide
             algo.load_replay_buffer(buffer_path)
     else:
         algo = build_agent(spec, venv, seed=seed, tensorboard_log=str(out / "tb"), device=device)
-    curve.update(budget=steps, done=False)
+    curve.update(budget=steps, eval_every=eval_every, eval_episodes=eval_episodes, done=False)
     start_run(out, identity, found)  # the work starts: the folder and its run.json exist from here on
 
     def save() -> None:

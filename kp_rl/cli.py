@@ -243,8 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset folder (kp-rl collect)")
     p.add_argument("--out", required=True,
                    help="run folder: model.pt, history.json, run.json, tb/ (resumes the run it holds, if the same)")
-    p.add_argument("--keypoints", help="dynamics only: the trained keypoints (or cnn) run to build on "
-                                       "(required for a new run; on a resume, checked against the recorded one)")
+    p.add_argument("--keypoints", help="dynamics only: the trained keypoints (or cnn) run to build on (required "
+                                       "for a new run; default on a resume: the recorded one, which a given one "
+                                       "must match)")
     p.add_argument("--preset", default=None, choices=["cpu", "paper", "tiny"],
                    help="model and training sizes (default: cpu; a resumed run's own; dynamics: the autoencoder's)")
     p.add_argument("--config", help="YAML with a preset and section overrides (default: none)")
@@ -283,10 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="kp-rl run for keypoints / cnn-vrnn agents (default: none; on a resume, the "
                                    "recorded one)")
     p.add_argument("--seed", type=_seed, default=None, help="agent and env seed (default: 0; on a resume, the run's)")
-    p.add_argument("--eval-every", type=_positive_int, default=5000,
-                   help="evaluate every this many agent steps, and at the end (default: 5000)")
-    p.add_argument("--eval-episodes", type=_positive_int, default=5,
-                   help="episodes per evaluation, deterministic policy (default: 5)")
+    p.add_argument("--eval-every", type=_positive_int, default=None,
+                   help="evaluate every this many agent steps, and at the end (default: 5000; on a resume, the run's)")
+    p.add_argument("--eval-episodes", type=_positive_int, default=None,
+                   help="episodes per evaluation, deterministic policy (default: 5; on a resume, the run's)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default: cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_rl, outputs=("out",))
