@@ -9,8 +9,10 @@ and compares them with
                         (an upper reference for tracking),
   * ``mean_frame``    : predicting the training set's mean frame (reconstruction baseline),
   * ``mean_coords``   : predicting the training set's mean coordinates (tracking baseline).
-Tracking error: ridge regression from the K*(x, y, mu) keypoints to the true 2-D body centres (unit image
-coordinates, [-1, 1]), fitted on training episodes, RMSE on held-out episodes (also in pixels).
+Tracking error: ridge regression from the K*(x, y, mu) keypoints to the true 2-D positions of the tracked
+objects (every body's centre, then the task's objects that are not bodies, e.g. reacher's target; named by the
+dataset manifest's ``object_names``) in unit image coordinates ([-1, 1]), fitted on training episodes, RMSE on
+held-out episodes (also in pixels); ``per_object_px`` breaks the keypoint model's error down by object.
 
     python experiments/keypoint_quality.py [--tasks cartpole-swingup walker-walk] [--steps 1000]
 
@@ -31,8 +33,8 @@ from torch import nn
 
 import kp_rl
 from kp_rl.bench import machine
+from kp_rl.data import SequenceDataset, collect, encode_episodes, read_manifest
 from kp_rl.files import write_json
-from kp_rl.data import SequenceDataset, collect, encode_episodes
 from kp_rl.envs import pixels_to_unit
 from kp_rl.keypoints import add_coord_channels, build_encoder_trunk, preprocess_frames, trunk_channels
 from kp_rl.metrics import tracking_error
@@ -131,6 +133,11 @@ def main() -> None:
             row["mean_coords"] = {"tracking_rmse": err["mean_baseline_rmse"],
                                   "tracking_rmse_px": err["mean_baseline_rmse"] * pixels}
             row["mean_frame"] = {"reconstruction": recon["mean_frame"]}
+        features = encode(models["keypoints"], train_set[0]), encode(models["keypoints"], test_set[0])
+        objects = read_manifest(root).get("object_names") or [f"object {i}" for i in range(train_set[1].shape[1])]
+        row["per_object_px"] = {name: tracking_error(features[0], train_set[1][:, i], features[1],
+                                                     test_set[1][:, i])["keypoint_rmse"] * pixels
+                                for i, name in enumerate(objects)}
         sup_train, sup_test = supervised_predictions(base.keypoints, train_set, test_set[0], args.supervised_steps,
                                                      args.seed)
         sup = tracking_error(encode(models["keypoints"], train_set[0]), train_set[1],
@@ -148,6 +155,8 @@ def main() -> None:
             track = f"{r['tracking_rmse']:14.4f} {r['tracking_rmse_px']:7.2f}" if "tracking_rmse" in r else " " * 22
             recon = f"{r['reconstruction']:10.2f}" if "reconstruction" in r else ""
             print(f"{task:18s} {name:14s} {track} {recon}")
+        print(f"{task:18s} keypoints, per object (px): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in row["per_object_px"].items()))
     write_json(out / "results.json", results)
 
     import matplotlib

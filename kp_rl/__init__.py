@@ -17,8 +17,8 @@ __version__ = "0.1.0"
 
 register_envs()
 
-_SUBMODULES = ("agents", "data", "dynamics", "evaluate", "experiment", "keypoints", "losses", "metrics", "sb3", "train",
-               "video", "wrappers")
+_SUBMODULES = ("agents", "data", "dynamics", "evaluate", "experiment", "keypoints", "losses", "metrics", "runs", "sb3",
+               "train", "video", "wrappers")
 
 
 def __getattr__(name: str):

@@ -27,6 +27,7 @@ import numpy as np
 import yaml
 
 from kp_rl.files import write_json
+from kp_rl.runs import check_output_dir, check_run, checkpoint_hash, start_run
 
 OBSERVATION_KINDS = ("keypoints", "keypoints+belief", "cnn-vrnn", "pixels", "state")
 ALGOS = ("SAC", "PPO")
@@ -93,8 +94,14 @@ def get_agent(name: str | Path) -> AgentSpec:
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise UnknownAgentError(f"agent file not found: {path}")
-        data = yaml.safe_load(path.read_text())
-        spec = AgentSpec(name=path.stem, **data)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
+        known = {f.name for f in dataclasses.fields(AgentSpec)} - {"name"}
+        if not isinstance(data, dict) or not {"algo", "observation"} <= set(data) or set(data) - known:
+            raise ValueError(f"{path}: expected a mapping with algo, observation and some of {sorted(known)}")
+        spec = AgentSpec(name=path.stem, **{k: v if v is not None else {} for k, v in data.items()})
         spec.validate()
         return spec
     catalog = load_agent_catalog()
@@ -149,70 +156,149 @@ def build_agent(spec: AgentSpec, venv: Any, seed: int = 0, tensorboard_log: str 
     import stable_baselines3 as sb3
 
     algo = getattr(sb3, spec.algo)
-    return algo(spec.policy, venv, seed=seed, tensorboard_log=tensorboard_log, device=device, verbose=0,
-                policy_kwargs=dict(spec.policy_kwargs), **spec.hyperparameters)
+    try:
+        return algo(spec.policy, venv, seed=seed, tensorboard_log=tensorboard_log, device=device, verbose=0,
+                    policy_kwargs=dict(spec.policy_kwargs), **spec.hyperparameters)
+    except TypeError as exc:  # an unknown hyperparameter or policy keyword of the agent's YAML
+        raise ValueError(f"agent {spec.name}: {spec.algo} rejects its hyperparameters / policy_kwargs: {exc}") from exc
+
+
+def _read_curve(out: Path) -> dict[str, Any] | None:
+    import json
+
+    try:
+        curve = json.loads((out / "curve.json").read_text())
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
+    return curve if isinstance(curve, dict) else None
+
+
+def _finished(curve: dict[str, Any] | None, steps: int) -> bool:
+    """Whether ``curve`` is of a run that finished a budget of ``steps`` agent steps."""
+    if not curve or not curve.get("done") or not curve.get("steps"):
+        return False
+    if "budget" in curve:
+        return curve["budget"] == steps
+    return curve["steps"][-1] >= steps  # written before budgets were recorded
+
+
+def _eval_episodes(out: Path, curve: dict[str, Any] | None) -> int | None:
+    """Episodes per evaluation of the run in ``out`` (None for a new run)."""
+    if curve and "eval_episodes" in curve:
+        return int(curve["eval_episodes"])
+    if (out / "evaluations.npz").is_file():  # a run from before the curve recorded it
+        with np.load(out / "evaluations.npz") as record:
+            return int(record["results"].shape[1])
+    return None
 
 
 def finished_curve(out: str | Path, steps: int) -> dict[str, Any] | None:
     """The learning curve of a run in ``out`` that finished ``steps`` agent steps, else None (nothing loaded)."""
-    import json
-
-    path = Path(out) / "curve.json"
-    try:
-        curve = json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    done = curve.get("done") and curve.get("steps") and curve["steps"][-1] >= steps
-    return curve if done else None
+    curve = _read_curve(Path(out))
+    return curve if _finished(curve, steps) else None
 
 
-def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path, seed: int = 0,
-                model: Any = None, eval_every: int = 5000, eval_episodes: int = 5, device: str = "cpu",
+def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path, seed: int | None = None,
+                model: Any = None, eval_every: int | None = None, eval_episodes: int | None = None,
+                device: str = "cpu",
                 checkpoint_every: int = 10_000, env_kwargs: dict[str, Any] | None = None,
                 progress: bool = True) -> dict[str, Any]:
-    """Train an agent for ``steps`` env steps with periodic evaluation; resumes an unfinished run in ``out``.
+    """Train an agent for ``steps`` agent steps with periodic evaluation; resumes the run in ``out``.
+
+    ``out/run.json`` records what the run is (:mod:`kp_rl.runs`: agent, algorithm, observation kind, env id,
+    seed, perception model path and checkpoint hash); a folder that holds another run is refused before anything
+    is written. A finished run returns its curve; a bigger ``steps`` extends it, a smaller one than it trained is
+    refused. ``seed`` None: the run's recorded seed (0 for a new run); ``model`` None on a resume: the recorded one;
+    ``eval_every`` None: the run's (5000 for a new run); ``eval_episodes`` None: the run's (5 for a new run; a
+    resume cannot change it: SB3's record keeps one count).
 
     Evaluation is SB3's ``EvalCallback`` (deterministic policy, ``eval_episodes`` episodes on a separate env),
-    run every ``eval_every`` env steps and at the end of the budget: it writes ``out/evaluations.npz`` (SB3's
+    run every ``eval_every`` agent steps (env steps / the task's action repeat: ``steps``' unit) and at the end
+    of the budget: it writes ``out/evaluations.npz`` (SB3's
     format: timesteps, per-episode returns and lengths) and ``out/best_model.zip``, and logs ``eval/*`` to
     TensorBoard (``out/tb``). The agent, its replay buffer and the curve are checkpointed every
     ``checkpoint_every`` steps (temporary file, then rename).
 
     Returns the learning curve (also in ``out/curve.json``): ``steps``, ``seconds`` (wall-clock spent
     training, evaluation excluded, summed over resumed sessions), ``returns`` (mean eval return),
-    ``returns_std``.
+    ``returns_std``, ``budget`` (the ``steps`` asked for), ``agent_steps`` (trained at the last checkpoint), ``done``.
     """
-    from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback
-    from tqdm.auto import tqdm
-
     from kp_rl.model import resolve_device
 
     spec = agent if isinstance(agent, AgentSpec) else get_agent(agent)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    for name, value in (("steps", steps), ("eval_every", eval_every), ("eval_episodes", eval_episodes),
+                        ("checkpoint_every", checkpoint_every)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if model is not None and not spec.needs_model:
+        raise ValueError(f"agent {spec.name} ({spec.observation} observations) takes no model; drop --model")
     device = str(resolve_device(device))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    finished = finished_curve(out, steps)
-    if finished is not None:
-        return finished
-    venv = make_vec_env(env_id, spec, model, seed=seed, device=device, env_kwargs=env_kwargs)
-    eval_env = make_vec_env(env_id, spec, model, n_envs=1, seed=seed + 10_000, device=device, env_kwargs=env_kwargs)
-    curve_path, agent_path, buffer_path = out / "curve.json", out / "agent.zip", out / "replay_buffer.pkl"
-    curve: dict[str, Any] = {"env_id": env_id, "agent": spec.name, "seed": seed, "steps": [], "seconds": [],
-                             "returns": [], "returns_std": [], "done": False}
-    if agent_path.exists() and curve_path.exists():
-        import json
+    out = check_output_dir(out)
+    previous = _read_curve(out)
+    found = previous and {"command": "rl", "stage": "agent", **{k: previous.get(k) for k in ("agent", "env_id", "seed")}}
+    model_file = Path(model).resolve() if isinstance(model, (str, Path)) else None
+    if model_file is not None and model_file.is_dir():
+        model_file = model_file / "model.pt"
+    identity = {"command": "rl", "stage": "agent", "agent": spec.name, "algo": spec.algo,
+                "observation": spec.observation, "env_id": env_id, "seed": seed, "env_kwargs": env_kwargs or None,
+                "model": str(model_file) if model_file else None,
+                "model_sha256": checkpoint_hash(model_file) if model_file else None}
+    recorded = check_run(out, identity, found) or {}
+    seed = identity["seed"] = recorded.get("seed", 0) if seed is None else seed
+    if model is None and spec.needs_model and recorded.get("model"):  # resume on the model the run was built on
+        model = recorded["model"]
+        identity.update(model=model, model_sha256=checkpoint_hash(model))
+        check_run(out, identity, found)
+    evaluated = _eval_episodes(out, previous)
+    if eval_episodes is not None and evaluated is not None and eval_episodes != evaluated:
+        raise ValueError(f"{out} evaluates with {evaluated} episodes, not {eval_episodes}; resume it with its own "
+                         f"count or choose another output folder")
+    eval_episodes = eval_episodes or evaluated or 5
+    if _finished(previous, steps):
+        if eval_every is not None and previous.get("eval_every", eval_every) != eval_every:
+            raise ValueError(f"{out} finished with an evaluation every {previous['eval_every']} agent steps, not "
+                             f"{eval_every}; a bigger --steps continues on the new schedule")
+        return previous
+    eval_every = eval_every or (previous or {}).get("eval_every", 5000)
+    trained = previous.get("agent_steps", 0) if previous else 0
+    if steps < trained:
+        raise ValueError(f"{out} has trained {trained} agent steps, more than the {steps} asked for; "
+                         f"ask for {trained} or more to extend it")
+    venv = eval_env = None
+    try:
+        venv = make_vec_env(env_id, spec, model, seed=seed, device=device, env_kwargs=env_kwargs)
+        eval_env = make_vec_env(env_id, spec, model, n_envs=1, seed=seed + 10_000, device=device,
+                                env_kwargs=env_kwargs)
+        return _train(spec, venv, eval_env, steps, out, identity, found, seed, eval_every, eval_episodes, device,
+                      checkpoint_every, progress, previous if (out / "agent.zip").exists() else None)
+    finally:
+        for env in (venv, eval_env):
+            if env is not None:
+                env.close()
 
+
+def _train(spec: AgentSpec, venv: Any, eval_env: Any, steps: int, out: Path, identity: dict[str, Any],
+           found: dict[str, Any] | None, seed: int, eval_every: int, eval_episodes: int, device: str,
+           checkpoint_every: int, progress: bool, previous: dict[str, Any] | None) -> dict[str, Any]:
+    """:func:`train_agent` once its envs exist (they are closed by the caller)."""
+    from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback
+    from tqdm.auto import tqdm
+
+    curve_path, agent_path, buffer_path = out / "curve.json", out / "agent.zip", out / "replay_buffer.pkl"
+    curve: dict[str, Any] = {"env_id": identity["env_id"], "agent": spec.name, "seed": seed, "steps": [],
+                             "seconds": [], "returns": [], "returns_std": [], "done": False}
+    if previous is not None:
         import stable_baselines3 as sb3
 
-        curve = json.loads(curve_path.read_text())
+        curve = previous
         algo = getattr(sb3, spec.algo).load(agent_path, env=venv, device=device,
                                             tensorboard_log=str(out / "tb"))
         if buffer_path.exists() and hasattr(algo, "load_replay_buffer"):
             algo.load_replay_buffer(buffer_path)
     else:
         algo = build_agent(spec, venv, seed=seed, tensorboard_log=str(out / "tb"), device=device)
+    curve.update(budget=steps, eval_every=eval_every, eval_episodes=eval_episodes, done=False)
+    start_run(out, identity, found)  # the work starts: the folder and its run.json exist from here on
 
     def save() -> None:
         tmp = out / ".agent.tmp.zip"
@@ -222,12 +308,13 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
             tmp_buffer = out / ".replay_buffer.tmp.pkl"
             algo.save_replay_buffer(tmp_buffer)
             tmp_buffer.replace(buffer_path)
+        curve["agent_steps"] = int(algo.num_timesteps)
         write_json(curve_path, curve)
 
     clock = {"start": time.perf_counter(), "spent": curve["seconds"][-1] if curve["seconds"] else 0.0}
 
     class Evaluation(EvalCallback):
-        """SB3's EvalCallback on an env-step schedule (every ``eval_every`` steps and at the budget)."""
+        """SB3's EvalCallback on an agent-step schedule (every ``eval_every`` steps and at the budget)."""
 
         def _on_step(self) -> bool:
             n = self.num_timesteps
@@ -272,12 +359,8 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
             self.bar.close()
 
     remaining = steps - algo.num_timesteps
-    try:
-        algo.learn(remaining, callback=CallbackList([evaluation, Progress()]), reset_num_timesteps=False,
-                   tb_log_name="sb3")
-    finally:
-        venv.close()
-        eval_env.close()
+    algo.learn(remaining, callback=CallbackList([evaluation, Progress()]), reset_num_timesteps=False,
+               tb_log_name="sb3")
     curve["done"] = True
     save()
     return curve

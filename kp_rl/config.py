@@ -250,17 +250,28 @@ def get_preset(name: str) -> Config:
     return PRESETS[name]
 
 
-def load_config(path: str | Path, base: str | None = None) -> Config:
-    """Load a YAML config: ``preset: cpu`` plus section overrides (``train: {steps: 100}``)."""
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds (``preset`` and section overrides), unvalidated beyond its shape."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path, base: str | None = None) -> Config:
+    """Load a YAML config: ``preset: cpu`` plus section overrides (``train: {steps: 100}``).
+
+    ``base`` is the preset when the file names none; a file that names another one is an error.
+    """
+    data = read_config_file(path)
+    if base is not None and data.get("preset", base) != base:
+        raise ConfigError(f"{path} sets preset {data['preset']!r}, but preset {base!r} was asked for")
     preset = get_preset(data.pop("preset", base or "cpu"))
     try:
         return preset.replace(**data)

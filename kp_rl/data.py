@@ -5,8 +5,8 @@ A dataset directory holds one compressed ``.npz`` shard per episode plus ``manif
     data/cartpole/
       manifest.json                 # task spec, seed, policy, package versions, one entry per episode
       episode-000000.npz            # image (L+1, H, W, 3) uint8, action, reward, discount, state, physics,
-      episode-000001.npz            # true_object_pos (L+1, bodies, 2): pixel (column, row) of every body
-      ...
+      episode-000001.npz            # true_object_pos (L+1, objects, 2): pixel (column, row) of every tracked
+      ...                           #   object, named by the manifest's object_names (bodies, then e.g. a target)
 
 Arrays are aligned per step (Dreamer convention): ``action[t]`` is the action taken *before* ``image[t]``
 and ``reward[t]`` the reward received with it; both are zero at ``t = 0`` (the reset frame).
@@ -86,7 +86,7 @@ def rollout(env: Any, seed: int, policy: str = "random", max_steps: int | None =
         steps["discount"].append(info["discount"])
         steps["state"].append(info["state"])
         steps["physics"].append(info["physics"])
-        steps["true_object_pos"].append(info["body_pixels"])
+        steps["true_object_pos"].append(info["object_pixels"])
 
     record(obs, np.zeros(action_dim, np.float32), 0.0, info)
     done, t = False, 0
@@ -201,7 +201,7 @@ def collect(
     """
     from tqdm.auto import tqdm
 
-    from kp_rl.envs import get_spec
+    from kp_rl.envs import get_spec, object_names
 
     if episodes < 1:
         raise DatasetError(f"episodes must be >= 1, got {episodes}")
@@ -215,13 +215,19 @@ def collect(
     _check_output_dir(out)
 
     manifest_path = out / MANIFEST
-    wanted = {"env_id": spec.env_id, "task": spec.to_dict(), "seed": seed, "policy": policy, "max_steps": max_steps}
+    wanted = {"env_id": spec.env_id, "task": spec.to_dict(), "seed": seed, "policy": policy, "max_steps": max_steps,
+              "object_names": list(object_names(spec))}
     if manifest_path.exists():
         manifest = read_manifest(out)
+        if "object_names" not in manifest:  # written before objects were named: its shards track the bodies only
+            if spec.objects:
+                raise DatasetError(f"{manifest_path}: an older dataset whose true_object_pos lacks {list(spec.objects)}; "
+                                   f"collect into another directory")
+            manifest.update(object_names=wanted["object_names"], task={**manifest["task"], "objects": []})
         for key, value in wanted.items():
             if manifest.get(key) != value:
                 raise DatasetError(f"{manifest_path}: holds a dataset with {key}={manifest.get(key)!r}, "
-                                   f"not {value!r}; choose another --out directory")
+                                   f"not {value!r}; collect into another directory")
     else:
         manifest = {"format": FORMAT, "version": FORMAT_VERSION, **wanted, "episodes": []}
     for stale in out.glob(".*.tmp"):  # temporaries of an interrupted write

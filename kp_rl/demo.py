@@ -34,7 +34,11 @@ def _config(quick: bool):
 
 
 def run_demo(out: Path, data: Path, quick: bool = False, runs: Path = Path("runs/demo")) -> dict[str, Any]:
-    """Run the demo; returns the figures it reports (also in ``out/summary.json``)."""
+    """Run the demo; returns the figures it reports (also in ``out/summary.json``).
+
+    ``kp-rl demo`` gives the quick and the full demo folders of their own (``data/demo-cartpole-quick`` ...), so
+    neither resumes the other's dataset or runs; pointed at the other's folders, a stage refuses in one line.
+    """
     from kp_rl.agents import get_agent, train_agent
     from kp_rl.envs import get_spec
     from kp_rl.evaluate import reward_prediction
@@ -43,7 +47,6 @@ def run_demo(out: Path, data: Path, quick: bool = False, runs: Path = Path("runs
     from kp_rl.video import predict_frames, write_comparison
 
     budget = QUICK if quick else FULL
-    runs = runs / "quick" if quick else runs
     config = _config(quick)
     out.mkdir(parents=True, exist_ok=True)
     clock = {"start": time.perf_counter()}

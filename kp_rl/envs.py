@@ -5,9 +5,12 @@ each becomes the Gymnasium id ``kp_rl/<domain>-<task>-v0`` when ``kp_rl`` is imp
 
 The environment follows the usual pixel-DMC setup: ``visualize_reward=False`` (bodies are not coloured by
 reward, so pixels do not leak it), actions rescaled to [-1, 1], rewards summed over the repeated steps.
-Frames come from one reused ``mujoco.Renderer`` (shadows and reflections are switches). Every step's
-``info`` carries the low-dimensional state and the 2-D pixel coordinates of every body, projected through
-the camera: the ground truth of the tracking evaluation.
+Frames come from one reused ``mujoco.Renderer`` (shadows and reflections are switches), released on
+``close()``, when the env is garbage-collected, or at interpreter exit (before MuJoCo tears EGL down), so an
+env that is never closed exits silently. Every step's ``info`` carries the low-dimensional state and the 2-D
+pixel coordinates of the tracked objects, projected through the camera: every body, then the task's objects
+that are not bodies (the catalog's ``objects:``, e.g. reacher's target, a geom of the world body). They are the
+ground truth of the tracking evaluation.
 
 Example:
     >>> import gymnasium as gym, kp_rl
@@ -16,10 +19,16 @@ Example:
     >>> obs.shape, obs.dtype, info["body_pixels"].shape
     ((64, 64, 3), dtype('uint8'), (2, 2))
     >>> env.close()
+    >>> env = gym.make("kp_rl/reacher-easy-v0")
+    >>> _, info = env.reset(seed=0)
+    >>> info["object_names"], info["object_pixels"].shape
+    (('arm', 'hand', 'finger', 'target'), (4, 2))
+    >>> env.close()
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import sys
@@ -39,6 +48,23 @@ ENV_VERSION = "v0"
 
 
 _RENDERING_PID: int | None = None  # the process whose renderers hold EGL state (see _render_frame)
+_OPEN_RENDERERS: "weakref.WeakSet[Any]" = weakref.WeakSet()  # closed at interpreter exit (_close_open_renderers)
+_EXIT_HOOK: list[bool] = []  # [True] once _close_open_renderers is registered with atexit
+
+
+def _close_quietly(renderer: Any) -> None:
+    """Release a renderer's GL context; a context the GL library has already torn down is not an error."""
+    try:
+        renderer.close()
+    except Exception:  # noqa: BLE001 (EGL errors of a display terminated first: nothing left to release)
+        pass
+
+
+def _close_open_renderers() -> None:
+    """Close every renderer still open. Registered with ``atexit`` after the first renderer exists, hence after
+    MuJoCo's own ``eglTerminate`` hook, so it runs before it (atexit runs last-registered first)."""
+    for renderer in list(_OPEN_RENDERERS):
+        _close_quietly(renderer)
 
 
 class UnknownTaskError(ValueError):
@@ -57,6 +83,7 @@ class TaskSpec:
     episode_steps: int = 1000  # physics control steps per episode (agent steps = episode_steps / action_repeat)
     shadows: bool = False
     reflections: bool = False
+    objects: tuple[str, ...] = ()  # task-relevant geoms / sites that are not bodies (tracked like bodies)
 
     @property
     def name(self) -> str:
@@ -72,6 +99,8 @@ class TaskSpec:
         return -(-self.episode_steps // self.action_repeat)
 
     def replace(self, **changes: Any) -> "TaskSpec":
+        if isinstance(changes.get("objects"), list):
+            changes["objects"] = tuple(changes["objects"])
         spec = dataclasses.replace(self, **changes)
         spec.validate()
         return spec
@@ -83,9 +112,11 @@ class TaskSpec:
             raise ValueError(f"action_repeat must be a positive integer, got {self.action_repeat!r}")
         if not isinstance(self.episode_steps, int) or self.episode_steps < 1:
             raise ValueError(f"episode_steps must be a positive integer, got {self.episode_steps!r}")
+        if not isinstance(self.objects, tuple) or not all(isinstance(o, str) and o for o in self.objects):
+            raise ValueError(f"objects must be a list of geom or site names, got {self.objects!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "objects": list(self.objects)}  # JSON-shaped (manifests compare it)
 
     @classmethod
     def from_yaml(cls, path: Path) -> "TaskSpec":
@@ -93,6 +124,8 @@ class TaskSpec:
         fields = {f.name for f in dataclasses.fields(cls)}
         if not isinstance(data, dict) or not {"domain", "task"} <= set(data) or set(data) - fields:
             raise ValueError(f"{path}: expected a mapping with domain, task and some of {sorted(fields)}")
+        if isinstance(data.get("objects"), list):
+            data["objects"] = tuple(data["objects"])
         spec = cls(**data)
         spec.validate()
         return spec
@@ -163,7 +196,10 @@ class DMCPixelEnv(gym.Env, gym.utils.EzPickle):
 
     ``info`` on reset and every step: ``state`` (float32 flat dm_control observation), ``physics`` (full
     physics state), ``body_pixels`` ((bodies, 2) float32 column/row of every non-world body's centre of mass),
-    ``discount``. Attributes: ``task_spec``, ``body_names``, ``state_space`` (the space of ``info["state"]``).
+    ``object_pixels`` ((objects, 2): the bodies, then the task's ``objects`` that are not bodies, e.g. reacher's
+    target), ``object_names`` (tuple naming the rows of ``object_pixels``), ``discount``.
+    Attributes: ``task_spec``, ``body_names``, ``object_names``, ``state_space`` (the space of
+    ``info["state"]``).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 30}
@@ -186,7 +222,9 @@ class DMCPixelEnv(gym.Env, gym.utils.EzPickle):
         if not 0 <= spec.camera < self._model.ncam:
             raise ValueError(f"{spec.name}: camera {spec.camera} out of range (model has {self._model.ncam})")
         self._renderer: Any = None  # made on the first frame (see _render_frame)
-        self.body_names = [physics.model.id2name(i, "body") for i in range(1, self._model.nbody)]
+        self.body_names = list(_tracked_names(physics, spec)[:self._model.nbody - 1])
+        self._objects = [_find_object(physics, name, spec.name) for name in spec.objects]  # (kind, id)
+        self.object_names = _tracked_names(physics, spec)
 
         action_spec = self._env.action_spec()
         self._action_low = action_spec.minimum.astype(np.float64)
@@ -233,7 +271,7 @@ class DMCPixelEnv(gym.Env, gym.utils.EzPickle):
 
     def close(self) -> None:
         if getattr(self, "_renderer", None) is not None:
-            self._finalizer()
+            self._finalizer()  # closes the renderer (quietly) and detaches the finalizer
             self._renderer = None
         super().close()
 
@@ -254,8 +292,15 @@ class DMCPixelEnv(gym.Env, gym.utils.EzPickle):
             import mujoco
 
             self._renderer = mujoco.Renderer(self._model, self.task_spec.image_size, self.task_spec.image_size)
-            # an env the user never closes still releases its GL context before the interpreter exits
-            self._finalizer = weakref.finalize(self, self._renderer.close)
+            # An env the user never closes still releases its GL context, silently: when it is collected (the
+            # finalizer), else at interpreter exit by our atexit hook, registered after MuJoCo's eglTerminate hook
+            # so that it runs first (weakref's own exit hook may run after eglTerminate: hence atexit=False).
+            _OPEN_RENDERERS.add(self._renderer)
+            self._finalizer = weakref.finalize(self, _close_quietly, self._renderer)
+            self._finalizer.atexit = False
+            if not _EXIT_HOOK:
+                atexit.register(_close_open_renderers)
+                _EXIT_HOOK.append(True)
             self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = self.task_spec.shadows
             self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = self.task_spec.reflections
         self._renderer.update_scene(self._data, camera=self.task_spec.camera)
@@ -264,18 +309,53 @@ class DMCPixelEnv(gym.Env, gym.utils.EzPickle):
 
     def body_pixels(self) -> np.ndarray:
         """(column, row) pixel coordinates of every non-world body in the current frame."""
+        return self.object_pixels()[:len(self.body_names)]
+
+    def object_pixels(self) -> np.ndarray:
+        """(column, row) pixel coordinates of the tracked objects (``object_names``): every non-world body's
+        centre of mass, then the task's non-body geoms / sites (their world position)."""
         size = self.task_spec.image_size
         matrix = camera_matrix(self._model, self._data, self.task_spec.camera, size, size)
-        return project_points(matrix, self._data.xipos[1:])
+        points = self._data.xipos[1:]
+        if self._objects:
+            positions = {"geom": self._data.geom_xpos, "site": self._data.site_xpos}
+            points = np.concatenate([points, np.stack([positions[kind][i] for kind, i in self._objects])])
+        return project_points(matrix, points)
 
     def _info(self, time_step: Any) -> dict[str, Any]:
         state = np.concatenate([np.asarray(v, np.float32).ravel() for v in time_step.observation.values()])
+        pixels = self.object_pixels()
         return {
             "state": state,
             "physics": self._env.physics.get_state().astype(np.float32),
-            "body_pixels": self.body_pixels(),
+            "body_pixels": pixels[:len(self.body_names)],
+            "object_pixels": pixels,
+            "object_names": self.object_names,
             "discount": float(1.0 if time_step.discount is None else time_step.discount),
         }
+
+
+def _tracked_names(physics: Any, spec: TaskSpec) -> tuple[str, ...]:
+    """Every non-world body, in model order, then the spec's ``objects``."""
+    return tuple(physics.model.id2name(i, "body") for i in range(1, physics.model.nbody)) + tuple(spec.objects)
+
+
+def object_names(spec: TaskSpec) -> tuple[str, ...]:
+    """The tracked objects of a task (the rows of ``info["object_pixels"]``), read from its model (no renderer)."""
+    from dm_control import suite
+
+    return _tracked_names(suite.load(spec.domain, spec.task, visualize_reward=False).physics, spec)
+
+
+def _find_object(physics: Any, name: str, task: str) -> tuple[str, int]:
+    """``("geom" | "site", id)`` of a catalog ``objects:`` entry (a geom of that name first, else a site)."""
+    import mujoco
+
+    for kind, obj in (("geom", mujoco.mjtObj.mjOBJ_GEOM), ("site", mujoco.mjtObj.mjOBJ_SITE)):
+        index = mujoco.mj_name2id(physics.model.ptr, obj, name)
+        if index >= 0:
+            return kind, index
+    raise ValueError(f"{task}: objects names {name!r}, which is no geom or site of the model")
 
 
 def make_env(name: str, render_mode: str | None = None, **overrides: Any) -> DMCPixelEnv:

@@ -47,7 +47,7 @@ class ExperimentSpec:
     seeds: list[int]
     steps: int | None = None  # agent steps per run, or
     env_steps: int | None = None  # env steps per run (agent steps = env_steps / the task's action repeat)
-    eval_every: int = 5000
+    eval_every: int = 5000  # agent steps, as steps
     eval_episodes: int = 5
     perception: dict[str, Any] = field(default_factory=dict)
     resources: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -147,14 +147,12 @@ def model_for(agent: str, models: dict[str, Path]) -> Path | None:
 
 def run_cell(spec: ExperimentSpec, task: str, agent: str, seed: int, model: Path | None, runs: Path,
              progress: bool = True, device: str = "cpu") -> dict[str, Any]:
-    """Train one cell's agent (resumes an unfinished run; a finished one returns its curve at once)."""
-    from kp_rl.agents import finished_curve, train_agent
+    """Train one cell's agent (resumes an unfinished run; a finished one returns its curve at once). The cell's
+    folder records what it holds (:mod:`kp_rl.runs`), so a cell never resumes another agent's or model's run."""
+    from kp_rl.agents import train_agent
     from kp_rl.envs import get_spec
 
     out = cell_dir(runs, task, agent, seed)
-    curve = finished_curve(out, spec.agent_steps(task))
-    if curve is not None:
-        return curve
     return train_agent(get_spec(task).env_id, agent, spec.agent_steps(task), out, seed=seed, model=model,
                        eval_every=spec.eval_every, eval_episodes=spec.eval_episodes, device=device, progress=progress)
 

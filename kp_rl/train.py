@@ -41,11 +41,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from kp_rl import distributed
 from kp_rl.config import Config, get_preset
-from kp_rl.files import write_json
-from kp_rl.data import (DatasetError, EpisodeBlockSampler, FeatureSequences, SequenceDataset,
+from kp_rl.data import (MANIFEST, DatasetError, EpisodeBlockSampler, FeatureSequences, SequenceDataset,
                         StreamingSequenceDataset, read_manifest, sequence_dataset)
+from kp_rl.files import write_json
 from kp_rl.keypoints import preprocess_frames
 from kp_rl.model import PerceptionModel, load, read_checkpoint, resolve_device
+from kp_rl.runs import check_output_dir, check_run, checkpoint_hash, start_run
 
 MODEL_FILE = "model.pt"
 # torch CPU threads per stage unless the caller says (experiments/bench_threads.py, 2 cores: the autoencoder's
@@ -322,7 +323,10 @@ def _fit(model: Trainable, parameters: list[torch.nn.Parameter], loss_fn: Callab
             _set_capturable(optimizer, graphed)  # the checkpoint may come from the other kind of run
             start_step, history = state["step"], state["history"]
             torch.set_rng_state(state["torch_rng"])
-    if start_step >= steps:
+    if start_step > steps:
+        raise ValueError(f"{out} has trained {start_step} {stage} steps, more than the {steps} asked for; "
+                         f"ask for {start_step} or more to extend it")
+    if start_step == steps:
         return path
     if context.rank > 0:  # own noise stream per rank (VRNN samples); rank 0 keeps the one it saves
         torch.manual_seed(int(torch.randint(2**62, ())) + context.rank)
@@ -461,8 +465,11 @@ def train_autoencoder(
 ) -> Path:
     """Train the keypoint autoencoder (or the CNN baseline's) on a dataset; returns ``out/model.pt``.
 
-    Resumes an unfinished run in ``out`` (its stored config wins over ``config``). Under ``torchrun`` it trains
-    data-parallel (see :func:`fit`).
+    Resumes the run in ``out``, extending it when ``config`` asks for more steps than it trained: its stored
+    config holds, and ``config`` (when given) must agree with it in everything but ``train.steps`` (see
+    :func:`resumed_config`). ``out/run.json`` records what the run is (:mod:`kp_rl.runs`); a folder holding
+    another run (a CNN run resumed as keypoints, another task's data, another preset) is refused before anything
+    is written. Under ``torchrun`` it trains data-parallel (see :func:`fit`).
 
     Args:
         streaming: read episodes on demand (:class:`~kp_rl.data.StreamingSequenceDataset`) instead of holding
@@ -472,11 +479,14 @@ def train_autoencoder(
     """
     out, data = Path(out), Path(data)
     path = out / MODEL_FILE
-    if path.exists():
-        model = load(path, device=_device(device))
-        if model.representation != representation:
-            raise ValueError(f"{path} holds a {model.representation!r} run; cannot resume it as {representation!r}")
-        config = model.config
+    stored = read_checkpoint(path) if check_output_dir(out).joinpath(MODEL_FILE).exists() else None
+    preset = config.preset if config is not None else stored["config"]["preset"] if stored is not None else "cpu"
+    identity = {"command": "train", "stage": "autoencoder", "representation": representation,
+                "env_id": _dataset_env(data), "preset": preset}
+    found = _found_identity(stored)
+    check_run(out, identity, found)
+    if stored is not None:
+        config = resumed_config(path, Config.from_dict(stored["config"]), config, "steps")
     config = (config or get_preset("cpu")).validate()
     seed_everything(config.train.seed)
     train_set = sequence_dataset(data, config.train.sequence_length, streaming=streaming, split="train")
@@ -485,9 +495,13 @@ def train_autoencoder(
     if (height, width) != (config.keypoints.image_size,) * 2:
         raise ValueError(f"dataset {data} has {height}x{width} frames but keypoints.image_size is "
                          f"{config.keypoints.image_size}; set it to match (or collect with --image-size)")
-    if not path.exists():
+    if stored is not None:
+        model = load(path, device=_device(device))
+        model.config = config  # the stored run, with this call's step budget
+    else:
         model = PerceptionModel(config, representation, action_dim=train_set.action_dim,
                                 data_spec=_data_spec(data, train_set)).to(_device(device))
+    _start_run(out, identity, found)
     model.train()
     autoencoder = model.autoencoder
 
@@ -503,7 +517,7 @@ def train_autoencoder(
 
 # -- stage 2: dynamics on frozen features --------------------------------------------------------------------
 def train_dynamics(
-    autoencoder_run: str | Path,
+    autoencoder_run: str | Path | None,
     data: str | Path,
     out: str | Path,
     overrides: dict[str, dict[str, Any]] | None = None,
@@ -513,14 +527,20 @@ def train_dynamics(
     *,
     streaming: bool | None = None,
     threads: int | None = None,
+    preset: str | None = None,
 ) -> Path:
     """Train the VRNN (+ reward head) on the frozen features of a trained autoencoder; returns ``out/model.pt``.
 
+    Resumes the run in ``out`` (extending it when ``overrides`` raise ``train.dynamics_steps``); ``out/run.json``
+    records the autoencoder it was built on (path and checkpoint hash), which a resume that names one checks.
+
     Args:
-        autoencoder_run: checkpoint (or run directory) of :func:`train_autoencoder`.
+        autoencoder_run: checkpoint (or run directory) of :func:`train_autoencoder`; None resumes ``out`` alone.
         data: dataset directory (with actions and rewards).
         out: run directory of the dynamics model; the saved bundle holds autoencoder + VRNN.
-        overrides: config changes for this stage, e.g. ``{"dynamics": {"best_of_many": False}}``.
+        overrides: config changes for this stage, e.g. ``{"dynamics": {"best_of_many": False}}``; on a resume
+            they must agree with the run's config but for ``train.dynamics_steps`` (see :func:`resumed_config`).
+        preset: when given, the preset the autoencoder must have been trained with (else a ValueError).
         datasets: pre-computed ``(train, val)`` :class:`FeatureSequences` of this autoencoder's features
             (saves re-encoding the data when several dynamics models share one autoencoder).
         streaming: encode the frames episode by episode from disk (None: above
@@ -530,17 +550,38 @@ def train_dynamics(
     Under ``torchrun`` it trains data-parallel (see :func:`fit`); every rank encodes the data itself.
     """
     out, data = Path(out), Path(data)
-    resume = (out / MODEL_FILE).exists()
-    source = out / MODEL_FILE if resume else Path(autoencoder_run)
-    model = load(source, device=_device(device))
-    if not resume:
+    resume = check_output_dir(out).joinpath(MODEL_FILE).exists()
+    if autoencoder_run is None and not resume:
+        raise ValueError("dynamics training needs the trained autoencoder run to build on (--keypoints RUN)")
+    # the autoencoder is read whenever it is named: on a resume it must be the one the run was built on
+    source = read_checkpoint(autoencoder_run) if autoencoder_run is not None else None
+    stored = read_checkpoint(out / MODEL_FILE) if resume else None
+    base = stored if stored is not None else source
+    if preset is not None and base["config"]["preset"] != preset:
+        raise ValueError(f"{out if stored is not None else autoencoder_run} was trained with preset "
+                         f"{base['config']['preset']!r}, not {preset!r}; dynamics keep their autoencoder's preset")
+    identity = {"command": "train", "stage": "dynamics", "representation": base["representation"],
+                "env_id": _dataset_env(data), "preset": base["config"]["preset"],
+                "model": str(_checkpoint_file(autoencoder_run)) if source is not None else None,
+                "model_sha256": checkpoint_hash(autoencoder_run) if source is not None else None}
+    found = _found_identity(stored)
+    check_run(out, identity, found)
+    if stored is not None:
+        if not stored["has_dynamics"]:
+            raise ValueError(f"{out / MODEL_FILE} is not a dynamics run; choose another output folder")
+        requested = Config.from_dict(stored["config"]).replace(**overrides) if overrides else None
+        model = load(out / MODEL_FILE, device=_device(device))
+        model.config = resumed_config(out / MODEL_FILE, model.config, requested, "dynamics_steps")
+    else:
+        model = load(autoencoder_run, device=_device(device))
         if overrides:
             model = _with_config(model, model.config.replace(**overrides))
         seed_everything(model.config.train.seed)  # the VRNN's initial weights follow the run's seed
         model.add_dynamics()
         model.to(_device(device))
-    elif not model.has_dynamics:
-        raise ValueError(f"{out / MODEL_FILE} is not a dynamics run; choose another --out directory")
+    trained_on = model.data_spec.get("env_id")
+    if identity["env_id"] and trained_on and identity["env_id"] != trained_on:
+        raise ValueError(f"dataset {data} is of {identity['env_id']}, the autoencoder was trained on {trained_on}")
     config = model.config
     seed_everything(config.train.seed)
     length = config.dynamics.sequence_length
@@ -564,9 +605,66 @@ def train_dynamics(
     def loss_fn(batch: dict[str, Tensor], step: int | Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         return dynamics.loss(batch["features"], batch["action"], batch["reward"], step, steps)
 
+    _start_run(out, identity, found)
     return fit(model, list(dynamics.parameters()), loss_fn, train_set, val_set, out, steps=steps,
                batch_size=config.train.dynamics_batch_size, stage="dynamics", progress=progress,
                cuda_graph=config.train.cuda_graphs, threads=threads)
+
+
+def resumed_config(path: Path, stored: Config, requested: Config | None, budget: str) -> Config:
+    """The config a resumed run trains under: ``stored`` with ``requested``'s ``train.<budget>`` (a finished run
+    extends to a bigger budget). Any other difference would be silently ignored, so it is refused instead."""
+    if requested is None:
+        return stored
+    old, new = _flat_config(stored), _flat_config(requested)
+    differ = [k for k in old if k != f"train.{budget}" and old[k] != new.get(k)]
+    if differ:
+        more = ", ..." if len(differ) > 3 else ""
+        ours = ", ".join(f"{k}={old[k]!r}" for k in differ[:3]) + more
+        theirs = ", ".join(f"{k}={new.get(k)!r}" for k in differ[:3]) + more
+        raise ValueError(f"{path} was trained with {ours}, not {theirs}; a resumed run keeps its settings "
+                         f"(only its step budget may grow): choose another output folder")
+    return stored.replace(train={budget: getattr(requested.train, budget)})
+
+
+def _flat_config(config: Config) -> dict[str, Any]:
+    """``{"preset": ..., "train.steps": ..., ...}``."""
+    flat: dict[str, Any] = {}
+    for section, values in config.to_dict().items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{k}": v for k, v in values.items()})
+        else:
+            flat[section] = values
+    return flat
+
+
+def _dataset_env(data: Path) -> str | None:
+    """The env id a dataset's manifest names (None for a reference-format folder); a missing folder is an error."""
+    if not data.is_dir():
+        raise DatasetError(f"dataset directory not found: {data}")
+    if not (data / MANIFEST).exists():
+        return None
+    return read_manifest(data)["env_id"]
+
+
+def _checkpoint_file(path: str | Path) -> Path:
+    path = Path(path)
+    return (path / MODEL_FILE if path.is_dir() else path).resolve()
+
+
+def _found_identity(checkpoint: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a run folder made before ``run.json`` existed holds, from its checkpoint."""
+    if checkpoint is None:
+        return None
+    state = checkpoint.get("train_state") or {}
+    return {"command": "train", "stage": state.get("stage", "dynamics" if checkpoint["has_dynamics"] else "autoencoder"),
+            "representation": checkpoint["representation"], "env_id": checkpoint["data_spec"].get("env_id"),
+            "preset": checkpoint["config"]["preset"]}
+
+
+def _start_run(out: Path, identity: dict[str, Any], found: dict[str, Any] | None) -> None:
+    if distributed.context_from_env().is_main:  # one writer under torchrun
+        start_run(out, identity, found)
 
 
 def _with_config(model: PerceptionModel, config: Config) -> PerceptionModel:

@@ -129,3 +129,36 @@ def test_local_grid_runs_perception_and_agents_on_the_chosen_device(tmp_path, mo
     assert seen == [("perception", "cpu"), ("cell", "cpu"), ("cell", "cpu")]
     with pytest.raises(ValueError, match="no CUDA device|cuda"):
         experiment.run_experiment(spec, runs=tmp_path, device="cuda:7")
+
+
+def test_agent_run_folders_know_what_they_hold(model_path, tmp_path):
+    from kp_rl.runs import RunMismatchError, read_run
+
+    spec = get_agent("sac-state")
+    kwargs = dict(eval_every=8, eval_episodes=1, env_kwargs={"image_size": 32}, progress=False)
+    curve = train_agent("kp_rl/cartpole-swingup-v0", spec, 8, tmp_path / "run", seed=3, **kwargs)
+    assert curve["budget"] == 8 and curve["agent_steps"] == 8
+    recorded = read_run(tmp_path / "run")
+    assert {k: recorded[k] for k in ("command", "stage", "agent", "algo", "env_id", "seed")} == {
+        "command": "rl", "stage": "agent", "agent": "sac-state", "algo": "SAC",
+        "env_id": "kp_rl/cartpole-swingup-v0", "seed": 3}
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(RunMismatchError, match="holds agent='sac-state', algo='SAC', observation='state', not "
+                                               "agent='ppo-keypoints', algo='PPO', observation='keypoints'"):
+        train_agent("kp_rl/cartpole-swingup-v0", "ppo-keypoints", 8, tmp_path / "run", model=model_path, **kwargs)
+    with pytest.raises(RunMismatchError, match="env_id='kp_rl/cartpole-swingup-v0', not env_id='kp_rl/reacher-easy-v0'"):
+        train_agent("kp_rl/reacher-easy-v0", spec, 8, tmp_path / "run", **kwargs)
+    with pytest.raises(RunMismatchError, match="seed=3, not seed=0"):
+        train_agent("kp_rl/cartpole-swingup-v0", spec, 8, tmp_path / "run", seed=0, **kwargs)
+    with pytest.raises(ValueError, match="has trained 8 agent steps, more than the 4 asked for"):
+        train_agent("kp_rl/cartpole-swingup-v0", spec, 4, tmp_path / "run", **kwargs)
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+    assert train_agent("kp_rl/cartpole-swingup-v0", spec, 8, tmp_path / "run", **kwargs) == curve  # finished
+    # a keypoint agent records its model's checkpoint hash and resumes on it (here: another file is refused)
+    agent = dataclasses.replace(get_agent("sac-keypoints"), hyperparameters={"learning_starts": 4, "batch_size": 4})
+    train_agent("kp_rl/cartpole-swingup-v0", agent, 4, tmp_path / "kp", model=model_path, **kwargs)
+    other = tmp_path / "other.pt"
+    kp_rl.PerceptionModel(kp_rl.load(model_path).config, action_dim=1, with_dynamics=True).save(other)
+    with pytest.raises(RunMismatchError, match="holds model_sha256="):
+        train_agent("kp_rl/cartpole-swingup-v0", agent, 8, tmp_path / "kp", model=other, **kwargs)
+    assert train_agent("kp_rl/cartpole-swingup-v0", agent, 8, tmp_path / "kp", **kwargs)["steps"] == [4, 8]

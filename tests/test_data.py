@@ -32,6 +32,24 @@ def test_shards_hold_aligned_arrays_and_manifest(dataset):
     assert abs(manifest["episodes"][0]["return"] - episode["reward"].sum()) < 1e-4
 
 
+def test_manifest_names_the_tracked_objects(dataset, tmp_path):
+    assert read_manifest(dataset)["object_names"] == ["cart", "pole_1"]
+    manifest = collect("reacher-easy", tmp_path / "reacher", episodes=1, max_steps=3, progress=False,
+                       env_kwargs={"image_size": 32})
+    assert manifest["object_names"] == ["arm", "hand", "finger", "target"]
+    assert load_episode(tmp_path / "reacher" / shard_name(0))["true_object_pos"].shape == (4, 4, 2)
+    # a dataset written before objects were named: bodies only; fine for cartpole, refused where objects are missing
+    for name, root in (("cartpole-swingup", dataset), ("reacher-easy", tmp_path / "reacher")):
+        old = json.loads((root / "manifest.json").read_text())
+        del old["object_names"], old["task"]["objects"]
+        (root / "manifest.json").write_text(json.dumps(old))
+    collect("cartpole-swingup", dataset, episodes=5, max_steps=12, progress=False, env_kwargs={"image_size": 32})
+    assert read_manifest(dataset)["object_names"] == ["cart", "pole_1"]
+    with pytest.raises(DatasetError, match=r"older dataset whose true_object_pos lacks \['target'\]"):
+        collect("reacher-easy", tmp_path / "reacher", episodes=1, max_steps=3, progress=False,
+                env_kwargs={"image_size": 32})
+
+
 def test_collection_is_reproducible_and_resumes_without_duplicates(dataset, tmp_path):
     collect("cartpole-swingup", tmp_path, episodes=2, max_steps=12, progress=False, env_kwargs={"image_size": 32})
     first = load_episode(tmp_path / shard_name(1))

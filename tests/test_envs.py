@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import gymnasium as gym
 import mujoco
 import numpy as np
@@ -120,3 +123,37 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="action shape"):
         env.step(np.zeros(3))
     env.close()
+
+
+def test_task_objects_that_are_not_bodies_are_tracked():
+    """reacher's target is a geom of the world body: named in info and projected onto its pixels."""
+    env = make_env("reacher-easy", image_size=64)
+    targets = []
+    for seed in (0, 1):
+        obs, info = env.reset(seed=seed)
+        assert info["object_names"] == env.object_names == ("arm", "hand", "finger", "target")
+        assert info["object_pixels"].shape == (4, 2)
+        np.testing.assert_array_equal(info["object_pixels"][:3], info["body_pixels"])
+        col, row = np.round(info["object_pixels"][-1]).astype(int)
+        red, green, blue = obs[row, col].astype(int)
+        assert red > green + 40 and red > blue + 40  # the target's reddish material
+        targets.append(info["object_pixels"][-1])
+    assert np.abs(targets[0] - targets[1]).sum() > 1  # placed anew each episode
+    env.close()
+    acrobot = make_env("acrobot-swingup", image_size=32)
+    assert acrobot.reset(seed=0)[1]["object_names"][-1] == "target"  # a site: the reward's goal
+    acrobot.close()
+    with pytest.raises(ValueError, match="no geom or site"):
+        make_env("cartpole-swingup", objects=["ghost"])
+
+
+def test_an_unclosed_env_exits_silently():
+    """The README quickstart without close(): the renderer is released before MuJoCo tears EGL down."""
+    code = ("import gymnasium as gym, kp_rl\n"
+            "env = gym.make('kp_rl/cartpole-swingup-v0', image_size=32)\n"
+            "env.reset(seed=0)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == ""
+    failing = code + "raise SystemExit('kp-rl: error: something')\n"  # an error raised while envs are open
+    result = subprocess.run([sys.executable, "-c", failing], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr == "kp-rl: error: something\n"

@@ -52,11 +52,8 @@ def test_resume_continues_from_checkpoint(data, config, tmp_path):
     start = time.perf_counter()
     train_autoencoder(data, tmp_path, short, progress=False)
     assert read_checkpoint(tmp_path / "model.pt")["train_state"]["step"] == 10
-    # the stored run config wins; raise its budget as a user would by editing steps
-    ckpt = read_checkpoint(tmp_path / "model.pt")
-    ckpt["config"]["train"]["steps"] = 20
-    torch.save(ckpt, tmp_path / "model.pt")
-    train_autoencoder(data, tmp_path, config, progress=False)
+    # a finished run extends to a bigger budget (its other settings hold)
+    train_autoencoder(data, tmp_path, config.replace(train={"steps": 20}), progress=False)
     wall = time.perf_counter() - start
     state = read_checkpoint(tmp_path / "model.pt")["train_state"]
     assert state["step"] == 20
@@ -173,3 +170,41 @@ def test_each_stage_trains_with_its_thread_default_unless_told(data, config, key
     seen["dynamics"].clear()
     train_dynamics(keypoint_run, data, tmp_path / "dyn2", {"train": {"dynamics_steps": 2}}, progress=False, threads=2)
     assert set(seen["dynamics"]) == {2}
+
+
+def _snapshot(root):
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_run_folders_know_what_they_hold(data, config, keypoint_run, tmp_path):
+    from kp_rl.runs import RunMismatchError, checkpoint_hash, read_run
+
+    assert read_run(keypoint_run) == {"kp_rl": kp_rl.__version__, "command": "train", "stage": "autoencoder",
+                                      "representation": "keypoints", "env_id": "kp_rl/cartpole-swingup-v0",
+                                      "preset": "tiny"}
+    dyn = tmp_path / "dyn"
+    train_dynamics(keypoint_run, data, dyn, {"train": {"dynamics_steps": 10}}, progress=False)
+    recorded = read_run(dyn)
+    assert recorded["stage"] == "dynamics" and recorded["model_sha256"] == checkpoint_hash(keypoint_run)
+    before = _snapshot(keypoint_run), _snapshot(dyn)
+    with pytest.raises(RunMismatchError, match="holds representation='keypoints', not representation='cnn'"):
+        train_autoencoder(data, keypoint_run, config, representation="cnn", progress=False)
+    with pytest.raises(RunMismatchError, match="holds stage='autoencoder', not stage='dynamics'"):
+        train_dynamics(keypoint_run, data, keypoint_run, progress=False)
+    (tmp_path / "corrupt.pt").write_bytes(b"junk")  # a named autoencoder is read, even on a resume
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        train_dynamics(tmp_path / "corrupt.pt", data, dyn, progress=False)
+    other = train_autoencoder(data, tmp_path / "other", config.replace(train={"steps": 10}), progress=False)
+    with pytest.raises(RunMismatchError, match="holds model_sha256="):
+        train_dynamics(other, data, dyn, progress=False)
+    with pytest.raises(ValueError, match=r"trained with train.dynamics_batch_size=8, not train.dynamics_batch_size=2"):
+        train_dynamics(keypoint_run, data, dyn, {"train": {"dynamics_batch_size": 2, "dynamics_steps": 20}},
+                       progress=False)
+    with pytest.raises(ValueError, match="has trained 10 dynamics steps, more than the 5 asked for"):
+        train_dynamics(None, data, dyn, {"train": {"dynamics_steps": 5}}, progress=False)
+    with pytest.raises(ValueError, match="has trained 30 autoencoder steps, more than the 10 asked for"):
+        train_autoencoder(data, keypoint_run, config.replace(train={"steps": 10}), progress=False)
+    assert (_snapshot(keypoint_run), _snapshot(dyn)) == before  # refused: nothing written
+    train_dynamics(None, data, dyn, {"train": {"dynamics_steps": 15}}, progress=False)  # a bigger budget extends
+    assert read_checkpoint(dyn / "model.pt")["train_state"]["step"] == 15
+    assert read_checkpoint(dyn / "model.pt")["config"]["train"]["dynamics_steps"] == 15
