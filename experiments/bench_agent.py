@@ -34,6 +34,7 @@ from kp_rl.files import save_figure, write_json
 from kp_rl.envs import get_spec
 from kp_rl.model import resolve_device
 from kp_rl.report import experiment_readme, markdown_table
+from kp_rl.train import STAGE_THREADS
 
 ENV_STEPS = 100_000  # the gpu spec's budget per run
 
@@ -108,8 +109,11 @@ def main() -> None:
     parser.add_argument("--fill", type=int, default=300, help="warm-up env steps (timed as env steps/s)")
     parser.add_argument("--updates", type=int, default=40, help="gradient steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: what kp-rl rl uses, kp_rl.train.STAGE_THREADS['agent'])")
     parser.add_argument("--out", default="results/bench_agent")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads or STAGE_THREADS["agent"] or torch.get_num_threads())
     device = str(resolve_device(args.device))
     devices = ["cpu"] + ([device] if device != "cpu" else [])
     cfg = kp_rl.get_preset(args.preset).replace(keypoints={"image_size": 64})

@@ -358,9 +358,12 @@ def _train(spec: AgentSpec, venv: Any, eval_env: Any, steps: int, out: Path, ide
         def _on_training_end(self) -> None:
             self.bar.close()
 
+    from kp_rl.train import STAGE_THREADS, torch_threads
+
     remaining = steps - algo.num_timesteps
-    algo.learn(remaining, callback=CallbackList([evaluation, Progress()]), reset_num_timesteps=False,
-               tb_log_name="sb3")
+    with torch_threads(STAGE_THREADS["agent"]):
+        algo.learn(remaining, callback=CallbackList([evaluation, Progress()]), reset_num_timesteps=False,
+                   tb_log_name="sb3")
     curve["done"] = True
     save()
     return curve

@@ -99,14 +99,13 @@ def _train(args: argparse.Namespace) -> None:
             if value:
                 raise ValueError(f"{flag} is for train dynamics, not train {args.what}")
         path = train_autoencoder(args.data, args.out, _config(args), representation=args.what, device=args.device,
-                                 progress=not args.quiet, streaming=_STREAMING[args.streaming], threads=args.threads)
+                                 progress=not args.quiet, streaming=_STREAMING[args.streaming])
     else:
         if not args.keypoints and not (Path(args.out) / "model.pt").is_file():
             raise ValueError("train dynamics needs --keypoints RUN (a trained keypoints or cnn run)")
         overrides, preset = _dynamics_overrides(args)
         path = train_dynamics(args.keypoints, args.data, args.out, overrides or None, device=args.device,
-                              progress=not args.quiet, streaming=_STREAMING[args.streaming], preset=preset,
-                              threads=args.threads)
+                              progress=not args.quiet, streaming=_STREAMING[args.streaming], preset=preset)
     print(f"saved {path}")
 
 
@@ -216,9 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     threads = _Parser(add_help=False)
     threads.add_argument("--threads", type=_positive_int, default=None,
-                         help="torch CPU threads (default: per stage, measured: autoencoder training one per core, "
-                              "VRNN training 1, otherwise torch's one per core); on a machine other jobs share, "
-                              "1 avoids threads waiting for each other")
+                         help="torch CPU threads in every stage (default: per stage, as measured by "
+                              "experiments/bench_threads.py: autoencoder training one per core, VRNN training and "
+                              "agents 1, otherwise torch's one per core)")
 
     p = sub.add_parser("collect", help="collect random-policy rollouts into episode shards")
     p.add_argument("--env", required=True, help="task name or env id, e.g. cartpole-swingup (kp-rl catalog envs)")
@@ -367,9 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if getattr(args, name) is None:
                 setattr(args, name, default)
     if getattr(args, "threads", None):
-        import torch
+        from kp_rl.train import set_threads
 
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     outputs = [Path(getattr(args, name)) for name in args.outputs if getattr(args, name, None)]
     created: list[Path] = []
     try:

@@ -326,57 +326,6 @@ def split_episodes(files: Sequence[Path], split: str, val_fraction: float) -> li
     return [f for i, f in enumerate(files) if (i in val) == (split == "val")]
 
 
-class SequenceDataset(Dataset):
-    """Fixed-length windows of ``sequence_length`` steps from the episodes of a dataset directory.
-
-    Args:
-        root: dataset directory (kp_rl manifest + shards, or reference-format ``.npz`` files).
-        sequence_length: frames per window (T).
-        split: ``train``, ``val`` (every k-th episode) or ``all``.
-        val_fraction: fraction of episodes held out for validation.
-        stride: step between window starts.
-        keys: arrays to return; missing ones (e.g. actions in reference data) are filled with zeros.
-
-    Items are dicts of tensors: ``image`` uint8 (T, H, W, 3), ``action`` (T, A), ``reward`` (T,), ... .
-    Episodes are held in memory (about 12 KB per 64x64 frame).
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        sequence_length: int,
-        split: str = "train",
-        val_fraction: float = 0.1,
-        stride: int = 1,
-        keys: Iterable[str] = ("image", "action", "reward"),
-    ):
-        if sequence_length < 1 or stride < 1:
-            raise DatasetError(f"sequence_length and stride must be >= 1, got {sequence_length}, {stride}")
-        self.root = Path(root)
-        self.sequence_length = sequence_length
-        self.keys = tuple(keys)
-        self.files = split_episodes(episode_files(self.root), split, val_fraction)
-        self.episodes = [load_episode(f, keys=self.keys) for f in self.files]
-        lengths = [len(e["image"]) for e in self.episodes]
-        if not lengths or max(lengths) < sequence_length:
-            raise DatasetError(f"window of {sequence_length} frames is longer than every episode in {self.root} "
-                               f"(longest: {max(lengths, default=0)} frames)")
-        self.index = [(e, s) for e, n in enumerate(lengths) for s in range(0, n - sequence_length + 1, stride)]
-        self.image_shape = tuple(self.episodes[0]["image"].shape[1:])
-        self.action_dim = self.episodes[0]["action"].shape[-1] if "action" in self.episodes[0] else 0
-
-    @property
-    def num_frames(self) -> int:
-        return sum(len(e["image"]) for e in self.episodes)
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        episode_index, start = self.index[i]
-        return _window(self.episodes[episode_index], self.keys, start, self.sequence_length)
-
-
 def _window(episode: dict[str, np.ndarray], keys: Sequence[str], start: int, length: int) -> dict[str, torch.Tensor]:
     """Steps ``start .. start + length`` of ``keys``; a missing ``action`` / ``reward`` / ``discount`` is zeros."""
     window = slice(start, start + length)
@@ -436,9 +385,9 @@ def count_frames(root: str | Path) -> int:
 
 
 class StreamingSequenceDataset(Dataset):
-    """:class:`SequenceDataset` for data larger than memory: shards are read on demand, a few at a time.
+    """Fixed-length windows of a dataset directory for data larger than memory: shards read on demand.
 
-    The window index (same order as :class:`SequenceDataset`) comes from the manifest's per-episode frame
+    The window index (the same order as :class:`SequenceDataset`, which holds every episode in memory) comes from the manifest's per-episode frame
     counts (reference-format folders: the shards' ``.npy`` headers, read once), and episodes are loaded
     when a window needs them into a small LRU cache of ``cache_size`` episodes. Each DataLoader worker
     holds its own cache (the cache is not pickled), so memory is ``workers x cache_size x episode``.
@@ -544,6 +493,35 @@ class StreamingSequenceDataset(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_cache": OrderedDict()}  # workers start with an empty cache
+
+
+class SequenceDataset(StreamingSequenceDataset):
+    """Fixed-length windows of ``sequence_length`` steps from the episodes of a dataset directory, in memory.
+
+    Args:
+        root: dataset directory (kp_rl manifest + shards, or reference-format ``.npz`` files).
+        sequence_length: frames per window (T).
+        split: ``train``, ``val`` (every k-th episode) or ``all``.
+        val_fraction: fraction of episodes held out for validation.
+        stride: step between window starts.
+        keys: arrays to return; missing ones (e.g. actions in reference data) are filled with zeros.
+
+    Items are dicts of tensors: ``image`` uint8 (T, H, W, 3), ``action`` (T, A), ``reward`` (T,), ... .
+    Every episode is loaded up front (about 12 KB per 64x64 frame): a :class:`StreamingSequenceDataset` whose
+    cache holds them all, and keeps them when pickled into DataLoader workers.
+    """
+
+    streaming = False
+
+    def __init__(self, root: str | Path, sequence_length: int, split: str = "train", val_fraction: float = 0.1,
+                 stride: int = 1, keys: Iterable[str] = ("image", "action", "reward")):
+        super().__init__(root, sequence_length, split, val_fraction, stride, keys, cache_size=1)
+        self.cache_size = len(self.files)
+        for index in range(len(self.files)):
+            self.episode(index)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__
 
 
 class _LazyEpisodes(Sequence):

@@ -4,7 +4,8 @@
 (:mod:`kp_rl.sb3`) holds: it resolves a model object or checkpoint path, decides where an env's frames come
 from (its pixel observations or ``env.render()``), checks frame sizes against the model's config (the one
 source of truth for the image size), encodes frames with the model's own :meth:`~PerceptionModel.encode`
-under ``torch.inference_mode``, and owns the VRNN belief. Wrappers stacked on one env share one object:
+under ``torch.inference_mode`` (on the CPU with the autoencoder's weights in the channels-last memory format,
+which oneDNN convolves without reordering), and owns the VRNN belief. Wrappers stacked on one env share one object:
 :class:`~kp_rl.wrappers.WorldModel` over a :class:`~kp_rl.wrappers.KeypointObservation` reads the features
 and belief the inner wrapper computed instead of computing them again.
 
@@ -72,6 +73,9 @@ class Perception:
         who: the caller's name, for error messages.
         num_threads: torch intra-op threads while the model runs on the CPU (``None``: torch's global
             setting). One is the fastest for a handful of frames and the safe choice on a loaded machine.
+        channels_last: on the CPU, put the autoencoder's weights in the channels-last memory format (in place:
+            the same values, convolved by oneDNN without reordering; 2x faster at a batch of 8). ``False`` for
+            callers that train the model with code that views weights as contiguous (SB3's orthogonal init).
 
     Attributes:
         tracks_belief: whether :meth:`observe` updates :attr:`state` (set by the wrappers that need it).
@@ -81,7 +85,8 @@ class Perception:
     """
 
     def __init__(self, model: ModelLike, device: str | torch.device = "cpu", need_dynamics: bool = False,
-                 representation: str | None = None, who: str = "kp_rl", num_threads: int | None = 1) -> None:
+                 representation: str | None = None, who: str = "kp_rl", num_threads: int | None = 1,
+                 channels_last: bool = True) -> None:
         if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
                                         or num_threads < 1):
             raise ValueError(f"{who}: num_threads must be a positive integer or None, got {num_threads!r}")
@@ -101,6 +106,8 @@ class Perception:
         else:
             raise TypeError(f"{who}: model must be a kp_rl.PerceptionModel or a checkpoint path, "
                             f"got {type(model).__name__}")
+        if channels_last and self.device.type == "cpu":
+            model.autoencoder.to(memory_format=torch.channels_last)
         self.model: PerceptionModel = model
         self.feature_dim = model.feature_dim
         self.belief_dim = model.dynamics.belief_dim if model.dynamics is not None else 0

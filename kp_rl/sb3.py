@@ -69,7 +69,8 @@ class _PerceptionExtractor(BaseFeaturesExtractor):
         if channels % 3:
             raise ValueError(f"{name} expects RGB frames (3 channels, or 3 * n_stack when frame-stacked), got "
                              f"{channels} channels in observation space of shape {shape}")
-        perception = Perception(model_path, "cpu", representation=self.representation, who=name)  # SB3 moves it
+        # loaded on the CPU (SB3 moves the policy later), in the default memory format (SB3 initialises it)
+        perception = Perception(model_path, "cpu", representation=self.representation, who=name, channels_last=False)
         perception.check_frame_size((*size, 3), "the observation space")
         model = perception.model
         self.n_stack = channels // 3

@@ -49,10 +49,15 @@ from kp_rl.model import PerceptionModel, load, read_checkpoint, resolve_device
 from kp_rl.runs import check_output_dir, check_run, checkpoint_hash, start_run
 
 MODEL_FILE = "model.pt"
-# torch CPU threads per stage unless the caller says (experiments/bench_threads.py, 2 cores: the autoencoder's
-# convolutions run 2x faster on both cores and lose a third beside one busy process; the VRNN's small GRU steps
-# gain nothing from a second thread and ran 4x slower with one while another process was busy)
-STAGE_THREADS = {"autoencoder": None, "dynamics": 1}  # None: one per core
+# torch CPU threads per stage unless the caller says (experiments/bench_threads.py, results/bench_threads/): the
+# count that keeps the most of the best rate both on an idle machine and beside one busy process. None: one per core
+STAGE_THREADS: dict[str, int | None] = {"autoencoder": None, "dynamics": 1, "agent": 1}
+
+
+def set_threads(threads: int) -> None:
+    """Use ``threads`` torch CPU threads in every stage and everywhere else (what ``kp-rl --threads`` does)."""
+    STAGE_THREADS.update(dict.fromkeys(STAGE_THREADS, threads))
+    torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager
@@ -220,7 +225,7 @@ def _train_loader(data: Dataset, batch_size: int, shuffle: bool, seed: int, num_
     """Batches of this rank: ``batch_size`` is the per-rank size; the global batch is ``batch_size x world``."""
     drop_last = len(data) >= batch_size * context.world_size
     sampler: Sampler | None = None
-    if isinstance(data, StreamingSequenceDataset):
+    if getattr(data, "streaming", False):  # a StreamingSequenceDataset reading shards on demand
         sampler = EpisodeBlockSampler(data, shuffle=shuffle, seed=seed, num_replicas=context.world_size,
                                       rank=context.rank, drop_last=drop_last and context.enabled)
     elif context.enabled:

@@ -34,7 +34,8 @@ def test_same_windows_as_in_memory(data, split, stride):
     assert stream.files == memory.files  # the split is the in-memory one
     assert (len(stream), stream.num_frames, stream.image_shape, stream.action_dim) == \
            (len(memory), memory.num_frames, memory.image_shape, memory.action_dim)
-    assert [stream.window(i) for i in range(len(stream))] == memory.index
+    assert [stream.window(i) for i in range(len(stream))] == [memory.window(i) for i in range(len(memory))]
+    assert memory.cached_episodes == tuple(range(len(memory.files))) and stream.cached_episodes == ()  # all / none loaded
     assert all(_same(stream[i], memory[i]) for i in range(len(memory)))
     assert _same(stream[-1], memory[-1])
     with pytest.raises(IndexError):
@@ -112,9 +113,10 @@ def test_corrupt_and_missing_shards_are_named(data, tmp_path):
 
 
 def test_training_streams_the_same_batches(data, tmp_path, monkeypatch):
-    assert isinstance(sequence_dataset(data, 4), SequenceDataset)
+    assert not sequence_dataset(data, 4).streaming and isinstance(sequence_dataset(data, 4), SequenceDataset)
     monkeypatch.setattr(data_module, "STREAMING_MIN_FRAMES", 10)
-    assert isinstance(sequence_dataset(data, 4), StreamingSequenceDataset)
+    streamed = sequence_dataset(data, 4)
+    assert streamed.streaming and not isinstance(streamed, SequenceDataset)
     config = kp_rl.get_preset("cpu").replace(
         keypoints={"image_size": 32, "num_keypoints": 4, "base_filters": 4, "layers_per_scale": 0},
         train={"steps": 3, "batch_size": 4, "sequence_length": 4, "log_every": 1, "eval_every": 3,

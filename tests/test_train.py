@@ -137,15 +137,17 @@ def test_cli_train_errors(data, tmp_path):
     assert result.returncode == 2 and "checkpoint not found" in result.stderr
 
 
-def test_threads_option_sets_torch_threads(tmp_path, capsys):
+def test_threads_option_sets_torch_threads_in_every_stage(tmp_path, capsys):
     from kp_rl import cli
+    from kp_rl.train import STAGE_THREADS
 
-    before = torch.get_num_threads()
+    before, stages = torch.get_num_threads(), dict(STAGE_THREADS)
     try:
-        assert cli.main(["eval", "--threads", "1", "--model", str(tmp_path / "missing"), "--data", str(tmp_path)]) == 2
-        assert torch.get_num_threads() == 1
+        assert cli.main(["eval", "--threads", "3", "--model", str(tmp_path / "missing"), "--data", str(tmp_path)]) == 2
+        assert torch.get_num_threads() == 3 and set(STAGE_THREADS.values()) == {3}
     finally:
         torch.set_num_threads(before)
+        STAGE_THREADS.update(stages)
     assert "missing" in capsys.readouterr().err
 
 
