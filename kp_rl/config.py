@@ -102,6 +102,10 @@ class DynamicsConfig:
     sampling_observed_end: float = 0.1
     sampling_predicted_end: float = 0.5
     sampling_ramp_fraction: float = 0.8
+    sampling_ramp_steps: int = 0  # > 0: ramp over this many steps instead (a budget that early stopping may cut)
+    # the reference stops the gradient into the prior's mean and std at predicted steps (they are sampled there,
+    # and best-of-many picks among the samples); False lets it flow through the chosen sample (our default so far)
+    stop_prior_gradient: bool = False
     min_std: float = 1e-4
 
     @property
@@ -140,6 +144,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU (and by the VRNN stage's CUDA graph, fp32)
     cuda_graphs: bool = True  # VRNN stage on one GPU: each step replayed from a CUDA graph (launch-bound otherwise)
+    # early stopping: end training when the validation loss (at the end-of-training schedules) has not improved on
+    # its best by min_improvement (relative) for `patience` evaluations in a row; 0: train the whole budget
+    patience: int = 0
+    min_improvement: float = 0.01
 
     def validate(self) -> None:
         for name in ("batch_size", "sequence_length", "steps", "dynamics_steps", "dynamics_batch_size", "log_every",

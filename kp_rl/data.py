@@ -650,6 +650,13 @@ class FeatureSequences(Dataset):
         e, s = self.index[i]
         return {k: v[s:s + self.sequence_length] for k, v in self.episodes[e].items()}
 
+    def reward_statistics(self) -> tuple[float, float]:
+        """Mean and standard deviation of the rewards (each episode's first step, the reset frame, left out);
+        a constant reward gives a scale of 1."""
+        rewards = torch.cat([e["reward"][1:] for e in self.episodes]).double()
+        std = float(rewards.std(unbiased=False)) if len(rewards) > 1 else 0.0
+        return float(rewards.mean()) if len(rewards) else 0.0, std if std > 1e-8 else 1.0
+
     def stacked(self, limit: int) -> dict[str, Tensor]:
         """The first ``limit`` windows as one batch (for evaluation)."""
         items = [self[i] for i in range(min(limit, len(self)))]

@@ -114,6 +114,22 @@ class KeypointVRNN(nn.Module):
                                            cfg.min_std)
         self.decoder = _mlp(hidden_in, cfg.decoder_hidden, feature_dim)
         self.reward_head = _mlp(hidden_in, cfg.reward_hidden, 1)
+        # the reward head predicts (r - reward_mean) / reward_scale; outputs are in env units
+        self.register_buffer("reward_mean", torch.zeros(()))
+        self.register_buffer("reward_scale", torch.ones(()))
+
+    def set_reward_normalisation(self, mean: float, scale: float) -> None:
+        """Train the reward head on ``(r - mean) / scale`` (statistics of the training split); outputs stay in env
+        units. Stored with the weights (buffers), so a checkpoint predicts in the units it was trained on."""
+        if not scale > 0:
+            raise ValueError(f"reward scale must be > 0, got {scale}")
+        self.reward_mean.fill_(float(mean))
+        self.reward_scale.fill_(float(scale))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001: torch's hook signature
+        for name, default in (("reward_mean", 0.0), ("reward_scale", 1.0)):  # checkpoints from before the buffers
+            state_dict.setdefault(prefix + name, torch.tensor(default))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ building blocks
     def initial_state(self, batch_size: int, device: torch.device | str | None = None,
@@ -145,8 +161,12 @@ class KeypointVRNN(nn.Module):
         return self.cell(torch.cat([state.x, state.z, action], dim=-1), state.h)
 
     def _decode(self, h: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Features and the *normalised* reward (see :meth:`set_reward_normalisation`)."""
         hz = torch.cat([h, z], dim=-1)
         return torch.tanh(self.decoder(hz)), self.reward_head(hz).squeeze(-1)
+
+    def _env_reward(self, normalised: Tensor) -> Tensor:
+        return normalised * self.reward_scale + self.reward_mean
 
     def _prior(self, h: Tensor) -> tuple[Tensor, Tensor]:
         if not self.cfg.stochastic:
@@ -186,7 +206,8 @@ class KeypointVRNN(nn.Module):
         post_mean, post_std = self._posterior(h, features_t)
         z = post_mean + post_std * torch.randn_like(post_std) if sample else post_mean
         x_hat, r_hat = self._decode(h, z)
-        return VRNNState(h, z, features_t), StepOutput(x_hat, r_hat, prior_mean, prior_std, post_mean, post_std)
+        return VRNNState(h, z, features_t), StepOutput(x_hat, self._env_reward(r_hat), prior_mean, prior_std,
+                                                       post_mean, post_std)
 
     def update_belief(self, state: VRNNState, features_t: Tensor, action_t: Tensor) -> VRNNState:
         """The state :meth:`observe_step` returns (posterior mean ``z_t``), without its prior, decoder and reward
@@ -229,7 +250,7 @@ class KeypointVRNN(nn.Module):
             x_hat, r_hat = self._decode(h, z)
             state = VRNNState(h, z, x_hat)
             features.append(x_hat)
-            rewards.append(r_hat)
+            rewards.append(self._env_reward(r_hat))
         steps = actions.shape[1]
         if steps == 0:
             return (actions.new_zeros(num_samples, batch, 0, self.feature_dim),
@@ -287,7 +308,7 @@ class KeypointVRNN(nn.Module):
             return value.clamp(0.0, 1.0) if isinstance(value, Tensor) else min(1.0, max(0.0, value))
 
         kl_weight = cfg.kl_weight * (unit(step / cfg.kl_anneal_steps) if cfg.kl_anneal_steps > 0 else 1.0)
-        ramp = cfg.sampling_ramp_fraction * total_steps
+        ramp = cfg.sampling_ramp_steps or cfg.sampling_ramp_fraction * total_steps
         frac = unit(step / ramp) if ramp > 0 else 1.0
         return (kl_weight, 1.0 + frac * (cfg.sampling_observed_end - 1.0),
                 1.0 + frac * (cfg.sampling_predicted_end - 1.0))
@@ -301,7 +322,7 @@ class KeypointVRNN(nn.Module):
         to ``x_t``; that ``z`` continues the recurrence. The GRU is fed ``x_{t-1}`` by scheduled sampling
         (one coin per batch and step; true features with the ramped probability, else the prediction).
         Coordinate and reward losses are squared errors, mean over batch, ``D`` and steps (so their scale does
-        not depend on ``T``); KL(q || p) is summed over latent dims and averaged over batch and observed steps.
+        not depend on ``T``; rewards in the head's normalised units); KL(q || p) is summed over latent dims and averaged over batch and observed steps.
 
         Args:
             features: ``(B, N + M, D)`` true features, **detached** by the caller.
@@ -328,6 +349,7 @@ class KeypointVRNN(nn.Module):
             raise ValueError(f"rewards: expected shape ({batch}, {steps}) for features {tuple(features.shape)}, "
                              f"got {tuple(rewards.shape)}")
         kl_weight, p_observed, p_predicted = self.schedules(step, total_steps)
+        rewards = (rewards - self.reward_mean) / self.reward_scale  # the head's units
         num_samples = cfg.num_samples if cfg.best_of_many and cfg.stochastic else 1
         index = torch.arange(batch, device=features.device)
         state = self.initial_state(batch, features.device, features.dtype)
@@ -340,6 +362,8 @@ class KeypointVRNN(nn.Module):
                 post_mean, post_std = self._posterior(h, target)
                 kls.append(kl_divergence(post_mean, post_std, mean, std))
                 mean, std = post_mean, post_std
+            elif cfg.stop_prior_gradient:  # predicted steps: the prior trains through the KL only (the reference)
+                mean, std = mean.detach(), std.detach()
             z_all = mean + std * torch.randn(num_samples, *std.shape, device=std.device, dtype=std.dtype)
             x_all, r_all = self._decode(h.expand(num_samples, -1, -1), z_all)  # (S, B, D), (S, B)
             errors = (x_all - target).pow(2).mean(-1)  # (S, B)

@@ -328,6 +328,8 @@ def _fit(model: Trainable, parameters: list[torch.nn.Parameter], loss_fn: Callab
             _set_capturable(optimizer, graphed)  # the checkpoint may come from the other kind of run
             start_step, history = state["step"], state["history"]
             torch.set_rng_state(state["torch_rng"])
+    if history.get("stopped"):  # the stopping rule ended this run: it has converged, whatever the budget
+        return path
     if start_step > steps:
         raise ValueError(f"{out} has trained {start_step} {stage} steps, more than the {steps} asked for; "
                          f"ask for {start_step} or more to extend it")
@@ -356,19 +358,22 @@ def _fit(model: Trainable, parameters: list[torch.nn.Parameter], loss_fn: Callab
             write_json(out / "history.json", history)
         distributed.barrier()  # the other ranks go on once the checkpoint is complete
 
-    def validate(step: int) -> None:
+    def validate(step: int) -> bool:
+        """Validation loss at the end-of-training schedules, with fixed noise (comparable across evaluations);
+        returns whether the stopping rule (``train.patience``) says training has converged."""
         if not main or val_data is None or len(val_data) == 0:
-            return
+            return False
         model.eval()
         sums: dict[str, float] = {}
         count = 0
         val_loader = DataLoader(val_data, batch_size=batch_size, shuffle=False)
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed)
             for i, batch in enumerate(val_loader):
                 if i >= cfg.eval_batches:
                     break
                 with _autocast(device, cfg.amp and not graphed):
-                    _, parts = loss_fn(to_device(batch), step)
+                    _, parts = loss_fn(to_device(batch), steps)
                 for name, value in parts.items():
                     sums[name] = sums.get(name, 0.0) + float(value)
                 count += 1
@@ -378,6 +383,12 @@ def _fit(model: Trainable, parameters: list[torch.nn.Parameter], loss_fn: Callab
         for name, value in row.items():
             if name != "step":
                 writer.add_scalar(f"val/{name}", value, step)
+        best = history.get("best")
+        if best is None or row["loss"] < best["loss"] - cfg.min_improvement * abs(best["loss"]):
+            history["best"], history["stale"] = {"step": step, "loss": row["loss"]}, 0
+        else:
+            history["stale"] = history.get("stale", 0) + 1
+        return cfg.patience > 0 and history["stale"] >= cfg.patience
 
     def train_step(batch: dict[str, Tensor], step: int | Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         loss, parts = objective(batch, step)
@@ -424,10 +435,18 @@ def _fit(model: Trainable, parameters: list[torch.nn.Parameter], loss_fn: Callab
                 with torch.no_grad():
                     writer.add_image(f"{stage}/frames_reconstructions_keypoints", images_fn(batch), done)
                 model.train()
+            stop = False
             if done % cfg.eval_every == 0 or done == steps:
-                validate(done)
-            if done % cfg.checkpoint_every == 0 or done == steps:
+                stop = distributed.broadcast_flag(validate(done))  # rank 0 validates and decides
+            if stop:
+                history["stopped"] = {"step": done, "best_step": history["best"]["step"],
+                                      "best_loss": history["best"]["loss"],
+                                      "reason": f"no {cfg.min_improvement:.0%} improvement of the validation "
+                                                f"loss in {cfg.patience} evaluations"}
+            if stop or done % cfg.checkpoint_every == 0 or done == steps:
                 save(done)
+            if stop:
+                break
     finally:
         bar.close()
         if writer is not None:
@@ -603,6 +622,8 @@ def train_dynamics(
     else:
         train_set, val_set = datasets
     dynamics = model.dynamics
+    if stored is None:  # a fresh VRNN: its reward head learns rewards normalised by the training split
+        dynamics.set_reward_normalisation(*train_set.reward_statistics())
     model.train()
     model.autoencoder.eval()
     steps = config.train.dynamics_steps

@@ -212,3 +212,43 @@ def test_sample_diversity(dot_models: dict[str, KeypointVRNN]) -> None:
     assert stochastic[:, :, 4:].std(0).mean() > 1e-3  # prior samples differ
     assert torch.equal(stochastic[0, :, :4], stochastic[1, :, :4])  # shared observed part
     assert (deterministic == deterministic[:1]).all()
+
+
+def test_rewards_are_learnt_normalised_and_returned_in_env_units() -> None:
+    torch.manual_seed(0)
+    plain = KeypointVRNN(tiny_config(), D, A)
+    scaled = KeypointVRNN(tiny_config(), D, A)
+    scaled.load_state_dict(plain.state_dict())
+    scaled.set_reward_normalisation(mean=5.0, scale=2.0)
+    features, actions, rewards = batch()
+    torch.manual_seed(1)
+    plain_loss, plain_info = plain.loss(features, actions, rewards, 0, 100)
+    torch.manual_seed(1)
+    scaled_loss, scaled_info = scaled.loss(features, actions, rewards * 2.0 + 5.0, 0, 100)
+    torch.testing.assert_close(scaled_loss, plain_loss)  # the same objective on the head's units
+    state = plain.initial_state(B)
+    _, a = plain.observe_step(state, features[:, 0], actions[:, 0])
+    _, b = scaled.observe_step(state, features[:, 0], actions[:, 0])
+    torch.testing.assert_close(b.reward, a.reward * 2.0 + 5.0)  # predictions in env units
+    torch.manual_seed(2)
+    _, ra = plain.imagine(state, actions[:, :2], num_samples=2)
+    torch.manual_seed(2)
+    _, rb = scaled.imagine(state, actions[:, :2], num_samples=2)
+    torch.testing.assert_close(rb, ra * 2.0 + 5.0)
+    old = {k: v for k, v in scaled.state_dict().items() if k not in ("reward_mean", "reward_scale")}  # from before
+    restored = KeypointVRNN(tiny_config(), D, A)
+    restored.set_reward_normalisation(3.0, 4.0)
+    restored.load_state_dict(old)
+    assert float(restored.reward_mean) == 0.0 and float(restored.reward_scale) == 1.0
+    with pytest.raises(ValueError, match="reward scale must be > 0"):
+        plain.set_reward_normalisation(0.0, 0.0)
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_stop_prior_gradient_keeps_predicted_steps_out_of_the_prior(stop: bool) -> None:
+    torch.manual_seed(0)
+    vrnn = KeypointVRNN(tiny_config(kl_weight=0.0, stop_prior_gradient=stop), D, A)
+    loss, _ = vrnn.loss(*batch(), step=100, total_steps=100)
+    loss.backward()
+    prior_grad = sum(float(p.grad.abs().sum()) for p in vrnn.prior.parameters() if p.grad is not None)
+    assert (prior_grad == 0.0) == stop  # with KL weight 0, only the predicted steps could reach the prior

@@ -4,6 +4,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -210,3 +211,26 @@ def test_run_folders_know_what_they_hold(data, config, keypoint_run, tmp_path):
     train_dynamics(None, data, dyn, {"train": {"dynamics_steps": 15}}, progress=False)  # a bigger budget extends
     assert read_checkpoint(dyn / "model.pt")["train_state"]["step"] == 15
     assert read_checkpoint(dyn / "model.pt")["config"]["train"]["dynamics_steps"] == 15
+
+
+def test_reward_statistics_are_stored_and_early_stopping_ends_a_converged_run(data, config, keypoint_run, tmp_path):
+    from kp_rl.data import FeatureSequences, SequenceDataset, encode_episodes
+
+    out = tmp_path / "dyn"
+    # patience 1 with a 1000% improvement asked for: the second validation stops the run, far before the budget
+    cfg = {"train": {"dynamics_steps": 500, "patience": 1, "min_improvement": 10.0, "eval_every": 5}}
+    train_dynamics(keypoint_run, data, out, cfg, progress=False)
+    history = json.loads((out / "history.json").read_text())
+    assert history["stopped"]["step"] == 10 and history["best"]["step"] == 5
+    assert read_checkpoint(out / "model.pt")["train_state"]["step"] == 10
+    before = (out / "model.pt").read_bytes()
+    train_dynamics(keypoint_run, data, out, cfg, progress=False)  # converged: nothing more to do
+    assert (out / "model.pt").read_bytes() == before
+    model = load(out)
+    frames = SequenceDataset(data, 1, split="train", keys=("image", "action", "reward"))
+    episodes = [{**e, "features": f} for e, f in zip(frames.episodes, encode_episodes(model, frames.episodes))]
+    mean, scale = FeatureSequences(episodes, 8).reward_statistics()
+    rewards = np.concatenate([e["reward"][1:] for e in frames.episodes])
+    assert mean == pytest.approx(rewards.mean(), rel=1e-6) and scale == pytest.approx(rewards.std(), rel=1e-6)
+    assert float(model.dynamics.reward_mean) == pytest.approx(mean) and float(model.dynamics.reward_scale) == \
+        pytest.approx(scale)
