@@ -1,58 +1,41 @@
 """Structured vs unstructured dynamics: how well does each predict future rewards from a few observed frames?
 
-The paper's comparison (Struct-VRNN vs CNN-VRNN), in our reward-head version. For each task (random-policy
-data, ``cpu`` preset unless --preset) this trains three frame autoencoders ONCE per task, with seed 0:
-  * keypoints (the paper's model), cnn (the unstructured baseline's flat latent), and keypoints without the
-    sparsity and separation losses;
-then, for every seed (seeds vary the dynamics models only), one VRNN + reward head per method:
-  * ``struct``                 : Struct-VRNN on the keypoints,
-  * ``cnn``                    : CNN-VRNN on the CNN latent (same VRNN class, same sizes),
-  * ``struct_no_kp_losses``    : Struct-VRNN on the keypoints trained without sparsity + separation,
-  * ``struct_deterministic``   : Struct-VRNN without the latent z (``dynamics.stochastic=False``),
-  * ``struct_no_best_of_many`` : Struct-VRNN trained with one sample per step (``dynamics.best_of_many=False``),
-  * ``state``                  : the same VRNN class on the true low-dimensional dm_control state (z-scored / 3,
-                                 clipped to [-1, 1] for the tanh decoder): an upper reference,
-and the trivial baseline ``mean_reward`` (the mean training reward at every step: R^2 ~ 0).
+The paper's central comparison (Struct-VRNN vs CNN-VRNN), with our reward head, under a protocol a reviewer
+accepts. Per task (random-policy data):
 
-Evaluation on held-out episodes (the dataset's val split): windows of N observed + M predicted steps
-(stride --eval-stride); the VRNN observes N steps of features and all N + M actions and predicts open loop with
-the prior mean (``sample=False``); reward MSE and R^2 per predicted step (R^2 across windows). Stochastic
-methods also report best-of-S (per window the prior sample with the lowest reward error: an optimistic,
-oracle-selected number). Also: linear coordinate tracking error of each autoencoder's features (true body
-centres, unit image coordinates), and per-step PSNR / SSIM of decoded video predictions (struct vs cnn).
+* data: a training dataset (train/val split by episode; val drives early stopping) and a separate test dataset
+  of >= 20 episodes collected with another seed, used only for the figures;
+* autoencoders, each with ``--ae-seeds`` seeds, trained until their validation loss plateaus (early stopping,
+  ``train.patience``): ``keypoints``, ``cnn`` (the unstructured baseline), ``no_kp_losses`` (keypoints without
+  the sparsity and separation losses);
+* VRNNs, ``--seeds`` per method (seed s runs on autoencoder seed s mod ae-seeds), to a plateau as well:
+  ``struct``, ``cnn`` (same VRNN class and sizes), the ablations ``struct_no_kp_losses``, ``struct_deterministic``,
+  ``struct_no_best_of_many``, ``struct_stop_prior_grad`` (the reference's stop-gradient into the prior at predicted
+  steps) with ``--ablation-seeds``, and ``state`` (the same VRNN on the true low-dimensional state: the upper
+  reference); ``mean_reward`` (the training mean at every step) is the trivial baseline.
 
-    python experiments/reward_prediction.py [--tasks cartpole-swingup walker-walk] [--seeds 0 1 2]
+Evaluation on non-overlapping test windows (N observed + M predicted steps): reward MSE and R^2 per predicted
+step from the prior-mean rollout (the headline), from the mean of S sampled rollouts, best-of-S (oracle-selected,
+labelled), and from a reward probe fitted afterwards on the frozen VRNN's beliefs (the paper's protocol).
+Struct minus CNN as paired differences (seed by seed) with 95% bootstrap CIs, per task and pooled over tasks.
 
-Writes results/reward_prediction/{results.json, reward_per_step.png, summary.png, video_<task>.{gif,png}};
-runs go to runs/reward_prediction/<task>/ and datasets to data/<task> (resumable, git-ignored; a dataset
-collected by another experiment with the same seed is reused: only the first --frames worth of it is used).
+Every finished cell (an autoencoder, a VRNN) writes results/reward_prediction/cells/<task>/<cell>.json, which is
+committed: a run on another machine skips it. Checkpoints go to --runs (not committed); a VRNN cell whose
+autoencoder checkpoint is missing retrains it (same seed, same data: the same model on the CPU).
 
-Default budget on 2 CPU cores (target <= 60 minutes, the machine idle):
-  * data: 7560 frames per task (60 cartpole episodes of 126 frames, 30 of 251 for reacher / cheetah, 15 of
-    501 for walker) at ~360 frames/s with 2 workers: 4 x 21 s ~ 1.5 min.
-  * autoencoders: 3 per task x 4 tasks = 12 runs x 250 steps (batch 16 x 8 frames) at ~0.5 s/step
-    (keypoints; CNN ~0.3 s) ~ 8 x 125 s + 4 x 75 s ~ 22 min.
-  * features: every frame encoded once per autoencoder (~230 frames/s keypoints, ~500 cnn):
-    4 x (2 x 33 s + 15 s) ~ 5.5 min.
-  * dynamics: 4 tasks x 3 seeds x 6 models = 72 runs x 800 steps (batch 32 windows of 16 steps). Measured on
-    this machine with one torch thread (two threads are ~5x slower for these small GRU steps on a shared CPU,
-    hence --dyn-threads 1): ~50 steps/s struct / struct_no_kp_losses / state, ~47 cnn, ~62 no-best-of-many,
-    ~90 deterministic (30-50 % less when the other jobs load the cores). The six models of one (task, seed)
-    take ~0.11 s per step -> 12 x 800 x 0.11 s ~ 18 min (+ validation / checkpoints every 250 steps).
-  * evaluation, videos, plots: ~2 min.  Estimated total ~ 50 min idle; measured from scratch on an idle
-    AMD EPYC with 2 cores: 30 min (1,779 s; the autoencoders took ~1 min each, not ~2). The seconds of every
-    stage and the steps/s of every run land in results.json. --threads 1 is faster for everything when the
-    cores are busy.
-Features are computed once per autoencoder and handed to kp_rl.train.train_dynamics (``datasets=``).
+    python experiments/reward_prediction.py --spec cpu [--workers 2] [--tasks ...] [--max-hours H]
+    python experiments/reward_prediction.py --spec quick          # a smoke test in seconds (tests)
+
+Writes results/reward_prediction/{results.json, README.md, reward_per_step.png, curves.png}.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as futures
 import io
-import math
+import multiprocessing as mp
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -63,55 +46,193 @@ from torch import Tensor, nn
 import kp_rl
 from kp_rl.bench import machine
 from kp_rl.config import Config
-from kp_rl.files import write_bytes, write_json
 from kp_rl.data import FeatureSequences, collect, encode_episodes, episode_files, load_episode, split_episodes
 from kp_rl.dynamics import KeypointVRNN
-from kp_rl.envs import get_spec, pixels_to_unit
+from kp_rl.envs import pixels_to_unit
 from kp_rl.evaluate import evaluate_reward_prediction
+from kp_rl.files import read_json, save_figure, write_bytes, write_json
 from kp_rl.metrics import reward_prediction_error, tracking_error
 from kp_rl.model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, read_checkpoint
-from kp_rl.files import save_figure
-from kp_rl.train import MODEL_FILE, fit, seed_everything, steps_per_second, train_autoencoder, train_dynamics
-from kp_rl.video import predict_frames, video_metrics, write_comparison
+from kp_rl.report import experiment_readme, markdown_table
+from kp_rl.train import MODEL_FILE, fit, seed_everything, train_autoencoder, train_dynamics
 
 KEYS = ("image", "action", "reward", "state", "true_object_pos")
-AUTOENCODERS = ("keypoints", "cnn", "no_kp_losses")
-# method -> (autoencoder it runs on, dynamics overrides); "state" runs on the true state instead
-METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "struct": ("keypoints", {}),
-    "cnn": ("cnn", {}),
-    "struct_no_kp_losses": ("no_kp_losses", {}),
-    "struct_deterministic": ("keypoints", {"stochastic": False}),
-    "struct_no_best_of_many": ("keypoints", {"best_of_many": False}),
-    "state": ("state", {}),
+AUTOENCODERS = {"keypoints": {}, "cnn": {}, "no_kp_losses": {"keypoints": {"sparsity_weight": 0.0,
+                                                                          "separation_weight": 0.0}}}
+# method -> (what it runs on, dynamics overrides, ablation?)
+METHODS: dict[str, tuple[str, dict[str, Any], bool]] = {
+    "struct": ("keypoints", {}, False),
+    "cnn": ("cnn", {}, False),
+    "state": ("state", {}, False),
+    "struct_no_kp_losses": ("no_kp_losses", {}, True),
+    "struct_deterministic": ("keypoints", {"stochastic": False}, True),
+    "struct_no_best_of_many": ("keypoints", {"best_of_many": False}, True),
+    "struct_stop_prior_grad": ("keypoints", {"stop_prior_gradient": True}, True),
 }
-BASELINE = "mean_reward"
-LABELS = {"struct": "Struct-VRNN", "cnn": "CNN-VRNN", "struct_no_kp_losses": "Struct-VRNN, no kp losses",
-          "struct_deterministic": "Struct-VRNN, deterministic",
+LABELS = {"struct": "Struct-VRNN", "cnn": "CNN-VRNN", "state": "state VRNN (upper reference)",
+          "struct_no_kp_losses": "Struct-VRNN, no keypoint losses", "struct_deterministic": "Struct-VRNN, deterministic",
           "struct_no_best_of_many": "Struct-VRNN, no best-of-many",
-          "state": "state VRNN (upper ref.)", BASELINE: "mean reward"}
-# The smoke run's logging cadence on top of the `tiny` preset (tests/test_reward_prediction.py)
-QUICK_TRAIN = {"log_every": 2, "eval_every": 4, "checkpoint_every": 4, "image_every": 1000, "eval_batches": 1}
+          "struct_stop_prior_grad": "Struct-VRNN, prior gradient stopped", "mean_reward": "mean training reward"}
+SPECS: dict[str, dict[str, Any]] = {
+    # 2 CPU cores, two cells at a time, ~5 h for the two tasks (README of the results)
+    "cpu": {"tasks": ["cartpole-swingup", "walker-walk"], "preset": "cpu", "ae_seeds": 3, "seeds": 5,
+            "ablation_seeds": 3, "train_episodes": {"cartpole-swingup": 100, "walker-walk": 30}, "test_episodes": 20,
+            "ae_steps": 4000, "ae_eval_every": 250, "dyn_steps": 12000, "dyn_eval_every": 500, "patience": 4,
+            "ramp_steps": 3000, "max_steps": None, "image_size": None},
+    # one H200: all six tasks with the paper preset, many cells at a time
+    "gpu": {"tasks": ["cartpole-swingup", "reacher-easy", "cheetah-run", "walker-walk", "finger-spin",
+                      "ball_in_cup-catch"], "preset": "paper", "ae_seeds": 3, "seeds": 5, "ablation_seeds": 3,
+            "train_episodes": {}, "default_train_frames": 40_000, "test_episodes": 20, "ae_steps": 20_000,
+            "ae_eval_every": 500, "dyn_steps": 20_000, "dyn_eval_every": 500, "patience": 5, "ramp_steps": 5000,
+            "max_steps": None, "image_size": None},
+    # the smoke test: tiny sizes, seconds
+    "quick": {"tasks": ["cartpole-swingup"], "preset": "tiny", "ae_seeds": 1, "seeds": 2, "ablation_seeds": 1,
+              "train_episodes": {}, "default_train_frames": 80, "test_episodes": 2, "ae_steps": 6,
+              "ae_eval_every": 3, "dyn_steps": 6, "dyn_eval_every": 3, "patience": 2, "ramp_steps": 4,
+              "max_steps": 19, "image_size": 32},
+}
 
 
 # ------------------------------------------------------------------------------------------------------ data
-def load_split(root: Path, split: str, frames: int) -> list[dict[str, np.ndarray]]:
-    """Episodes of one split of the dataset's own train/val split (the one the autoencoders trained on),
-    capped at ``frames`` frames (at least one episode)."""
-    episodes, total = [], 0
-    for path in split_episodes(episode_files(root), split, val_fraction=0.1):
-        if episodes and total >= frames:
-            break
-        episodes.append(load_episode(path, keys=KEYS))
-        total += len(episodes[-1]["image"])
-    return episodes
+def datasets(task: str, spec: dict[str, Any], data: Path) -> tuple[Path, Path]:
+    """The task's training dataset (seed 0) and its test dataset (seed 1), collected once (resumable)."""
+    env_kwargs = {"image_size": spec["image_size"]} if spec["image_size"] else {}
+    episode_frames = (spec["max_steps"] or kp_rl.envs.get_spec(task).max_episode_steps) + 1
+    train = spec["train_episodes"].get(task) or max(4, round(spec["default_train_frames"] / episode_frames))
+    suffix = f"-{spec['name']}" if spec["name"] != "cpu" else ""
+    roots = data / f"{task}{suffix}", data / f"{task}{suffix}-test"
+    for root, episodes, seed in ((roots[0], train, 0), (roots[1], spec["test_episodes"], 1)):
+        collect(task, root, episodes, seed=seed, workers=1, max_steps=spec["max_steps"], env_kwargs=env_kwargs,
+                progress=False)
+    return roots
 
 
-def with_features(episodes: list[dict[str, np.ndarray]], features: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-    return [{**e, "features": f} for e, f in zip(episodes, features)]
+def episodes(root: Path, split: str) -> list[dict[str, np.ndarray]]:
+    return [load_episode(path, keys=KEYS) for path in split_episodes(episode_files(root), split, 0.1)]
 
 
-# ------------------------------------------------------------------------------------------- dynamics models
+def with_features(eps: list[dict[str, np.ndarray]], features: list[np.ndarray]) -> list[dict[str, Any]]:
+    return [{**e, "features": f} for e, f in zip(eps, features)]
+
+
+def state_features(train: list[dict[str, np.ndarray]]):
+    """The true state, z-scored with the training statistics / 3 and clipped to [-1, 1] (the tanh decoder's range)."""
+    states = np.concatenate([e["state"] for e in train])
+    mean, scale = states.mean(0), 3.0 * states.std(0) + 1e-6
+    return mean, scale, lambda eps: [np.clip((e["state"] - mean) / scale, -1, 1).astype(np.float32) for e in eps]
+
+
+# ------------------------------------------------------------------------------------------------- the cells
+def config_for(spec: dict[str, Any], seed: int, dynamics: dict[str, Any] | None = None,
+               autoencoder: dict[str, Any] | None = None) -> Config:
+    base = kp_rl.get_preset(spec["preset"])
+    return base.replace(
+        train={"seed": seed, "steps": spec["ae_steps"], "dynamics_steps": spec["dyn_steps"], "patience": spec["patience"],
+               "eval_every": spec["ae_eval_every"], "checkpoint_every": spec["ae_eval_every"]},
+        dynamics={"sampling_ramp_steps": spec["ramp_steps"], **(dynamics or {})}, **(autoencoder or {}))
+
+
+def autoencoder_cell(task: str, kind: str, seed: int, spec: dict[str, Any], roots: tuple[Path, Path],
+                     runs: Path) -> dict[str, Any]:
+    """Train one autoencoder to its plateau; its held-out tracking error; its features cached for the VRNNs."""
+    torch.set_num_threads(1)
+    tick = time.perf_counter()
+    run = runs / task / f"ae_{kind}_seed{seed}"
+    config = config_for(spec, seed, autoencoder=AUTOENCODERS[kind])
+    path = train_autoencoder(roots[0], run, config, "cnn" if kind == "cnn" else "keypoints", progress=False,
+                             threads=1)
+    model = kp_rl.load(path)
+    splits = {"train": episodes(roots[0], "train"), "val": episodes(roots[0], "val"), "test": episodes(roots[1], "all")}
+    features = {name: encode_episodes(model, eps) for name, eps in splits.items()}
+    np.savez(run / "features.npz", **{f"{name}_{i}": f for name, fs in features.items() for i, f in enumerate(fs)})
+    size = model.image_size
+    coords = {name: pixels_to_unit(np.concatenate([e["true_object_pos"] for e in eps]), size)
+              for name, eps in splits.items()}
+    track = tracking_error(np.concatenate(features["train"]), coords["train"], np.concatenate(features["test"]),
+                           coords["test"])
+    history = read_json(run / "history.json")
+    return {"cell": f"ae_{kind}_seed{seed}", "task": task, "kind": kind, "seed": seed,
+            "steps": history["train"][-1]["step"] if history["train"] else 0, "stopped": history.get("stopped"),
+            "val_loss": [(row["step"], row["loss"]) for row in history["val"]],
+            "parameters": sum(p.numel() for p in model.autoencoder.parameters()),
+            "tracking_rmse_px": track["keypoint_rmse"] * (size - 1) / 2,
+            "mean_position_rmse_px": track["mean_baseline_rmse"] * (size - 1) / 2,
+            "seconds": round(time.perf_counter() - tick, 1)}
+
+
+def cached_features(run: Path) -> dict[str, list[np.ndarray]]:
+    with np.load(run / "features.npz") as data:
+        out: dict[str, list[np.ndarray]] = {}
+        for key in sorted(data.files, key=lambda k: (k.rsplit("_", 1)[0], int(k.rsplit("_", 1)[1]))):
+            out.setdefault(key.rsplit("_", 1)[0], []).append(data[key])
+    return out
+
+
+def vrnn_cell(task: str, method: str, seed: int, spec: dict[str, Any], roots: tuple[Path, Path],
+              runs: Path) -> dict[str, Any]:
+    """Train one VRNN + reward head to its plateau and evaluate it on the test windows."""
+    torch.set_num_threads(1)
+    tick = time.perf_counter()
+    source, overrides, _ = METHODS[method]
+    splits = {"train": episodes(roots[0], "train"), "val": episodes(roots[0], "val"), "test": episodes(roots[1], "all")}
+    config = config_for(spec, seed, dynamics=overrides)
+    config = config.replace(train={"eval_every": spec["dyn_eval_every"], "checkpoint_every": spec["dyn_eval_every"]})
+    run = runs / task / method / f"seed{seed}"
+    length = config.dynamics.sequence_length
+    if source == "state":
+        mean, scale, normalise = state_features(splits["train"])
+        features = {name: normalise(eps) for name, eps in splits.items()}
+    else:
+        ae_seed = seed % spec["ae_seeds"]
+        ae_run = runs / task / f"ae_{source}_seed{ae_seed}"
+        if not (ae_run / "features.npz").exists():  # e.g. a fresh machine: same seed and data, same model
+            autoencoder_cell(task, source, ae_seed, spec, roots, runs)
+        features = cached_features(ae_run)
+    sets = {name: FeatureSequences(with_features(eps, features[name]), length,
+                                   stride=1 if name == "train" else length) for name, eps in splits.items()}
+    seed_everything(seed)
+    if source == "state":
+        model = StateDynamics.load(run / MODEL_FILE) if (run / MODEL_FILE).exists() else StateDynamics(
+            config, features["train"][0].shape[-1], splits["train"][0]["action"].shape[-1], mean, scale)
+        if not (run / MODEL_FILE).exists():
+            model.dynamics.set_reward_normalisation(*sets["train"].reward_statistics())
+        train_state_vrnn(model, sets["train"], sets["val"], run)
+        model = StateDynamics.load(run / MODEL_FILE)
+    else:
+        model = kp_rl.load(train_dynamics(ae_run, roots[0], run, config_overrides(config), progress=False,
+                                          datasets=(sets["train"], sets["val"]), threads=1))
+    dynamics = model.dynamics.eval()
+    observed = config.dynamics.observed_steps
+    torch.manual_seed(seed)  # the same samples for a fresh and a resumed cell
+    scores = evaluate_reward_prediction(dynamics, sets["test"].stacked(len(sets["test"])), observed,
+                                        config.dynamics.num_samples, probe_windows=sets["train"].stacked(2048))
+    history = read_json(run / "history.json")
+    return {"cell": f"{method}_seed{seed}", "task": task, "method": method, "seed": seed,
+            "autoencoder_seed": None if source == "state" else seed % spec["ae_seeds"],
+            "steps": history["train"][-1]["step"] if history["train"] else 0, "stopped": history.get("stopped"),
+            "val_loss": [(row["step"], row["loss"]) for row in history["val"]],
+            "parameters": sum(p.numel() for p in dynamics.parameters()), "test_windows": len(sets["test"]),
+            "reward_mean": float(dynamics.reward_mean), "reward_scale": float(dynamics.reward_scale),
+            "scores": jsonable(scores), "seconds": round(time.perf_counter() - tick, 1)}
+
+
+def config_overrides(config: Config) -> dict[str, dict[str, Any]]:
+    """The train / dynamics sections of ``config`` as train_dynamics overrides."""
+    data = config.to_dict()
+    return {"train": data["train"], "dynamics": data["dynamics"]}
+
+
+def baseline_cell(task: str, roots: tuple[Path, Path], observed: int, horizon: int) -> dict[str, Any]:
+    """The mean training reward at every predicted step of the test windows."""
+    train, test = episodes(roots[0], "train"), episodes(roots[1], "all")
+    mean = float(np.concatenate([e["reward"][1:] for e in train]).mean())
+    length = observed + horizon
+    truth = np.stack([e["reward"][s + observed:s + length] for e in test
+                      for s in range(0, len(e["reward"]) - length + 1, length)])
+    return {"cell": "mean_reward", "task": task, "value": mean,
+            "scores": jsonable({"prior_mean": reward_prediction_error(np.full_like(truth, mean), truth)})}
+
+
 class StateDynamics(nn.Module):
     """The VRNN on true states, a :class:`kp_rl.train.Trainable` bundle for :func:`kp_rl.train.fit`, with the
     state normalisation kept as buffers. Checkpoints use the kp_rl checkpoint header (so ``fit`` can resume them)
@@ -146,43 +267,15 @@ class StateDynamics(nn.Module):
         return model.eval()
 
 
-def train_vrnn(model: nn.Module, train_set: FeatureSequences, val_set: FeatureSequences, out: Path,
-               progress: bool, threads: int | None) -> dict[str, float]:
-    """Train the state-based VRNN with kp_rl's shared loop (resumes / reuses ``out/model.pt``)."""
-    dynamics: KeypointVRNN = model.dynamics
-    cfg = model.config
-    steps = cfg.train.dynamics_steps
-    start = time.perf_counter()
+def train_state_vrnn(model: StateDynamics, train_set: FeatureSequences, val_set: FeatureSequences, out: Path) -> None:
+    """The state VRNN through kp_rl's training loop (resumes ``out/model.pt``; early stopping as configured)."""
+    dynamics, steps = model.dynamics, model.config.train.dynamics_steps
 
     def loss_fn(batch: dict[str, Tensor], step: int | Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         return dynamics.loss(batch["features"], batch["action"], batch["reward"], step, steps)
 
     fit(model, list(dynamics.parameters()), loss_fn, train_set, val_set, out, steps=steps,
-        batch_size=cfg.train.dynamics_batch_size, stage="dynamics", progress=progress,
-        cuda_graph=cfg.train.cuda_graphs, threads=threads)
-    history = read_checkpoint(out / MODEL_FILE)["train_state"]["history"]
-    return {"seconds_this_call": round(time.perf_counter() - start, 2), "steps_per_s": steps_per_second(history)}
-
-
-# ---------------------------------------------------------------------------------------------------- evaluation
-def summarise(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Mean and std over seeds of the horizon means; mean / min / max over seeds of the per-step curves."""
-    rows = list(per_seed.values())
-    summary: dict[str, Any] = {}
-    for metric in ("mse", "r2"):
-        means = np.array([r[f"{metric}_mean"] for r in rows], dtype=float)
-        curves = np.array([r[metric] for r in rows], dtype=float)
-        summary[f"{metric}_mean"] = float(np.nanmean(means)) if np.isfinite(means).any() else math.nan
-        summary[f"{metric}_std"] = float(np.nanstd(means)) if np.isfinite(means).any() else math.nan
-        with warnings.catch_warnings():  # all-nan steps (constant rewards) stay nan
-            warnings.simplefilter("ignore", RuntimeWarning)
-            summary[f"{metric}_per_step_mean"] = np.nanmean(curves, 0)
-            summary[f"{metric}_per_step_min"] = np.nanmin(curves, 0)
-            summary[f"{metric}_per_step_max"] = np.nanmax(curves, 0)
-    best = [r["best_of_samples"]["r2_mean"] for r in per_seed.values() if "best_of_samples" in r]
-    if best:
-        summary["r2_best_of_samples_mean"] = float(np.nanmean(best))
-    return summary
+        batch_size=model.config.train.dynamics_batch_size, stage="dynamics", progress=False, threads=1)
 
 
 def jsonable(value: Any) -> Any:
@@ -191,274 +284,206 @@ def jsonable(value: Any) -> Any:
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(value) else None
+    if isinstance(value, (np.ndarray, Tensor)):
+        return jsonable(np.asarray(value).tolist())
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
     if isinstance(value, np.integer):
         return int(value)
     return value
 
 
-# ------------------------------------------------------------------------------------------------------ plots
-def plot_results(results: dict[str, Any], out: Path) -> None:
+# ------------------------------------------------------------------------------------------------ statistics
+def bootstrap_ci(values: list[np.ndarray], resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap CI of the mean over strata: each stratum (a task's per-seed values) is resampled
+    on its own, the statistic is the mean over strata of their means (one stratum: a plain bootstrap)."""
+    rng = np.random.default_rng(seed)
+    stats = np.zeros(resamples)
+    for stratum in values:
+        stratum = np.asarray(stratum, float)
+        stats += stratum[rng.integers(0, len(stratum), (resamples, len(stratum)))].mean(1) / len(values)
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def summarise(cells: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    """``summary[task][method]`` (r2_mean, r2_ci, mse_mean, seeds, ...) and ``summary["struct_minus_cnn"]``."""
+    summary: dict[str, Any] = {}
+    diffs: dict[str, np.ndarray] = {}
+    for task, methods in cells.items():
+        summary[task] = {}
+        for method, rows in methods.items():
+            r2 = np.array([np.nan if r["scores"]["prior_mean"]["r2_mean"] is None else r["scores"]["prior_mean"]["r2_mean"]
+                           for r in rows])
+            mse = np.array([r["scores"]["prior_mean"]["mse_mean"] for r in rows])
+            entry = {"r2_mean": float(np.nanmean(r2)), "r2_std": float(np.std(r2, ddof=1)) if len(r2) > 1 else None,
+                     "r2_ci": bootstrap_ci([r2]) if len(r2) > 1 else None, "mse_mean": float(mse.mean()),
+                     "seeds": [r.get("seed") for r in rows],
+                     "r2_per_step": np.nanmean([r["scores"]["prior_mean"]["r2"] for r in rows], 0).tolist()}
+            for other in ("sample_mean", "probe", "best_of_samples"):
+                if all(other in r["scores"] for r in rows):
+                    entry[f"r2_{other}_mean"] = float(np.nanmean([r["scores"][other]["r2_mean"] for r in rows]))
+            if rows and "steps" in rows[0]:
+                entry["steps"] = [r["steps"] for r in rows]
+                entry["parameters"] = rows[0]["parameters"]
+            summary[task][method] = entry
+        struct = {r["seed"]: r for r in methods.get("struct", [])}
+        cnn = {r["seed"]: r for r in methods.get("cnn", [])}
+        paired = sorted(set(struct) & set(cnn))
+        if len(paired) >= 2:
+            diffs[task] = np.array([struct[s]["scores"]["prior_mean"]["r2_mean"] - cnn[s]["scores"]["prior_mean"]["r2_mean"]
+                                    for s in paired])
+    summary["struct_minus_cnn"] = {task: {"r2_diff": float(d.mean()), "r2_diff_ci": bootstrap_ci([d]),
+                                          "seeds": len(d)} for task, d in diffs.items()}
+    if len(diffs) > 1:
+        summary["struct_minus_cnn"]["pooled"] = {"r2_diff": float(np.mean([d.mean() for d in diffs.values()])),
+                                                 "r2_diff_ci": bootstrap_ci(list(diffs.values())),
+                                                 "tasks": sorted(diffs)}
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- the report
+def report(results: dict[str, Any], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(results["tasks"])
-    methods = list(METHODS) + [BASELINE]
-    colours = {m: f"C{i}" for i, m in enumerate(methods)}
-    colours[BASELINE] = "0.5"
-    fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 6), squeeze=False, constrained_layout=True)
-    for col, task in enumerate(tasks):
-        for row, metric in enumerate(("mse", "r2")):
-            ax = axes[row, col]
-            for method in methods:
-                s = results["tasks"][task]["methods"][method]["summary"]
-                mean = np.array(s[f"{metric}_per_step_mean"], dtype=float)
-                steps = np.arange(1, len(mean) + 1)
-                ax.plot(steps, mean, color=colours[method], label=LABELS[method],
-                        linestyle="--" if method in ("state", BASELINE) else "-")
-                ax.fill_between(steps, np.array(s[f"{metric}_per_step_min"], dtype=float),
-                                np.array(s[f"{metric}_per_step_max"], dtype=float), color=colours[method], alpha=0.15)
-            ax.set_xlabel("prediction step")
-            ax.set_ylabel("reward MSE" if metric == "mse" else "reward R$^2$ (axis cut at -1)")
-            if metric == "r2":
-                ax.set_ylim(max(-1.0, ax.get_ylim()[0]), 1.0)
-            ax.set_title(f"{task}", fontsize=9)
-    axes[0, -1].legend(fontsize=6, loc="best")
-    fig.suptitle(f"Open-loop reward prediction on held-out episodes (prior mean; line: mean over seeds "
-                 f"{results['config']['seeds']}, band: min-max)", fontsize=9)
+    summary, tasks = results["summary"], [t for t in results["summary"] if t != "struct_minus_cnn"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for i, (method, entry) in enumerate(summary[task].items()):
+            steps = np.arange(1, len(entry["r2_per_step"]) + 1)
+            ax.plot(steps, np.array(entry["r2_per_step"], float), color=f"C{i}", label=LABELS[method],
+                    linestyle="--" if method in ("state", "mean_reward") else "-")
+        ax.set_ylim(-1, 1)
+        ax.set_xlabel("predicted step")
+        ax.set_ylabel("reward R$^2$ (prior mean; mean over seeds)")
+        ax.set_title(task, fontsize=9)
+    axes[0, -1].legend(fontsize=6)
     save_figure(fig, out / "reward_per_step.png")
 
-    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(tasks)), 3.2))
-    width = 0.8 / len(methods)
-    for i, method in enumerate(methods):
-        s = [results["tasks"][t]["methods"][method]["summary"] for t in tasks]
-        ax.bar(np.arange(len(tasks)) + (i - (len(methods) - 1) / 2) * width,
-               [np.nan if x["r2_mean"] is None else x["r2_mean"] for x in s], width,
-               yerr=[0 if x["r2_std"] is None else x["r2_std"] for x in s], color=colours[method],
-               label=LABELS[method], capsize=2)
-    ax.axhline(0, color="black", linewidth=0.5)
-    ax.set_xticks(np.arange(len(tasks)), tasks, fontsize=8)
-    ax.set_ylabel(f"reward R$^2$, mean over {results['config']['horizon']} steps\n(axis cut at -1)")
-    ax.set_ylim(max(-1.0, ax.get_ylim()[0]), 1.0)
-    ax.legend(fontsize=6, ncol=2)
-    ax.set_title("Reward prediction from predicted dynamics: mean ± std over seeds", fontsize=9)
-    save_figure(fig, out / "summary.png")
+    rows = []
+    for task in tasks:
+        for method, e in summary[task].items():
+            ci = "" if e.get("r2_ci") is None else f"[{e['r2_ci'][0]:.2f}, {e['r2_ci'][1]:.2f}]"
+            rows.append([task, LABELS[method], f"{e['r2_mean']:.3f} {ci}", f"{e['mse_mean']:.4g}",
+                         f"{e['r2_sample_mean_mean']:.3f}" if "r2_sample_mean_mean" in e else "",
+                         f"{e['r2_probe_mean']:.3f}" if "r2_probe_mean" in e else "",
+                         len([s for s in e["seeds"] if s is not None]) or "",
+                         ", ".join(map(str, e.get("steps", []))), e.get("parameters", "")])
+    table = markdown_table(["task", "method", "R² prior mean [95% CI]", "MSE", "R² mean of S samples",
+                            "R² reward probe", "seeds", "training steps (early-stopped)", "parameters"], rows)
+    diff_rows = [[task, f"{d['r2_diff']:+.3f}", f"[{d['r2_diff_ci'][0]:+.3f}, {d['r2_diff_ci'][1]:+.3f}]"]
+                 for task, d in summary["struct_minus_cnn"].items()]
+    diffs = markdown_table(["task", "Struct - CNN: R² difference", "95% bootstrap CI"], diff_rows) if diff_rows \
+        else "(not enough paired seeds yet)"
+    missing = "\n".join(f"- {m}" for m in results["missing"]) or "none"
+    experiment_readme(out, "experiments/reward_prediction.py", __doc__, f"""\
+Spec `{results['spec']['name']}`: {', '.join(f'{k}={v}' for k, v in results['spec'].items() if k != 'name')}.
+Cells finished: {results['cells_done']}; not yet run:
+
+{missing}
+
+Held-out open-loop reward prediction over {results['horizon']} predicted steps after {results['observed']} observed
+(test windows of {results['observed'] + results['horizon']} steps, non-overlapping). R² is the mean over seeds of
+each seed's mean over the predicted steps; CIs are 95% percentile bootstraps over seeds. Best-of-S figures
+(oracle-selected) are in results.json only.
+
+{table}
+
+Paired by seed (the VRNN seed and the autoencoder seed it runs on):
+
+{diffs}
+
+![R² per predicted step](reward_per_step.png)""", results["machine"])
 
 
 # -------------------------------------------------------------------------------------------------------- main
+def cell_path(out: Path, task: str, name: str) -> Path:
+    return out / "cells" / task / f"{name}.json"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+",
-                        default=["cartpole-swingup", "reacher-easy", "cheetah-run", "walker-walk"])
-    parser.add_argument("--frames", type=int, default=7560, help="frame budget per task (episodes derived from it)")
-    parser.add_argument("--episodes", type=int, nargs="+", default=None,
-                        help="episodes per task (one value or one per task); overrides --frames")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="dynamics seeds")
-    parser.add_argument("--preset", default="cpu")
-    parser.add_argument("--ae-steps", type=int, default=250)
-    parser.add_argument("--dyn-steps", type=int, default=800)
-    parser.add_argument("--horizon", type=int, default=None, help="predicted steps M (default: the preset's)")
-    parser.add_argument("--eval-stride", type=int, default=4)
-    parser.add_argument("--eval-windows", type=int, default=512, help="max held-out windows per task")
-    parser.add_argument("--video-windows", type=int, default=16, help="held-out windows scored for PSNR / SSIM")
-    parser.add_argument("--dyn-threads", type=int, default=1, help="torch threads while training dynamics")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads otherwise (default: torch's)")
-    parser.add_argument("--data", default="data")
-    parser.add_argument("--runs", default="runs/reward_prediction")
-    parser.add_argument("--out", default="results/reward_prediction")
-    parser.add_argument("--quick", action="store_true", help="tiny everything (smoke test, seconds)")
+    parser.add_argument("--spec", default="cpu", choices=sorted(SPECS), help="budget and sizes (default: cpu)")
+    parser.add_argument("--tasks", nargs="+", default=None, help="a subset of the spec's tasks (default: all)")
+    parser.add_argument("--methods", nargs="+", default=None, choices=sorted(METHODS), help="default: all")
+    parser.add_argument("--workers", type=int, default=2, help="cells trained at a time (default: 2)")
+    parser.add_argument("--max-hours", type=float, default=None, help="start no new cell after this long")
+    parser.add_argument("--data", default="data", help="dataset folder (default: data)")
+    parser.add_argument("--runs", default="runs/reward_prediction", help="checkpoints (default: runs/reward_prediction)")
+    parser.add_argument("--out", default="results/reward_prediction", help="default: results/reward_prediction")
     args = parser.parse_args()
-    wall = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    base = kp_rl.get_preset(args.preset)
-    env_kwargs: dict[str, Any] = {}
-    max_steps = None
-    if args.quick:
-        base = kp_rl.get_preset("tiny").replace(train=QUICK_TRAIN)
-        env_kwargs, max_steps = {"image_size": base.keypoints.image_size}, 15
-        args.ae_steps, args.dyn_steps = min(args.ae_steps, 4), min(args.dyn_steps, 4)
-        args.video_windows = min(args.video_windows, 2)
-        args.threads = args.threads or 1
-        if args.episodes is None:
-            args.episodes = [4]
-    base = base.replace(train={"steps": args.ae_steps, "seed": 0})
-    autoencoder_configs = {"keypoints": base, "cnn": base,
-                           "no_kp_losses": base.replace(keypoints={"sparsity_weight": 0.0, "separation_weight": 0.0})}
-    observed = base.dynamics.observed_steps
-    horizon = args.horizon or base.dynamics.predicted_steps
-    results: dict[str, Any] = {
-        "experiment": "reward_prediction",
-        "notes": ("autoencoders (keypoints, cnn, no_kp_losses) are trained once per task with seed 0; the seeds "
-                  "vary the dynamics models only. Reward prediction: open loop from the prior mean after "
-                  f"{observed} observed steps, {horizon} predicted steps, held-out episodes; best_of_samples "
-                  "picks per window the prior sample with the lowest reward error (oracle selection)."),
-        "config": {"tasks": args.tasks, "seeds": args.seeds, "preset": args.preset, "ae_steps": args.ae_steps,
-                   "dyn_steps": args.dyn_steps, "frames_per_task": args.frames, "observed": observed,
-                   "horizon": horizon, "eval_stride": args.eval_stride, "eval_windows": args.eval_windows,
-                   "dyn_threads": args.dyn_threads, "threads": torch.get_num_threads(), "quick": args.quick,
-                   "model_config": base.to_dict()},
-        "machine": machine(),
-        "tasks": {},
-    }
-    progress = False  # one printed line per stage and run instead of tqdm bars (logs stay readable)
-    for task_index, task in enumerate(args.tasks):
-        spec = get_spec(task).replace(**env_kwargs)
-        if args.episodes:
-            episodes = args.episodes[min(task_index, len(args.episodes) - 1)]
-        else:
-            episodes = max(2, round(args.frames / (spec.max_episode_steps + 1)))
-        frames_budget = episodes * ((max_steps or spec.max_episode_steps) + 1)
-        root = Path(args.data) / (f"{task}-quick" if args.quick else task)
-        runs = Path(args.runs) / task
-        tick = time.perf_counter()
-        collect(task, root, episodes, seed=0, workers=1 if args.quick else 2, max_steps=max_steps,
-                env_kwargs=env_kwargs, progress=progress)
-        train_eps = load_split(root, "train", round(frames_budget * 0.9))
-        val_eps = load_split(root, "val", max(1, round(frames_budget * 0.1)))
-        row: dict[str, Any] = {"episodes": {"train": len(train_eps), "val": len(val_eps),
-                                            "train_frames": sum(len(e["image"]) for e in train_eps),
-                                            "val_frames": sum(len(e["image"]) for e in val_eps)},
-                               "seconds": {"collect_and_load": round(time.perf_counter() - tick, 1)},
-                               "methods": {}}
-        print(f"[{task}] data: {row['episodes']}", flush=True)
+    spec = {**SPECS[args.spec], "name": args.spec}
+    tasks = args.tasks or spec["tasks"]
+    methods = args.methods or list(METHODS)
+    out, runs, start = Path(args.out), Path(args.runs) / args.spec, time.perf_counter()
+    roots = {task: datasets(task, spec, Path(args.data)) for task in tasks}
 
-        # -- autoencoders (once per task, seed 0) and their features ------------------------------------------
-        autoencoders: dict[str, Path] = {}
-        features: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
-        for name, cfg in autoencoder_configs.items():
-            tick = time.perf_counter()
-            representation = "cnn" if name == "cnn" else "keypoints"
-            autoencoders[name] = train_autoencoder(root, runs / f"ae_{name}", cfg, representation, progress=progress)
-            model = kp_rl.load(autoencoders[name])
-            features[name] = (encode_episodes(model, train_eps), encode_episodes(model, val_eps))
-            row["seconds"][f"ae_{name}"] = round(time.perf_counter() - tick, 1)
-            print(f"[{task}] autoencoder {name}: ready in {row['seconds'][f'ae_{name}']} s (train + encode)",
-                  flush=True)
-        states = np.concatenate([e["state"] for e in train_eps])
-        state_mean, state_scale = states.mean(0), 3.0 * states.std(0) + 1e-6
-        normalise = lambda s: np.clip((s - state_mean) / state_scale, -1.0, 1.0).astype(np.float32)
-        features["state"] = ([normalise(e["state"]) for e in train_eps], [normalise(e["state"]) for e in val_eps])
+    # the cells in the order they are worth having: the state reference first (no autoencoder), then the
+    # autoencoders, then the VRNNs whose autoencoder is done, headline methods before ablations
+    ae_jobs = [("ae", task, kind, seed) for seed in range(spec["ae_seeds"]) for task in tasks for kind in AUTOENCODERS
+               if kind != "no_kp_losses" or "struct_no_kp_losses" in methods]
+    vrnn_jobs = [("vrnn", task, method, seed) for ablation in (False, True) for seed in range(spec["seeds"])
+                 for task in tasks for method in methods
+                 if METHODS[method][2] == ablation and seed < (spec["ablation_seeds"] if ablation else spec["seeds"])]
+    jobs = [j for j in vrnn_jobs if j[2] == "state"] + ae_jobs + [j for j in vrnn_jobs if j[2] != "state"]
+    name = lambda job: f"ae_{job[2]}_seed{job[3]}" if job[0] == "ae" else f"{job[2]}_seed{job[3]}"  # noqa: E731
+    todo = [j for j in jobs if not cell_path(out, j[1], name(j)).exists()]
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} cells already done; {len(todo)} to run on {args.workers} worker(s)",
+          flush=True)
 
-        # -- tracking error of each autoencoder's features (linear probe, held-out frames) ---------------------
-        size = train_eps[0]["image"].shape[1]
-        coords_train = pixels_to_unit(np.concatenate([e["true_object_pos"] for e in train_eps]), size)
-        coords_val = pixels_to_unit(np.concatenate([e["true_object_pos"] for e in val_eps]), size)
-        row["tracking"] = {}
-        for name in AUTOENCODERS:
-            err = tracking_error(np.concatenate(features[name][0]), coords_train, np.concatenate(features[name][1]),
-                                 coords_val)
-            row["tracking"][name] = {"rmse": err["keypoint_rmse"], "rmse_px": err["keypoint_rmse"] * (size - 1) / 2}
-        row["tracking"]["mean_coords"] = {"rmse": err["mean_baseline_rmse"],
-                                          "rmse_px": err["mean_baseline_rmse"] * (size - 1) / 2}
+    def ready(job: tuple) -> bool:  # a VRNN needs its autoencoder's cell
+        if job[0] == "ae" or METHODS[job[2]][0] == "state":
+            return True
+        return cell_path(out, job[1], f"ae_{METHODS[job[2]][0]}_seed{job[3] % spec['ae_seeds']}").exists()
 
-        # -- dynamics: one VRNN per (method, seed) -----------------------------------------------------------
-        length = base.dynamics.observed_steps + base.dynamics.predicted_steps
-        eval_length = observed + horizon
-        trained: dict[tuple[str, int], nn.Module] = {}
-        for method, (source, dyn_overrides) in METHODS.items():
-            train_set = FeatureSequences(with_features(train_eps, features[source][0]), length)
-            val_set = FeatureSequences(with_features(val_eps, features[source][1]), length, stride=length)
-            eval_set = FeatureSequences(with_features(val_eps, features[source][1]), eval_length, args.eval_stride)
-            eval_batch = eval_set.stacked(args.eval_windows)
-            per_seed: dict[str, Any] = {}
-            for seed in args.seeds:
-                run = runs / method / f"seed{seed}"
-                overrides = {"train": {"seed": seed, "dynamics_steps": args.dyn_steps}}
-                if dyn_overrides:
-                    overrides["dynamics"] = dyn_overrides
-                seed_everything(seed)
-                if method == "state":
-                    if (run / MODEL_FILE).exists():
-                        model = StateDynamics.load(run / MODEL_FILE)
-                    else:
-                        model = StateDynamics(base.replace(**overrides), features["state"][0][0].shape[-1],
-                                              train_eps[0]["action"].shape[-1], state_mean, state_scale)
-                if method == "state":
-                    timing = train_vrnn(model, train_set, val_set, run, progress, args.dyn_threads)
-                else:
-                    tick = time.perf_counter()
-                    model = kp_rl.load(train_dynamics(autoencoders[source], root, run, overrides, progress=progress,
-                                                      datasets=(train_set, val_set), threads=args.dyn_threads))
-                    history = read_checkpoint(run / MODEL_FILE)["train_state"]["history"]
-                    timing = {"seconds_this_call": round(time.perf_counter() - tick, 2),
-                              "steps_per_s": steps_per_second(history)}
-                model.eval()
-                torch.manual_seed(seed)  # best-of-S draws alike for fresh and resumed runs
-                scores = evaluate_reward_prediction(model.dynamics, eval_batch, observed, base.dynamics.num_samples)
-                per_seed[str(seed)] = {**scores["prior_mean"], **timing,
-                                       **({"best_of_samples": scores["best_of_samples"]}
-                                          if "best_of_samples" in scores else {})}
-                trained[(method, seed)] = model
-                print(f"[{task}] {method:24s} seed {seed}: {model.config.train.dynamics_steps} steps, "
-                      f"{timing['steps_per_s']:.1f} steps/s, "
-                      f"{timing['seconds_this_call']:.0f} s | reward MSE {scores['prior_mean']['mse_mean']:.4g}, "
-                      f"R2 {scores['prior_mean']['r2_mean']:.3f}", flush=True)
-            row["methods"][method] = {"per_seed": per_seed, "summary": summarise(per_seed)}
-        row["eval_windows"] = len(eval_batch["reward"])
+    context = mp.get_context("spawn")  # EGL and torch threads do not survive a fork
+    with futures.ProcessPoolExecutor(args.workers, mp_context=context) as pool:
+        running: dict[futures.Future, tuple] = {}
+        while todo or running:
+            out_of_time = args.max_hours is not None and time.perf_counter() - start > args.max_hours * 3600
+            while not out_of_time and len(running) < args.workers and any(ready(j) for j in todo):
+                job = next(j for j in todo if ready(j))
+                todo.remove(job)
+                fn = autoencoder_cell if job[0] == "ae" else vrnn_cell
+                running[pool.submit(fn, job[1], job[2], job[3], spec, roots[job[1]], runs)] = job
+            if not running:
+                break
+            done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+            for future in done:
+                job = running.pop(future)
+                row = future.result()
+                write_json(cell_path(out, job[1], name(job)), row)
+                r2 = row["scores"]["prior_mean"]["r2_mean"] if "scores" in row else None
+                print(f"[{job[1]}] {name(job)}: {row['steps']} steps ({row['seconds']:.0f} s)"
+                      + (f", test reward R² {r2:.3f}" if r2 is not None else
+                         f", tracking {row['tracking_rmse_px']:.2f} px" if "tracking_rmse_px" in row else ""),
+                      flush=True)
 
-        # -- trivial baseline: the mean training reward at every step ---------------------------------------
-        mean_reward = float(np.concatenate([e["reward"][1:] for e in train_eps]).mean())
-        truth = eval_batch["reward"][:, observed:]
-        baseline = reward_prediction_error(torch.full_like(truth, mean_reward), truth)
-        row["methods"][BASELINE] = {"value": mean_reward, "per_seed": {str(s): baseline for s in args.seeds},
-                                    "summary": summarise({str(s): baseline for s in args.seeds})}
-
-        # -- video prediction: truth | Struct-VRNN x2 | CNN-VRNN x2 (first seed), and PSNR / SSIM ------------
-        tick = time.perf_counter()
-        video_eps = [e for e in val_eps if len(e["image"]) >= eval_length]
-        image_windows = [(e["image"][s:s + eval_length], e["action"][s:s + eval_length])
-                         for e in video_eps for s in range(0, len(e["image"]) - eval_length + 1, eval_length)]
-        image_windows = image_windows[:args.video_windows]
-        images = np.stack([w[0] for w in image_windows])
-        actions = np.stack([w[1] for w in image_windows])
-        episode = video_eps[0]
-        start = min(len(episode["image"]) - eval_length, len(episode["image"]) // 3)
-        shown = {"truth": episode["image"][start:start + eval_length]}
-        row["video"] = {}
-        seed0 = args.seeds[0]
-        for method, label in (("struct", "Struct-VRNN"), ("cnn", "CNN-VRNN")):
-            model = trained[(method, seed0)]
-            torch.manual_seed(seed0)
-            one = predict_frames(model, episode["image"][None, start:start + observed],
-                                 episode["action"][None, start:start + eval_length], num_samples=2)
-            shown.update({f"{label} sample {s + 1}": one["frames"][s, 0] for s in range(2)})
-            many = predict_frames(model, images[:, :observed], actions, num_samples=2)
-            row["video"][method] = video_metrics(many["frames"], images)
-        write_comparison(shown, out / f"video_{task}", observed,
-                         title=f"{task}: held-out episode, {observed} observed + {horizon} predicted steps "
-                               f"(red: open-loop prediction, seed {seed0})")
-        row["video"]["windows"] = len(images)
-        row["seconds"]["video"] = round(time.perf_counter() - tick, 1)
-        results["tasks"][task] = row
-
-    results["seconds"] = round(time.perf_counter() - wall, 1)
-    results = jsonable(results)
-    write_json(out / "results.json", results)
-
-    methods = list(METHODS) + [BASELINE]
-    print(f"\nreward prediction over {horizon} open-loop steps after {observed} observed (held-out episodes; "
-          f"mean ± std over seeds {args.seeds})")
-    print(f"{'task':18s} {'method':24s} {'reward MSE':>20s} {'R2':>16s} {'R2 best-of-S':>13s}")
-    fmt = lambda m, s: "n/a" if m is None else f"{m:.4g} ± {s or 0:.2g}"
-    for task, row in results["tasks"].items():
+    # gather every finished cell (this run's and earlier ones) into results.json and the README
+    config = config_for(spec, 0)
+    observed, horizon = config.dynamics.observed_steps, config.dynamics.predicted_steps
+    cells: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for task in tasks:
         for method in methods:
-            s = row["methods"][method]["summary"]
-            best = s.get("r2_best_of_samples_mean")
-            print(f"{task:18s} {method:24s} {fmt(s['mse_mean'], s['mse_std']):>20s} "
-                  f"{fmt(s['r2_mean'], s['r2_std']):>16s} "
-                  f"{'' if best is None else f'{best:.3f}':>13s}")
-        tracking = ", ".join(f"{k} {v['rmse_px']:.2f}" for k, v in row["tracking"].items())
-        print(f"{task:18s} tracking RMSE (px): {tracking}")
-    plot_results(results, out)
-    print(f"wrote {out}/results.json, reward_per_step.png, summary.png, video_<task>.gif/png "
-          f"({results['seconds']:.0f} s)")
+            rows = [read_json(p) for p in sorted((out / "cells" / task).glob(f"{method}_seed*.json"))]
+            if rows:
+                cells.setdefault(task, {})[method] = rows
+        baseline = cell_path(out, task, "mean_reward")
+        if not baseline.exists():
+            write_json(baseline, baseline_cell(task, roots[task], observed, horizon))
+        cells.setdefault(task, {})["mean_reward"] = [read_json(baseline)]
+    autoencoders = {task: [read_json(p) for p in sorted((out / "cells" / task).glob("ae_*.json"))] for task in tasks}
+    results = {"experiment": "reward_prediction", "spec": spec, "observed": observed, "horizon": horizon,
+               "data_seeds": {"train": 0, "test": 1}, "machine": machine(),
+               "cells_done": sum(1 for j in jobs if cell_path(out, j[1], name(j)).exists()),
+               "missing": [f"{j[1]} {name(j)}" for j in jobs if not cell_path(out, j[1], name(j)).exists()],
+               "autoencoders": autoencoders, "summary": summarise(cells)}
+    write_json(out / "results.json", jsonable(results))
+    report(jsonable(results), out)
+    print(f"wrote {out}/results.json and README.md ({time.perf_counter() - start:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -24,11 +24,14 @@ def median_rate(run: Callable[[], int], repeats: int = 5, warmup: int = 1) -> di
 def commit() -> str | None:
     """The git commit of the working tree (``+dirty`` with uncommitted changes), or ``None`` outside git."""
     import subprocess
+    from pathlib import Path
 
+    here = Path(__file__).resolve().parent  # the checkout kp_rl runs from, wherever the command was started
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True)
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

@@ -223,6 +223,19 @@ class KeypointVRNN(nn.Module):
         z, _ = self._posterior(h, features_t)
         return VRNNState(h, z, features_t)
 
+    def imagine_step(self, state: VRNNState, action: Tensor, sample: bool = True) -> tuple[VRNNState, StepOutput]:
+        """One open-loop step: the prior's ``z`` (a sample, or its mean), the model's own ``x̂`` fed back.
+
+        Returns:
+            ``(new_state, StepOutput)`` (posterior fields empty); ``belief(new_state)`` is the predicted belief.
+        """
+        h = self._transition(state, action)
+        mean, std = self._prior(h)
+        z = mean + std * torch.randn_like(std) if sample else mean
+        x_hat, r_hat = self._decode(h, z)
+        empty = h.new_zeros(*h.shape[:-1], 0)
+        return VRNNState(h, z, x_hat), StepOutput(x_hat, self._env_reward(r_hat), mean, std, empty, empty)
+
     def imagine(self, state: VRNNState, actions: Tensor, num_samples: int = 1,
                 sample: bool = True) -> tuple[Tensor, Tensor]:
         """Open-loop prediction from a belief: sample the prior, feed back the model's own predictions.
@@ -244,13 +257,9 @@ class KeypointVRNN(nn.Module):
         actions = actions.repeat(num_samples, 1, 1)
         features, rewards = [], []
         for m in range(actions.shape[1]):
-            h = self._transition(state, actions[:, m])
-            mean, std = self._prior(h)
-            z = mean + std * torch.randn_like(std) if sample else mean
-            x_hat, r_hat = self._decode(h, z)
-            state = VRNNState(h, z, x_hat)
-            features.append(x_hat)
-            rewards.append(self._env_reward(r_hat))
+            state, out = self.imagine_step(state, actions[:, m], sample)
+            features.append(out.features)
+            rewards.append(out.reward)
         steps = actions.shape[1]
         if steps == 0:
             return (actions.new_zeros(num_samples, batch, 0, self.feature_dim),

@@ -18,7 +18,7 @@ from kp_rl.data import FeatureSequences, SequenceDataset, encode_episodes
 from kp_rl.envs import pixels_to_unit
 from kp_rl.keypoints import preprocess_frames
 from kp_rl.losses import reconstruction_loss
-from kp_rl.metrics import reward_prediction_error, tracking_error
+from kp_rl.metrics import fit_ridge, predict_ridge, reward_prediction_error, tracking_error
 from kp_rl.model import PerceptionModel, load
 
 
@@ -58,31 +58,66 @@ def tracking(model: PerceptionModel, data: str | Path) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def evaluate_reward_prediction(dynamics: torch.nn.Module, windows: dict[str, Tensor], observed: int,
-                     num_samples: int) -> dict[str, Any]:
-    """Open-loop reward prediction of a VRNN over the predicted part of windows.
+def rollout_beliefs(dynamics: torch.nn.Module, features: Tensor, actions: Tensor, observed: int,
+                    sample: bool = False) -> tuple[Tensor, Tensor]:
+    """Observe ``observed`` steps (posterior mean), then roll open loop: the belief and reward at every step.
 
     Args:
         dynamics: a :class:`kp_rl.dynamics.KeypointVRNN`.
-        windows: a batch with ``features`` (B, N + M, D), ``action`` (B, N + M, A), ``reward`` (B, N + M).
-        observed: N, the steps the model observes (with the posterior) before predicting open loop.
-        num_samples: S for the best-of-S figure (stochastic models only).
+        features: ``(B, >= observed, D)``; actions: ``(B, T, A)`` for the whole window.
+        sample: sample the prior while predicting (``False``: its mean).
     Returns:
-        ``prior_mean``: :func:`reward_prediction_error` of the prediction from the prior mean; and for
-        stochastic models ``best_of_samples``: the same for the best of S prior samples per window
-        (oracle-selected, an optimistic figure).
+        ``(beliefs (B, T, belief_dim), rewards (B, T))``.
+    """
+    state = dynamics.initial_state(features.shape[0], features.device, features.dtype)
+    beliefs, rewards = [], []
+    for t in range(actions.shape[1]):
+        if t < observed:
+            state, out = dynamics.observe_step(state, features[:, t], actions[:, t])
+        else:
+            state, out = dynamics.imagine_step(state, actions[:, t], sample)
+        beliefs.append(dynamics.belief(state))
+        rewards.append(out.reward)
+    return torch.stack(beliefs, 1), torch.stack(rewards, 1)
+
+
+@torch.inference_mode()
+def evaluate_reward_prediction(dynamics: torch.nn.Module, windows: dict[str, Tensor], observed: int,
+                               num_samples: int, probe_windows: dict[str, Tensor] | None = None) -> dict[str, Any]:
+    """Open-loop reward prediction of a VRNN over the predicted part of windows, every way the paper's readers ask.
+
+    Args:
+        dynamics: a :class:`kp_rl.dynamics.KeypointVRNN`.
+        windows: held-out ``features`` (B, N + M, D), ``action`` (B, N + M, A), ``reward`` (B, N + M).
+        observed: N, the steps observed (posterior) before predicting open loop.
+        num_samples: S prior samples (stochastic models).
+        probe_windows: training windows for the reward probe (below); ``None``: no probe.
+    Returns:
+        :func:`~kp_rl.metrics.reward_prediction_error` dicts (``mse``/``r2`` per predicted step and their means):
+        ``prior_mean`` (the reward head on the prior-mean rollout: the headline); for stochastic models
+        ``sample_mean`` (the mean of S sampled rollouts' rewards) and ``best_of_samples`` (per window the sample
+        closest to the truth: an oracle selection, optimistic by construction); with ``probe_windows``,
+        ``probe``: a ridge regression from the VRNN belief to the reward, fitted afterwards on the beliefs of
+        the training windows' observed steps (the frozen VRNN, the paper's protocol), applied to the beliefs of
+        the prior-mean rollout.
     """
     dynamics.eval()
     features, actions, rewards = windows["features"], windows["action"], windows["reward"]
     truth = rewards[:, observed:]
-    _, mean_rewards = dynamics.predict(features[:, :observed], actions, 1, sample=False)
-    out = {"prior_mean": reward_prediction_error(mean_rewards[0, :, observed:], truth)}
+    beliefs, mean_rewards = rollout_beliefs(dynamics, features, actions, observed)
+    out = {"prior_mean": reward_prediction_error(mean_rewards[:, observed:], truth)}
     if dynamics.cfg.stochastic and num_samples > 1:
         _, samples = dynamics.predict(features[:, :observed], actions, num_samples, sample=True)
         samples = samples[:, :, observed:]  # (S, B, M)
+        out["sample_mean"] = reward_prediction_error(samples.mean(0), truth)
         best = (samples - truth).pow(2).mean(-1).argmin(0)  # (B,)
-        out["best_of_samples"] = reward_prediction_error(samples[best, torch.arange(len(best))], truth)
-        out["best_of_samples"]["num_samples"] = num_samples
+        out["best_of_samples"] = {**reward_prediction_error(samples[best, torch.arange(len(best))], truth),
+                                  "num_samples": num_samples, "oracle_selected": True}
+    if probe_windows is not None:
+        seen, _ = rollout_beliefs(dynamics, probe_windows["features"], probe_windows["action"][:, :observed], observed)
+        weights = fit_ridge(seen.flatten(0, 1).double(), probe_windows["reward"][:, :observed].reshape(-1, 1).double())
+        probe = predict_ridge(weights, beliefs[:, observed:].flatten(0, 1).double()).reshape(truth.shape)
+        out["probe"] = reward_prediction_error(probe, truth)
     return out
 
 
