@@ -411,6 +411,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None, choices=sorted(METHODS), help="default: all")
     parser.add_argument("--workers", type=int, default=2, help="cells trained at a time (default: 2)")
     parser.add_argument("--max-hours", type=float, default=None, help="start no new cell after this long")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: gather the finished cells into results.json and the README")
     parser.add_argument("--data", default="data", help="dataset folder (default: data)")
     parser.add_argument("--runs", default="runs/reward_prediction", help="checkpoints (default: runs/reward_prediction)")
     parser.add_argument("--out", default="results/reward_prediction", help="default: results/reward_prediction")
@@ -419,7 +421,7 @@ def main() -> None:
     tasks = args.tasks or spec["tasks"]
     methods = args.methods or list(METHODS)
     out, runs, start = Path(args.out), Path(args.runs) / args.spec, time.perf_counter()
-    roots = {task: datasets(task, spec, Path(args.data)) for task in tasks}
+    roots = {task: datasets(task, spec, Path(args.data)) for task in tasks}  # (resumes; quick once collected)
 
     # the cells in the order they are worth having: the state reference first (no autoencoder), then the
     # autoencoders, then the VRNNs whose autoencoder is done, headline methods before ablations
@@ -431,8 +433,9 @@ def main() -> None:
     jobs = [j for j in vrnn_jobs if j[2] == "state"] + ae_jobs + [j for j in vrnn_jobs if j[2] != "state"]
     name = lambda job: f"ae_{job[2]}_seed{job[3]}" if job[0] == "ae" else f"{job[2]}_seed{job[3]}"  # noqa: E731
     todo = [j for j in jobs if not cell_path(out, j[1], name(j)).exists()]
-    print(f"{len(jobs) - len(todo)} of {len(jobs)} cells already done; {len(todo)} to run on {args.workers} worker(s)",
-          flush=True)
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} cells already done; "
+          + ("reporting only" if args.report_only else f"{len(todo)} to run on {args.workers} worker(s)"), flush=True)
+    todo = [] if args.report_only else todo
 
     def ready(job: tuple) -> bool:  # a VRNN needs its autoencoder's cell
         if job[0] == "ae" or METHODS[job[2]][0] == "state":
