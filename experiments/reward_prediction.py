@@ -77,18 +77,19 @@ SPECS: dict[str, dict[str, Any]] = {
     # 2 CPU cores, two cells at a time, ~5 h for the two tasks (README of the results)
     "cpu": {"tasks": ["cartpole-swingup", "walker-walk"], "preset": "cpu", "ae_seeds": 3, "seeds": 5,
             "ablation_seeds": 3, "train_episodes": {"cartpole-swingup": 100, "walker-walk": 30}, "test_episodes": 20,
-            "ae_steps": 4000, "ae_eval_every": 250, "dyn_steps": 12000, "dyn_eval_every": 500, "patience": 4,
-            "ramp_steps": 3000, "max_steps": None, "image_size": None},
+            "ae_steps": 4000, "ae_eval_every": 250, "dyn_steps": 12000, "dyn_eval_every": 500, "patience": 6,
+            "eval_batches": 16, "ramp_steps": 3000, "max_steps": None, "image_size": None},
     # one H200: all six tasks with the paper preset, many cells at a time
     "gpu": {"tasks": ["cartpole-swingup", "reacher-easy", "cheetah-run", "walker-walk", "finger-spin",
                       "ball_in_cup-catch"], "preset": "paper", "ae_seeds": 3, "seeds": 5, "ablation_seeds": 3,
             "train_episodes": {}, "default_train_frames": 40_000, "test_episodes": 20, "ae_steps": 20_000,
-            "ae_eval_every": 500, "dyn_steps": 20_000, "dyn_eval_every": 500, "patience": 5, "ramp_steps": 5000,
+            "ae_eval_every": 500, "dyn_steps": 20_000, "dyn_eval_every": 500, "patience": 6, "eval_batches": 16,
+            "ramp_steps": 5000,
             "max_steps": None, "image_size": None},
     # the smoke test: tiny sizes, seconds
     "quick": {"tasks": ["cartpole-swingup"], "preset": "tiny", "ae_seeds": 1, "seeds": 2, "ablation_seeds": 1,
               "train_episodes": {}, "default_train_frames": 80, "test_episodes": 2, "ae_steps": 6,
-              "ae_eval_every": 3, "dyn_steps": 6, "dyn_eval_every": 3, "patience": 2, "ramp_steps": 4,
+              "ae_eval_every": 3, "dyn_steps": 6, "dyn_eval_every": 3, "patience": 2, "eval_batches": 1, "ramp_steps": 4,
               "max_steps": 19, "image_size": 32},
 }
 
@@ -128,7 +129,8 @@ def config_for(spec: dict[str, Any], seed: int, dynamics: dict[str, Any] | None 
     base = kp_rl.get_preset(spec["preset"])
     return base.replace(
         train={"seed": seed, "steps": spec["ae_steps"], "dynamics_steps": spec["dyn_steps"], "patience": spec["patience"],
-               "eval_every": spec["ae_eval_every"], "checkpoint_every": spec["ae_eval_every"]},
+               "eval_every": spec["ae_eval_every"], "checkpoint_every": spec["ae_eval_every"],
+               "eval_batches": spec["eval_batches"]},
         dynamics={"sampling_ramp_steps": spec["ramp_steps"], **(dynamics or {})}, **(autoencoder or {}))
 
 
