@@ -26,7 +26,8 @@ autoencoder checkpoint is missing retrains it (same seed, same data: the same mo
     python experiments/reward_prediction.py --spec cpu [--workers 2] [--tasks ...] [--max-hours H]
     python experiments/reward_prediction.py --spec quick          # a smoke test in seconds (tests)
 
-Writes results/reward_prediction/{results.json, README.md, reward_per_step.png, curves.png}.
+Writes results/reward_prediction/{results.json, README.md, reward_per_step.png}; each cell's JSON holds its
+validation curve.
 """
 
 from __future__ import annotations
@@ -380,7 +381,11 @@ def report(results: dict[str, Any], out: Path) -> None:
                  for task, d in summary["struct_minus_cnn"].items()]
     diffs = markdown_table(["task", "Struct - CNN: R² difference", "95% bootstrap CI"], diff_rows) if diff_rows \
         else "(not enough paired seeds yet)"
-    missing = "\n".join(f"- {m}" for m in results["missing"]) or "none"
+    by_task: dict[str, list[str]] = {}
+    for entry in results["missing"]:
+        task, cell = entry.split(" ", 1)
+        by_task.setdefault(task, []).append(cell)
+    missing = "\n".join(f"- {task}: {', '.join(cells)}" for task, cells in by_task.items()) or "none"
     experiment_readme(out, "experiments/reward_prediction.py", __doc__, f"""\
 Spec `{results['spec']['name']}`: {', '.join(f'{k}={v}' for k, v in results['spec'].items() if k != 'name')}.
 Cells finished: {results['cells_done']}; not yet run:
