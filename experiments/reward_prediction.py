@@ -56,6 +56,7 @@ from kp_rl.metrics import reward_prediction_error, tracking_error
 from kp_rl.model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, read_checkpoint
 from kp_rl.report import experiment_readme, markdown_table
 from kp_rl.train import MODEL_FILE, fit, seed_everything, train_autoencoder, train_dynamics
+from kp_rl.video import predict_frames, video_metrics
 
 KEYS = ("image", "action", "reward", "state", "true_object_pos")
 AUTOENCODERS = {"keypoints": {}, "cnn": {}, "no_kp_losses": {"keypoints": {"sparsity_weight": 0.0,
@@ -209,8 +210,18 @@ def vrnn_cell(task: str, method: str, seed: int, spec: dict[str, Any], roots: tu
     torch.manual_seed(seed)  # the same samples for a fresh and a resumed cell
     scores = evaluate_reward_prediction(dynamics, sets["test"].stacked(len(sets["test"])), observed,
                                         config.dynamics.num_samples, probe_windows=sets["train"].stacked(2048))
+    video = None
+    if method in ("struct", "cnn"):  # video prediction from the same model: PSNR / SSIM per step (truth frames)
+        length_m = observed + config.dynamics.predicted_steps
+        windows = [(e["image"][s:s + length_m], e["action"][s:s + length_m]) for e in splits["test"]
+                   for s in range(0, len(e["image"]) - length_m + 1, length_m)][:spec.get("video_windows", 32)]
+        torch.manual_seed(seed)
+        frames = predict_frames(model, np.stack([w[0][:observed] for w in windows]),
+                                np.stack([w[1] for w in windows]), num_samples=3)["frames"]
+        video = video_metrics(frames, np.stack([w[0] for w in windows]))
+        video = {k: (v[observed:] if isinstance(v, np.ndarray) else v) for k, v in video.items()}  # predicted steps
     history = read_json(run / "history.json")
-    return {"cell": f"{method}_seed{seed}", "task": task, "method": method, "seed": seed,
+    return {"cell": f"{method}_seed{seed}", "task": task, "method": method, "seed": seed, "video": jsonable(video),
             "autoencoder_seed": None if source == "state" else seed % spec["ae_seeds"],
             "steps": history["train"][-1]["step"] if history["train"] else 0, "stopped": history.get("stopped"),
             "val_loss": [(row["step"], row["loss"]) for row in history["val"]],
@@ -326,6 +337,10 @@ def summarise(cells: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, An
             for other in ("sample_mean", "probe", "best_of_samples"):
                 if all(other in r["scores"] for r in rows):
                     entry[f"r2_{other}_mean"] = float(np.nanmean([r["scores"][other]["r2_mean"] for r in rows]))
+            if rows and rows[0].get("video"):
+                for metric in ("psnr", "ssim"):
+                    entry[f"{metric}_mean"] = float(np.mean([np.mean(r["video"][f"{metric}_first_sample"])
+                                                             for r in rows]))
             if rows and "steps" in rows[0]:
                 entry["steps"] = [r["steps"] for r in rows]
                 entry["parameters"] = rows[0]["parameters"]
@@ -377,6 +392,9 @@ def report(results: dict[str, Any], out: Path) -> None:
                          ", ".join(map(str, e.get("steps", []))), e.get("parameters", "")])
     table = markdown_table(["task", "method", "R² prior mean [95% CI]", "MSE", "R² mean of S samples",
                             "R² reward probe", "seeds", "training steps (early-stopped)", "parameters"], rows)
+    video_rows = [[task, LABELS[m], f"{e['psnr_mean']:.1f}", f"{e['ssim_mean']:.3f}"] for task in tasks
+                  for m, e in summary[task].items() if "psnr_mean" in e]
+    video = markdown_table(["task", "method", "PSNR (dB)", "SSIM"], video_rows) if video_rows else "(none yet)"
     diff_rows = [[task, f"{d['r2_diff']:+.3f}", f"[{d['r2_diff_ci'][0]:+.3f}, {d['r2_diff_ci'][1]:+.3f}]"]
                  for task, d in summary["struct_minus_cnn"].items()]
     diffs = markdown_table(["task", "Struct - CNN: R² difference", "95% bootstrap CI"], diff_rows) if diff_rows \
@@ -402,6 +420,11 @@ each seed's mean over the predicted steps; CIs are 95% percentile bootstraps ove
 Paired by seed (the VRNN seed and the autoencoder seed it runs on):
 
 {diffs}
+
+Video prediction from the same models, mean over the predicted steps of up to 32 test windows (first of 3
+samples; per step in results.json):
+
+{video}
 
 ![R² per predicted step](reward_per_step.png)""", results["machine"])
 

@@ -35,6 +35,7 @@ def test_quick_spec_runs_every_cell_and_resumes_from_the_cell_files(tmp_path):
     assert diff["seeds"] == 2 and diff["r2_diff_ci"][0] <= diff["r2_diff"] <= diff["r2_diff_ci"][1]
     cell = json.loads((tmp_path / "out" / "cells" / "cartpole-swingup" / "struct_seed1.json").read_text())
     assert cell["autoencoder_seed"] == 0 and cell["test_windows"] > 0 and cell["scores"]["best_of_samples"]["oracle_selected"]
+    assert len(cell["video"]["psnr_first_sample"]) == 4 and "psnr_mean" in summary["struct"]  # predicted steps
     assert "Struct - CNN" in (tmp_path / "out" / "README.md").read_text()
     again = run(tmp_path)  # every cell file is there: nothing is trained again
     assert "; 0 to run" in again.stdout
