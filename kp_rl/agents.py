@@ -31,6 +31,8 @@ from kp_rl.runs import check_output_dir, check_run, checkpoint_hash, start_run
 
 OBSERVATION_KINDS = ("keypoints", "keypoints+belief", "cnn-vrnn", "pixels", "state")
 ALGOS = ("SAC", "PPO")
+AUGMENTATIONS = ("none", "random-shift")
+DEFAULTS_FILE = "defaults.yaml"  # in the catalog folder: what every agent of an algorithm shares
 
 
 class UnknownAgentError(ValueError):
@@ -50,6 +52,7 @@ class AgentSpec:
     n_envs: int = 1
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     policy_kwargs: dict[str, Any] = field(default_factory=dict)
+    augmentation: str = "none"  # random-shift: DrQ-style shifts of sampled pixel batches (SAC on pixels)
 
     def validate(self) -> None:
         if self.algo not in ALGOS:
@@ -59,6 +62,10 @@ class AgentSpec:
                              f"got {self.observation!r}")
         if self.frame_stack < 1 or self.n_envs < 1:
             raise ValueError(f"agent {self.name}: frame_stack and n_envs must be >= 1")
+        if self.augmentation not in AUGMENTATIONS:
+            raise ValueError(f"agent {self.name}: augmentation must be one of {AUGMENTATIONS}, got {self.augmentation!r}")
+        if self.augmentation != "none" and (self.algo != "SAC" or self.observation != "pixels"):
+            raise ValueError(f"agent {self.name}: augmentation {self.augmentation!r} is for SAC on pixels")
 
     @property
     def needs_model(self) -> bool:
@@ -75,16 +82,41 @@ def agents_dir() -> Path:
     raise FileNotFoundError(f"kp_rl agent catalog not found; looked in {[str(p) for p in candidates if p]}")
 
 
+def _shared(folder: Path) -> dict[str, dict[str, Any]]:
+    """``defaults.yaml`` of the catalog: per algorithm the hyperparameters and policy_kwargs all agents share."""
+    path = folder / DEFAULTS_FILE
+    data = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    if not isinstance(data, dict) or set(data) - set(ALGOS):
+        raise ValueError(f"{path}: expected a mapping of {ALGOS} to hyperparameters / policy_kwargs")
+    return data
+
+
+def _spec(path: Path, data: Any, shared: dict[str, dict[str, Any]]) -> AgentSpec:
+    """An agent file's spec on top of the shared defaults of its algorithm (which it may add to, not change)."""
+    known = {f.name for f in dataclasses.fields(AgentSpec)} - {"name"}
+    if not isinstance(data, dict) or not {"algo", "observation"} <= set(data) or set(data) - known:
+        raise ValueError(f"{path}: expected a mapping with algo, observation and some of {sorted(known)}")
+    data = {k: v if v is not None else {} for k, v in data.items()}
+    base = shared.get(data["algo"], {})
+    for section in ("hyperparameters", "policy_kwargs"):
+        common, own = base.get(section) or {}, data.get(section) or {}
+        changed = sorted(k for k in own if k in common and own[k] != common[k])
+        if changed:
+            raise ValueError(f"{path}: {section} {changed} differ from the {data['algo']} values every agent shares "
+                             f"({path.parent / DEFAULTS_FILE}); change them there, for all agents")
+        data[section] = {**common, **own}
+    spec = AgentSpec(name=path.stem, **data)
+    spec.validate()
+    return spec
+
+
 def load_agent_catalog() -> dict[str, AgentSpec]:
+    folder = agents_dir()
+    shared = _shared(folder)
     specs = {}
-    for path in sorted(agents_dir().glob("*.yaml")):
-        data = yaml.safe_load(path.read_text())
-        known = {f.name for f in dataclasses.fields(AgentSpec)} - {"name"}
-        if not isinstance(data, dict) or set(data) - known:
-            raise ValueError(f"{path}: expected a mapping with some of {sorted(known)}")
-        spec = AgentSpec(name=path.stem, **{k: v if v is not None else {} for k, v in data.items()})
-        spec.validate()
-        specs[spec.name] = spec
+    for path in sorted(folder.glob("*.yaml")):
+        if path.name != DEFAULTS_FILE:
+            specs[path.stem] = _spec(path, yaml.safe_load(path.read_text()), shared)
     return specs
 
 
@@ -98,12 +130,7 @@ def get_agent(name: str | Path) -> AgentSpec:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
             raise ValueError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
-        known = {f.name for f in dataclasses.fields(AgentSpec)} - {"name"}
-        if not isinstance(data, dict) or not {"algo", "observation"} <= set(data) or set(data) - known:
-            raise ValueError(f"{path}: expected a mapping with algo, observation and some of {sorted(known)}")
-        spec = AgentSpec(name=path.stem, **{k: v if v is not None else {} for k, v in data.items()})
-        spec.validate()
-        return spec
+        return _spec(path, data, _shared(agents_dir()))
     catalog = load_agent_catalog()
     if str(name) not in catalog:
         raise UnknownAgentError(f"unknown agent {str(name)!r}; known agents: {', '.join(sorted(catalog))}")
@@ -156,9 +183,14 @@ def build_agent(spec: AgentSpec, venv: Any, seed: int = 0, tensorboard_log: str 
     import stable_baselines3 as sb3
 
     algo = getattr(sb3, spec.algo)
+    extra: dict[str, Any] = {}
+    if spec.augmentation == "random-shift":
+        from kp_rl.sb3 import RandomShiftReplayBuffer
+
+        extra["replay_buffer_class"] = RandomShiftReplayBuffer
     try:
         return algo(spec.policy, venv, seed=seed, tensorboard_log=tensorboard_log, device=device, verbose=0,
-                    policy_kwargs=dict(spec.policy_kwargs), **spec.hyperparameters)
+                    policy_kwargs=dict(spec.policy_kwargs), **spec.hyperparameters, **extra)
     except TypeError as exc:  # an unknown hyperparameter or policy keyword of the agent's YAML
         raise ValueError(f"agent {spec.name}: {spec.algo} rejects its hyperparameters / policy_kwargs: {exc}") from exc
 

@@ -4,6 +4,8 @@
   that run the keypoint encoder (or the CNN baseline's encoder) inside the policy: frozen by default, or
   fine-tuned with the agent's loss (``fine_tune=True``). Frame-stacked observations (``VecFrameStack``) are
   encoded frame by frame and concatenated.
+* :class:`RandomShiftReplayBuffer` — DrQ-style random shifts of the sampled pixel observations (the augmented
+  pixel baseline, ``agents/sac-pixels-drq.yaml``).
 * :class:`KeypointOverlayCallback` — logs keypoints drawn on frames (and, with :class:`kp_rl.wrappers.WorldModel`
   envs, the reward-prediction error) to TensorBoard.
 
@@ -38,16 +40,19 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
+from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Image
 from stable_baselines3.common.preprocessing import is_image_space_channels_first
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from stable_baselines3.common.type_aliases import ReplayBufferSamples
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kp_rl.perception import ModelLike, Perception
 from kp_rl.report import draw_keypoints
 
-__all__ = ["CNNExtractor", "KeypointExtractor", "KeypointOverlayCallback"]
+__all__ = ["CNNExtractor", "KeypointExtractor", "KeypointOverlayCallback", "RandomShiftReplayBuffer", "random_shift"]
 
 
 # ------------------------------------------------------------------------------------- features extractors
@@ -244,3 +249,63 @@ class KeypointOverlayCallback(BaseCallback):
                 self.logger.record("kp/reward_abs_error", self._error_sum / self._error_count)
                 self._error_sum, self._error_count = 0.0, 0
         return True
+
+
+# ------------------------------------------------------------------------------------------ augmentation
+
+
+def random_shift(images: Tensor, pad: int = 4, generator: torch.Generator | None = None) -> Tensor:
+    """Shift each image of a batch by a random whole number of pixels in ``[-pad, pad]`` on both axes.
+
+    The image is padded by repeating its border pixels and cropped back to its size at a random offset (the
+    augmentation of DrQ, Kostrikov et al. 2021). Channels, dtype and device are kept.
+
+    Args:
+        images: ``(B, C, H, W)``, any dtype (uint8 frames as SB3 stores them, or floats).
+        pad: the largest shift, in pixels.
+        generator: random source (default: torch's global one).
+
+    Example:
+        >>> frames = torch.arange(16, dtype=torch.uint8).reshape(1, 1, 4, 4)
+        >>> random_shift(frames, pad=0).equal(frames)
+        True
+        >>> random_shift(frames, pad=1).shape
+        torch.Size([1, 1, 4, 4])
+    """
+    if images.dim() != 4:
+        raise ValueError(f"random_shift expects images (B, C, H, W), got shape {tuple(images.shape)}")
+    if pad == 0:
+        return images
+    batch, _, height, width = images.shape
+    padded = F.pad(images.float(), (pad, pad, pad, pad), mode="replicate")
+    offsets = torch.randint(0, 2 * pad + 1, (batch, 2), generator=generator).to(images.device)
+    rows = (offsets[:, :1] + torch.arange(height, device=images.device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (offsets[:, 1:] + torch.arange(width, device=images.device))[:, None, None, :]  # (B, 1, 1, W)
+    index = torch.arange(batch, device=images.device)[:, None, None, None]
+    channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    return padded[index, channels, rows, cols].to(images.dtype)
+
+
+class RandomShiftReplayBuffer(ReplayBuffer):
+    """SB3's replay buffer whose sampled observations and next observations are randomly shifted (DrQ).
+
+    Each sampled transition gets its own shift for ``observations`` and another for ``next_observations``, so
+    the critic's targets and estimates see augmented frames, as in DrQ. Observations must be images
+    ``(C, H, W)`` (SB3 transposes channels-last frames before storing them). Pass it to an off-policy algorithm:
+    ``SAC("CnnPolicy", env, replay_buffer_class=RandomShiftReplayBuffer)`` (``kp-rl rl --agent sac-pixels-drq``).
+
+    Args:
+        pad: the largest shift in pixels (default 4, DrQ's for 84x84 and 64x64 frames); other arguments are
+            :class:`~stable_baselines3.common.buffers.ReplayBuffer`'s.
+    """
+
+    def __init__(self, *args: Any, pad: int = 4, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if len(self.obs_shape) != 3:
+            raise ValueError(f"RandomShiftReplayBuffer needs image observations (C, H, W), got {self.obs_shape}")
+        self.pad = pad
+
+    def _get_samples(self, batch_inds: np.ndarray, env: Any = None) -> ReplayBufferSamples:
+        samples = super()._get_samples(batch_inds, env)
+        return samples._replace(observations=random_shift(samples.observations, self.pad),
+                                next_observations=random_shift(samples.next_observations, self.pad))

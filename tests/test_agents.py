@@ -162,3 +162,47 @@ def test_agent_run_folders_know_what_they_hold(model_path, tmp_path):
     with pytest.raises(RunMismatchError, match="holds model_sha256="):
         train_agent("kp_rl/cartpole-swingup-v0", agent, 8, tmp_path / "kp", model=other, **kwargs)
     assert train_agent("kp_rl/cartpole-swingup-v0", agent, 8, tmp_path / "kp", **kwargs)["steps"] == [4, 8]
+
+
+def test_every_agent_of_an_algorithm_shares_its_hyperparameters(tmp_path, monkeypatch):
+    import shutil
+
+    catalog = load_agent_catalog()
+    for algo in ("SAC", "PPO"):
+        specs = [s for s in catalog.values() if s.algo == algo]
+        assert len({json.dumps(s.hyperparameters, sort_keys=True) for s in specs}) == 1, algo
+        assert len({json.dumps(s.policy_kwargs, sort_keys=True) for s in specs}) == 1, algo
+    assert catalog["sac-pixels"].hyperparameters["batch_size"] == catalog["sac-state"].hyperparameters["batch_size"]
+    assert catalog["sac-pixels-drq"].augmentation == "random-shift" and catalog["sac-pixels"].augmentation == "none"
+    folder = tmp_path / "agents"
+    shutil.copytree(kp_rl.agents.agents_dir(), folder)
+    (folder / "sac-odd.yaml").write_text("algo: SAC\nobservation: state\nhyperparameters: {batch_size: 64}\n")
+    monkeypatch.setenv("KP_RL_AGENTS", str(folder))
+    with pytest.raises(ValueError, match=r"hyperparameters \['batch_size'\] differ from the SAC values every agent"):
+        load_agent_catalog()
+    (folder / "sac-odd.yaml").write_text("algo: PPO\nobservation: state\naugmentation: random-shift\n")
+    with pytest.raises(ValueError, match="augmentation 'random-shift' is for SAC on pixels"):
+        load_agent_catalog()
+
+
+def test_random_shift_moves_whole_images_within_the_padding():
+    import torch
+
+    from kp_rl.sb3 import RandomShiftReplayBuffer, random_shift
+
+    images = torch.zeros(64, 3, 16, 16, dtype=torch.uint8)
+    images[:, :, 6:10, 6:10] = 255  # a square in the middle
+    shifted = random_shift(images, pad=4, generator=torch.Generator().manual_seed(0))
+    assert shifted.shape == images.shape and shifted.dtype == torch.uint8
+    centres = [torch.nonzero(s[0]).float().mean(0) for s in shifted]
+    moves = torch.stack(centres) - torch.tensor([7.5, 7.5])
+    assert moves.abs().max() <= 4 and len({tuple(m.tolist()) for m in moves}) > 10  # every image its own shift
+    assert all(int(s[0].sum()) == 255 * 16 for s in shifted)  # the square moved whole, nothing lost
+    venv = make_vec_env("kp_rl/cartpole-swingup-v0", get_agent("sac-pixels-drq"), n_envs=1)  # NatureCNN: >= 36 px
+    agent = kp_rl.agents.build_agent(get_agent("sac-pixels-drq"), venv)
+    assert isinstance(agent.replay_buffer, RandomShiftReplayBuffer)
+    agent.learning_starts, agent.batch_size = 8, 4
+    agent.learn(12)  # samples, shifts and updates
+    batch = agent.replay_buffer.sample(4)
+    assert batch.observations.shape == (4, 9, 64, 64)
+    venv.close()
