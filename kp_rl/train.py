@@ -287,6 +287,9 @@ def fit(
             branches) and take their step as a tensor; see :class:`CudaGraphStep`.
         threads: torch CPU threads while training (default: :data:`STAGE_THREADS` of ``stage``, else one per
             core).
+
+    With early stopping (``train.patience > 0``) training ends once the validation loss stops improving, and a
+    finished run's ``model.pt`` holds the weights of its lowest validation loss (``history["restored_best"]``).
     Returns:
         Path of the final checkpoint.
     """
@@ -321,6 +324,7 @@ def _fit(model: Trainable, parameters: list[torch.nn.Parameter], loss_fn: Callab
     graphed = cuda_graph and device.type == "cuda" and not context.enabled
     optimizer = torch.optim.Adam(parameters, lr=cfg.lr, capturable=graphed)
     start_step, history = 0, {"train": [], "val": []}
+    best_weights: dict[str, Tensor] | None = None  # with early stopping: the weights of the best validation
     if path.exists():
         state = read_checkpoint(path)["train_state"] or {}
         if state.get("stage") == stage:
@@ -328,6 +332,7 @@ def _fit(model: Trainable, parameters: list[torch.nn.Parameter], loss_fn: Callab
             _set_capturable(optimizer, graphed)  # the checkpoint may come from the other kind of run
             start_step, history = state["step"], state["history"]
             torch.set_rng_state(state["torch_rng"])
+            best_weights = state.get("best_weights")
     if history.get("stopped"):  # the stopping rule ended this run: it has converged, whatever the budget
         return path
     if start_step > steps:
@@ -354,7 +359,8 @@ def _fit(model: Trainable, parameters: list[torch.nn.Parameter], loss_fn: Callab
     def save(step: int) -> None:
         if main:
             model.save(path, train_state={"stage": stage, "step": step, "optimizer": optimizer.state_dict(),
-                                          "history": history, "torch_rng": torch.get_rng_state()})
+                                          "history": history, "torch_rng": torch.get_rng_state(),
+                                          "best_weights": best_weights})
             write_json(out / "history.json", history)
         distributed.barrier()  # the other ranks go on once the checkpoint is complete
 
@@ -383,11 +389,15 @@ def _fit(model: Trainable, parameters: list[torch.nn.Parameter], loss_fn: Callab
         for name, value in row.items():
             if name != "step":
                 writer.add_scalar(f"val/{name}", value, step)
+        nonlocal best_weights
         best = history.get("best")
         if best is None or row["loss"] < best["loss"] - cfg.min_improvement * abs(best["loss"]):
             history["best"], history["stale"] = {"step": step, "loss": row["loss"]}, 0
         else:
             history["stale"] = history.get("stale", 0) + 1
+        if cfg.patience > 0 and (best is None or row["loss"] < best["loss"]):  # any new low, not only 1% ones
+            best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            history["best_weights_step"] = step
         return cfg.patience > 0 and history["stale"] >= cfg.patience
 
     def train_step(batch: dict[str, Tensor], step: int | Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
@@ -443,6 +453,9 @@ def _fit(model: Trainable, parameters: list[torch.nn.Parameter], loss_fn: Callab
                                       "best_loss": history["best"]["loss"],
                                       "reason": f"no {cfg.min_improvement:.0%} improvement of the validation "
                                                 f"loss in {cfg.patience} evaluations"}
+            if (stop or done == steps) and best_weights is not None:  # a finished run keeps its best validation
+                model.load_state_dict(best_weights)
+                history["restored_best"] = history["best_weights_step"]
             if stop or done % cfg.checkpoint_every == 0 or done == steps:
                 save(done)
             if stop:

@@ -222,7 +222,10 @@ def test_reward_statistics_are_stored_and_early_stopping_ends_a_converged_run(da
     train_dynamics(keypoint_run, data, out, cfg, progress=False)
     history = json.loads((out / "history.json").read_text())
     assert history["stopped"]["step"] == 10 and history["best"]["step"] == 5
-    assert read_checkpoint(out / "model.pt")["train_state"]["step"] == 10
+    state = read_checkpoint(out / "model.pt")["train_state"]
+    assert state["step"] == 10 and history["restored_best"] == history["best_weights_step"] in (5, 10)
+    stored = read_checkpoint(out / "model.pt")["state_dict"]  # the finished run holds its best validation's weights
+    assert all(torch.equal(stored[k], v) for k, v in state["best_weights"].items())
     before = (out / "model.pt").read_bytes()
     train_dynamics(keypoint_run, data, out, cfg, progress=False)  # converged: nothing more to do
     assert (out / "model.pt").read_bytes() == before
