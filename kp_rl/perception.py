@@ -111,6 +111,10 @@ class Perception:
         self.model: PerceptionModel = model
         self.feature_dim = model.feature_dim
         self.belief_dim = model.dynamics.belief_dim if model.dynamics is not None else 0
+        low, high = feature_bounds(model)
+        inf = np.full(self.belief_dim, np.inf, np.float32)
+        # (low, high) of the output without / with the belief
+        self.bounds = {False: (low, high), True: (np.concatenate([low, -inf]), np.concatenate([high, inf]))}
         self.tracks_belief = False
         self.wants_outputs = False
         self.state: VRNNState | None = None
@@ -231,19 +235,12 @@ class Perception:
         """``(B, D [+ belief_dim])`` float32 numpy within the feature bounds (one device -> host copy)."""
         if state is not None:
             features = torch.cat([features, self.model.dynamics.belief(state)], dim=-1)
-        low, high = self.bounds(state is not None)
+        low, high = self.bounds[state is not None]
         # float rounding can leave x = 1 + 1e-7
         return np.clip(features.cpu().numpy(), low, high)
 
-    def bounds(self, belief: bool) -> tuple[np.ndarray, np.ndarray]:
-        low, high = feature_bounds(self.model)
-        if belief:
-            inf = np.full(self.belief_dim, np.inf, np.float32)
-            low, high = np.concatenate([low, -inf]), np.concatenate([high, inf])
-        return low, high
-
     def observation_space(self, belief: bool) -> spaces.Box:
-        return spaces.Box(*self.bounds(belief), dtype=np.float32)
+        return spaces.Box(*self.bounds[belief], dtype=np.float32)
 
     def __getstate__(self) -> dict[str, Any]:  # a wrapped env crosses process boundaries (SubprocVecEnv, Ray)
         return {**self.__dict__, "state": None, "last_features": None, "last_output": None}
