@@ -191,10 +191,12 @@ def _catalog(args: argparse.Namespace) -> None:
     if args.which == "all":
         print()
     if args.which in ("agents", "all"):
-        print(f"{'agent':24s} {'algo':4s} {'observation':17s} {'--model':11s} frame stack, envs")
+        print(f"{'agent':24s} {'algo':4s} {'observation':17s} {'--model':11s} {'augmentation':13s} frame stack, envs")
         for name, spec in load_agent_catalog().items():
             model = "-" if spec.model == "none" else spec.model
-            print(f"{name:24s} {spec.algo:4s} {spec.observation:17s} {model:11s} {spec.frame_stack}, {spec.n_envs}")
+            augmentation = "-" if spec.augmentation == "none" else spec.augmentation
+            print(f"{name:24s} {spec.algo:4s} {spec.observation:17s} {model:11s} {augmentation:13s} "
+                  f"{spec.frame_stack}, {spec.n_envs}")
 
 
 DEMO_DEFAULTS = {False: {"out": "results/demo", "data": "data/demo-cartpole", "runs": "runs/demo"},
