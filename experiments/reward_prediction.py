@@ -76,7 +76,9 @@ LABELS = {"struct": "Struct-VRNN", "cnn": "CNN-VRNN", "state": "state VRNN (uppe
           "struct_no_best_of_many": "Struct-VRNN, no best-of-many",
           "struct_stop_prior_grad": "Struct-VRNN, prior gradient stopped", "mean_reward": "mean training reward"}
 SPECS: dict[str, dict[str, Any]] = {
-    # 2 CPU cores, two cells at a time, ~5 h for the two tasks (README of the results)
+    # 2 CPU cores, two cells at a time, one thread each. Estimated ~7-8 h for the two tasks (more than the 5 h
+    # aimed at): 18 autoencoders at ~1.2 steps/s to a plateau (<= 4,000 steps) and 54 VRNNs at ~35 steps/s
+    # (<= 12,000 steps); measured: a state VRNN cell 5.5-6.5 min
     "cpu": {"tasks": ["cartpole-swingup", "walker-walk"], "preset": "cpu", "ae_seeds": 3, "seeds": 5,
             "ablation_seeds": 3, "train_episodes": {"cartpole-swingup": 100, "walker-walk": 30}, "test_episodes": 20,
             "ae_steps": 4000, "ae_eval_every": 250, "dyn_steps": 12000, "dyn_eval_every": 500, "patience": 6,
