@@ -53,7 +53,7 @@ from kp_rl.envs import pixels_to_unit
 from kp_rl.evaluate import evaluate_reward_prediction
 from kp_rl.files import read_json, save_figure, write_bytes, write_json
 from kp_rl.metrics import reward_prediction_error, tracking_error
-from kp_rl.model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, read_checkpoint
+from kp_rl.model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, read_checkpoint, resolve_device
 from kp_rl.report import experiment_readme, markdown_table
 from kp_rl.train import MODEL_FILE, fit, seed_everything, train_autoencoder, train_dynamics
 from kp_rl.video import predict_frames, video_metrics
@@ -147,7 +147,7 @@ def autoencoder_cell(task: str, kind: str, seed: int, spec: dict[str, Any], root
     config = config_for(spec, seed, autoencoder=AUTOENCODERS[kind])
     path = train_autoencoder(roots[0], run, config, "cnn" if kind == "cnn" else "keypoints", progress=False,
                              threads=1)
-    model = kp_rl.load(path)
+    model = kp_rl.load(path, device="auto")
     splits = {"train": episodes(roots[0], "train"), "val": episodes(roots[0], "val"), "test": episodes(roots[1], "all")}
     features = {name: encode_episodes(model, eps) for name, eps in splits.items()}
     np.savez(run / "features.npz", **{f"{name}_{i}": f for name, fs in features.items() for i, f in enumerate(fs)})
@@ -202,7 +202,7 @@ def vrnn_cell(task: str, method: str, seed: int, spec: dict[str, Any], roots: tu
             config, features["train"][0].shape[-1], splits["train"][0]["action"].shape[-1], mean, scale)
         if not (run / MODEL_FILE).exists():
             model.dynamics.set_reward_normalisation(*sets["train"].reward_statistics())
-        train_state_vrnn(model, sets["train"], sets["val"], run)
+        train_state_vrnn(model.to(resolve_device("auto")), sets["train"], sets["val"], run)  # a GPU if there is one
         model = StateDynamics.load(run / MODEL_FILE)
     else:
         model = kp_rl.load(train_dynamics(ae_run, roots[0], run, config_overrides(config), progress=False,
