@@ -245,8 +245,15 @@ def baseline_cell(task: str, roots: tuple[Path, Path], observed: int, horizon: i
     length = observed + horizon
     truth = np.stack([e["reward"][s + observed:s + length] for e in test
                       for s in range(0, len(e["reward"]) - length + 1, length)])
+    states = np.concatenate([e["state"] for e in train])
+    rewards = np.concatenate([e["reward"][1:] for e in train])
     return {"cell": "mean_reward", "task": task, "value": mean,
-            "scores": jsonable({"prior_mean": reward_prediction_error(np.full_like(truth, mean), truth)})}
+            "scores": jsonable({"prior_mean": reward_prediction_error(np.full_like(truth, mean), truth)}),
+            # what the data look like: how much of the state VRNN's normalised input is clipped, how often the
+            # random policy earns a reward worth the name
+            "data": {"state_clipped_fraction": float(np.mean(np.abs(
+                        (states - states.mean(0)) / (3.0 * states.std(0) + 1e-6)) > 1)),
+                     "reward_std": float(rewards.std()), "rewards_above_0.1_fraction": float(np.mean(rewards > 0.1))}}
 
 
 class StateDynamics(nn.Module):
