@@ -19,7 +19,8 @@ step from the prior-mean rollout (the headline), from the mean of S sampled roll
 labelled), and from a reward probe fitted afterwards on the frozen VRNN's beliefs (the paper's protocol).
 Struct minus CNN as paired differences (seed by seed) with 95% bootstrap CIs, per task and pooled over tasks.
 
-Every finished cell (an autoencoder, a VRNN) writes results/reward_prediction/cells/<task>/<cell>.json, which is
+A progress bar counts the cells; every cell's training logs to TensorBoard (its folder under --runs) and
+checkpoints. Every finished cell (an autoencoder, a VRNN) writes results/reward_prediction/cells/<task>/<cell>.json, which is
 committed: a run on another machine skips it. Checkpoints go to --runs (not committed); a VRNN cell whose
 autoencoder checkpoint is missing retrains it (same seed, same data: the same model on the CPU).
 
@@ -481,7 +482,10 @@ def main() -> None:
             return True
         return cell_path(out, job[1], f"ae_{METHODS[job[2]][0]}_seed{job[3] % spec['ae_seeds']}").exists()
 
+    from tqdm.auto import tqdm
+
     context = mp.get_context("spawn")  # EGL and torch threads do not survive a fork
+    bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not todo)
     with futures.ProcessPoolExecutor(args.workers, mp_context=context) as pool:
         running: dict[futures.Future, tuple] = {}
         while todo or running:
@@ -498,12 +502,13 @@ def main() -> None:
                 job = running.pop(future)
                 row = future.result()
                 write_json(cell_path(out, job[1], name(job)), row)
+                bar.update()
                 r2 = row["scores"]["prior_mean"]["r2_mean"] if "scores" in row else None
-                print(f"[{job[1]}] {name(job)}: {row['steps']} steps ({row['seconds']:.0f} s)"
-                      + (f", test reward R² {r2:.3f}" if r2 is not None else
-                         f", tracking {row['tracking_rmse_px']:.2f} px" if "tracking_rmse_px" in row else ""),
-                      flush=True)
+                bar.write(f"[{job[1]}] {name(job)}: {row['steps']} steps ({row['seconds']:.0f} s)"
+                          + (f", test reward R² {r2:.3f}" if r2 is not None else
+                             f", tracking {row['tracking_rmse_px']:.2f} px" if "tracking_rmse_px" in row else ""))
 
+    bar.close()
     # gather every finished cell (this run's and earlier ones) into results.json and the README
     config = config_for(spec, 0)
     observed, horizon = config.dynamics.observed_steps, config.dynamics.predicted_steps
