@@ -77,24 +77,28 @@ LABELS = {"struct": "Struct-VRNN", "cnn": "CNN-VRNN", "state": "state VRNN (uppe
           "struct_no_best_of_many": "Struct-VRNN, no best-of-many",
           "struct_stop_prior_grad": "Struct-VRNN, prior gradient stopped", "mean_reward": "mean training reward"}
 SPECS: dict[str, dict[str, Any]] = {
-    # 2 CPU cores, two cells at a time, one thread each. Estimated ~7-8 h for the two tasks (more than the 5 h
-    # aimed at): 18 autoencoders at ~1.2 steps/s to a plateau (<= 4,000 steps) and 54 VRNNs at ~35 steps/s
-    # (<= 12,000 steps); measured: a state VRNN cell 5.5-6.5 min
+    # 2 CPU cores: an autoencoder alone on both cores (1.8 steps/s idle, results/bench_threads; two side by side
+    # on one thread each were slower in all), VRNNs two at a time on one thread each (a state VRNN cell: 5-6.5 min, measured). Estimated 6-8 h for
+    # the two tasks, more than the 5 h aimed at: 18 autoencoders of <= 2,000 steps (early stopping may end them
+    # sooner), then 44 VRNNs of <= 12,000 steps
     "cpu": {"tasks": ["cartpole-swingup", "walker-walk"], "preset": "cpu", "ae_seeds": 3, "seeds": 5,
             "ablation_seeds": 3, "train_episodes": {"cartpole-swingup": 100, "walker-walk": 30}, "test_episodes": 20,
-            "ae_steps": 4000, "ae_eval_every": 250, "dyn_steps": 12000, "dyn_eval_every": 500, "patience": 6,
+            "ae_steps": 2000, "ae_threads": 2, "ae_eval_every": 250, "dyn_steps": 12000, "dyn_eval_every": 500,
+            "patience": 6,
             "eval_batches": 16, "ramp_steps": 3000, "max_steps": None, "image_size": None},
     # one H200: all six tasks with the paper preset, many cells at a time
     "gpu": {"tasks": ["cartpole-swingup", "reacher-easy", "cheetah-run", "walker-walk", "finger-spin",
                       "ball_in_cup-catch"], "preset": "paper", "ae_seeds": 3, "seeds": 5, "ablation_seeds": 3,
             "train_episodes": {}, "default_train_frames": 40_000, "test_episodes": 20, "ae_steps": 20_000,
-            "ae_eval_every": 500, "dyn_steps": 20_000, "dyn_eval_every": 500, "patience": 6, "eval_batches": 16,
+            "ae_eval_every": 500, "ae_threads": 1, "dyn_steps": 20_000, "dyn_eval_every": 500, "patience": 6,
+            "eval_batches": 16,
             "ramp_steps": 5000,
             "max_steps": None, "image_size": None},
     # the smoke test: tiny sizes, seconds
     "quick": {"tasks": ["cartpole-swingup"], "preset": "tiny", "ae_seeds": 1, "seeds": 2, "ablation_seeds": 1,
               "train_episodes": {}, "default_train_frames": 80, "test_episodes": 2, "ae_steps": 6,
-              "ae_eval_every": 3, "dyn_steps": 6, "dyn_eval_every": 3, "patience": 2, "eval_batches": 1, "ramp_steps": 4,
+              "ae_eval_every": 3, "ae_threads": 1, "dyn_steps": 6, "dyn_eval_every": 3, "patience": 2, "eval_batches": 1,
+              "ramp_steps": 4,
               "max_steps": 19, "image_size": 32},
 }
 
@@ -142,12 +146,13 @@ def config_for(spec: dict[str, Any], seed: int, dynamics: dict[str, Any] | None 
 def autoencoder_cell(task: str, kind: str, seed: int, spec: dict[str, Any], roots: tuple[Path, Path],
                      runs: Path) -> dict[str, Any]:
     """Train one autoencoder to its plateau; its held-out tracking error; its features cached for the VRNNs."""
-    torch.set_num_threads(1)
+    threads = spec["ae_threads"]
+    torch.set_num_threads(threads)
     tick = time.perf_counter()
     run = runs / task / f"ae_{kind}_seed{seed}"
     config = config_for(spec, seed, autoencoder=AUTOENCODERS[kind])
     path = train_autoencoder(roots[0], run, config, "cnn" if kind == "cnn" else "keypoints", progress=False,
-                             threads=1)
+                             threads=threads)
     model = kp_rl.load(path, device="auto")
     splits = {"train": episodes(roots[0], "train"), "val": episodes(roots[0], "val"), "test": episodes(roots[1], "all")}
     features = {name: encode_episodes(model, eps) for name, eps in splits.items()}
@@ -492,6 +497,9 @@ def main() -> None:
             out_of_time = args.max_hours is not None and time.perf_counter() - start > args.max_hours * 3600
             while not out_of_time and len(running) < args.workers and any(ready(j) for j in todo):
                 job = next(j for j in todo if ready(j))
+                alone = spec["ae_threads"] > 1  # an autoencoder on several threads runs alone
+                if alone and running and (job[0] == "ae" or any(j[0] == "ae" for j in running.values())):
+                    break
                 todo.remove(job)
                 fn = autoencoder_cell if job[0] == "ae" else vrnn_cell
                 running[pool.submit(fn, job[1], job[2], job[3], spec, roots[job[1]], runs)] = job
