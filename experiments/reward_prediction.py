@@ -77,10 +77,10 @@ LABELS = {"struct": "Struct-VRNN", "cnn": "CNN-VRNN", "state": "state VRNN (uppe
           "struct_no_best_of_many": "Struct-VRNN, no best-of-many",
           "struct_stop_prior_grad": "Struct-VRNN, prior gradient stopped", "mean_reward": "mean training reward"}
 SPECS: dict[str, dict[str, Any]] = {
-    # 2 CPU cores: an autoencoder alone on both cores (1.8 steps/s idle, results/bench_threads; two side by side
-    # on one thread each were slower in all), VRNNs two at a time on one thread each (a state VRNN cell: 5-6.5 min, measured). Estimated 6-8 h for
-    # the two tasks, more than the 5 h aimed at: 18 autoencoders of <= 2,000 steps (early stopping may end them
-    # sooner), then 44 VRNNs of <= 12,000 steps
+    # 2 CPU cores: an autoencoder alone on both cores (1.25-1.4 steps/s measured in this run, with its data
+    # loading; two single-thread ones side by side were slower in all), VRNNs two at a time on one thread each
+    # (a state VRNN cell: 5-6.5 min). Up to ~10 h for the two tasks, twice the 5 h aimed at: 18 autoencoders of
+    # <= 2,000 steps (<= 26 min each; early stopping may end them sooner), then 44 VRNNs of <= 12,000 steps
     "cpu": {"tasks": ["cartpole-swingup", "walker-walk"], "preset": "cpu", "ae_seeds": 3, "seeds": 5,
             "ablation_seeds": 3, "train_episodes": {"cartpole-swingup": 100, "walker-walk": 30}, "test_episodes": 20,
             "ae_steps": 2000, "ae_threads": 2, "ae_eval_every": 250, "dyn_steps": 12000, "dyn_eval_every": 500,
