@@ -118,7 +118,6 @@ class Perception:
         self.tracks_belief = False
         self.wants_outputs = False
         self.state: VRNNState | None = None
-        self.last_features: torch.Tensor | None = None
         self.last_output: StepOutput | None = None
 
     # -- frames --------------------------------------------------------------------------------------------
@@ -228,7 +227,6 @@ class Perception:
         features = self.encode(frame[None])
         if self.tracks_belief:
             self.state = self.advance(None if first else self.state, features, None if first else action)
-        self.last_features = features
         return features
 
     def output(self, features: torch.Tensor, state: VRNNState | None) -> np.ndarray:
@@ -243,7 +241,7 @@ class Perception:
         return spaces.Box(*self.bounds[belief], dtype=np.float32)
 
     def __getstate__(self) -> dict[str, Any]:  # a wrapped env crosses process boundaries (SubprocVecEnv, Ray)
-        return {**self.__dict__, "state": None, "last_features": None, "last_output": None}
+        return {**self.__dict__, "state": None, "last_output": None}
 
 
 class FrameSource:
