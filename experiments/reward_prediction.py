@@ -77,14 +77,15 @@ LABELS = {"struct": "Struct-VRNN", "cnn": "CNN-VRNN", "state": "state VRNN (uppe
           "struct_no_best_of_many": "Struct-VRNN, no best-of-many",
           "struct_stop_prior_grad": "Struct-VRNN, prior gradient stopped", "mean_reward": "mean training reward"}
 SPECS: dict[str, dict[str, Any]] = {
-    # 2 CPU cores: an autoencoder alone on both cores (1.25-1.4 steps/s measured in this run, with its data
-    # loading; two single-thread ones side by side were slower in all), VRNNs two at a time on one thread each
-    # (a state VRNN cell: 5-6.5 min). The first autoencoder's validation loss still fell ~10% per 250 steps at
-    # 1,250 steps, so the budget is 8,000 steps, ended earlier by the plateau rule: up to ~1.7 h per autoencoder.
-    # The whole spec does not fit the 5 h aimed at; run it with --tasks and --methods to trim (README).
+    # 2 CPU cores: two autoencoders side by side on one thread each, channels-last and bf16 autocast (this
+    # machine's EPYC computes bf16 natively: 3.8 steps/s each beside another one, 1.25-1.4 for one fp32 run on
+    # both cores before; validation losses alike, results/reward_prediction/README.md); VRNNs two at a time on one
+    # thread each (a state VRNN cell: 5-6.5 min). The first autoencoder's validation loss still fell ~10% per 250
+    # steps at 1,250 steps, so the budget is 8,000 steps (<= 35 min), ended earlier by the plateau rule.
     "cpu": {"tasks": ["cartpole-swingup", "walker-walk"], "preset": "cpu", "ae_seeds": 3, "seeds": 5,
             "ablation_seeds": 3, "train_episodes": {"cartpole-swingup": 100, "walker-walk": 30}, "test_episodes": 20,
-            "ae_steps": 8000, "ae_threads": 2, "ae_eval_every": 250, "dyn_steps": 12000, "dyn_eval_every": 500,
+            "ae_steps": 8000, "ae_threads": 1, "ae_cpu_amp": True, "ae_eval_every": 250, "dyn_steps": 12000,
+            "dyn_eval_every": 500,
             "patience": 6,
             "eval_batches": 16, "ramp_steps": 3000, "max_steps": None, "image_size": None},
     # one H200: all six tasks with the paper preset, many cells at a time
@@ -151,7 +152,8 @@ def autoencoder_cell(task: str, kind: str, seed: int, spec: dict[str, Any], root
     torch.set_num_threads(threads)
     tick = time.perf_counter()
     run = runs / task / f"ae_{kind}_seed{seed}"
-    config = config_for(spec, seed, autoencoder=AUTOENCODERS[kind])
+    config = config_for(spec, seed, autoencoder=AUTOENCODERS[kind]).replace(
+        train={"cpu_amp": spec.get("ae_cpu_amp", False)})
     path = train_autoencoder(roots[0], run, config, "cnn" if kind == "cnn" else "keypoints", progress=False,
                              threads=threads)
     model = kp_rl.load(path, device="auto")

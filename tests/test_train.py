@@ -48,6 +48,18 @@ def test_autoencoder_training_logs_checkpoints_and_learns(keypoint_run):
     assert model.encode(frames).shape == (5, 12)
 
 
+def test_cpu_bf16_autocast_trains_like_fp32(data, config, keypoint_run, tmp_path):
+    """train.cpu_amp: the same run in bf16 autocast learns as the fp32 one does (losses within a few percent)."""
+    train_autoencoder(data, tmp_path, config.replace(train={"cpu_amp": True}), progress=False)
+    fp32, bf16 = (json.loads((run / "history.json").read_text()) for run in (keypoint_run, tmp_path))
+    assert bf16["train"][-1]["reconstruction"] < bf16["train"][0]["reconstruction"]
+    for a, b in zip(fp32["val"], bf16["val"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.05)
+    assert bf16["train"][0]["loss"] != fp32["train"][0]["loss"]  # bf16 did run
+    frames = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
+    assert load(tmp_path).encode(frames).dtype == torch.float32  # a plain fp32 model for inference
+
+
 def test_resume_continues_from_checkpoint(data, config, tmp_path):
     short = config.replace(train={"steps": 10})
     start = time.perf_counter()
