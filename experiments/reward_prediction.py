@@ -87,7 +87,7 @@ SPECS: dict[str, dict[str, Any]] = {
             "ae_steps": 8000, "ae_threads": 1, "ae_cpu_amp": True, "ae_eval_every": 250, "dyn_steps": 12000,
             "dyn_eval_every": 500,
             "patience": 6,
-            "eval_batches": 16, "ramp_steps": 3000, "max_steps": None, "image_size": None},
+            "eval_batches": 16, "ramp_steps": 3000, "max_steps": None, "image_size": None, "readout_steps": 4000},
     # one H200: all six tasks with the paper preset, many cells at a time
     "gpu": {"tasks": ["cartpole-swingup", "reacher-easy", "cheetah-run", "walker-walk", "finger-spin",
                       "ball_in_cup-catch"], "preset": "paper", "ae_seeds": 3, "seeds": 5, "ablation_seeds": 3,
@@ -95,13 +95,13 @@ SPECS: dict[str, dict[str, Any]] = {
             "ae_eval_every": 500, "ae_threads": 1, "dyn_steps": 20_000, "dyn_eval_every": 500, "patience": 6,
             "eval_batches": 16,
             "ramp_steps": 5000,
-            "max_steps": None, "image_size": None},
+            "max_steps": None, "image_size": None, "readout_steps": 4000},
     # the smoke test: tiny sizes, seconds
     "quick": {"tasks": ["cartpole-swingup"], "preset": "tiny", "ae_seeds": 1, "seeds": 2, "ablation_seeds": 1,
               "train_episodes": {}, "default_train_frames": 80, "test_episodes": 2, "ae_steps": 6,
               "ae_eval_every": 3, "ae_threads": 1, "dyn_steps": 6, "dyn_eval_every": 3, "patience": 2, "eval_batches": 1,
               "ramp_steps": 4,
-              "max_steps": 19, "image_size": 32},
+              "max_steps": 19, "image_size": 32, "readout_steps": 20},
 }
 
 
@@ -265,6 +265,41 @@ def baseline_cell(task: str, roots: tuple[Path, Path], observed: int, horizon: i
                      "reward_std": float(rewards.std()), "rewards_above_0.1_fraction": float(np.mean(rewards > 0.1))}}
 
 
+def readout_cell(task: str, roots: tuple[Path, Path], steps: int = 4000, seed: int = 0) -> dict[str, Any]:
+    """The reward read from the true state, teacher-forced (no prediction): an MLP (2 x 256) from the state, the
+    previous state and the action taken to the reward, fitted on the training split; R^2 on the test episodes.
+    The ceiling of a reward head on this data, whatever predicts the state; also fitted on fractions of the
+    training episodes (does more random-policy data raise it?)."""
+    torch.manual_seed(seed)
+    train, test = episodes(roots[0], "train"), episodes(roots[1], "all")
+    _, _, normalise = state_features(train)
+
+    def pairs(eps: list[dict[str, np.ndarray]]) -> tuple[Tensor, Tensor]:
+        x = [np.concatenate([s[1:], s[:-1], e["action"][:len(s) - 1]], 1) for e, s in zip(eps, normalise(eps))]
+        return torch.as_tensor(np.concatenate(x)), torch.as_tensor(np.concatenate([e["reward"][1:] for e in eps]))
+
+    def r2(net: nn.Module, x: Tensor, y: Tensor) -> float:
+        with torch.no_grad():
+            return float(1 - ((net(x).squeeze(-1) - y) ** 2).mean() / y.var())
+
+    x_test, y_test = pairs(test)
+    row: dict[str, Any] = {"cell": "state_readout", "task": task, "steps": steps, "by_episodes": {}}
+    for fraction in (1 / 3, 2 / 3, 1.0):
+        x, y = pairs(train[:max(1, round(fraction * len(train)))])
+        net = nn.Sequential(nn.Linear(x.shape[1], 256), nn.ELU(), nn.Linear(256, 256), nn.ELU(), nn.Linear(256, 1))
+        optimiser = torch.optim.Adam(net.parameters(), 1e-3)
+        for _ in range(steps):
+            i = torch.randint(len(x), (256,))
+            loss = ((net(x[i]).squeeze(-1) - y[i]) ** 2).mean()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        row["by_episodes"][max(1, round(fraction * len(train)))] = {"train_r2": r2(net, x, y),
+                                                                     "test_r2": r2(net, x_test, y_test)}
+    row["test_r2"] = row["by_episodes"][len(train)]["test_r2"]
+    return row
+
+
 class StateDynamics(nn.Module):
     """The VRNN on true states, a :class:`kp_rl.train.Trainable` bundle for :func:`kp_rl.train.fit`, with the
     state normalisation kept as buffers. Checkpoints use the kp_rl checkpoint header (so ``fit`` can resume them)
@@ -417,6 +452,9 @@ def report(results: dict[str, Any], out: Path) -> None:
                  for task, d in summary["struct_minus_cnn"].items()]
     diffs = markdown_table(["task", "Struct - CNN: R² difference", "95% bootstrap CI"], diff_rows) if diff_rows \
         else "(not enough paired seeds yet)"
+    readout = "\n".join(f"- {task}: " + ", ".join(f"{r['test_r2']:.3f} ({n} episodes; train {r['train_r2']:.2f})"
+                                                   for n, r in row["by_episodes"].items())
+                        for task, row in results.get("state_readout", {}).items()) or "(not yet)"
     by_task: dict[str, list[str]] = {}
     for entry in results["missing"]:
         task, cell = entry.split(" ", 1)
@@ -435,6 +473,11 @@ each seed's mean over the predicted steps; CIs are 95% percentile bootstraps ove
 
 {table}
 
+The ceiling of any reward head on this data: the reward read from the true state without predicting anything
+(teacher-forced MLP from the state, the previous state and the action; test R², by training episodes used):
+
+{readout}
+
 Paired by seed (the VRNN seed and the autoencoder seed it runs on):
 
 {diffs}
@@ -445,6 +488,42 @@ samples; per step in results.json):
 {video}
 
 ![R² per predicted step](reward_per_step.png)""", results["machine"])
+
+
+# ------------------------------------------------------------------------------------------ pretrained bundles
+def export_pretrained(task: str, runs: Path, out: Path, spec: dict[str, Any], roots: tuple[Path, Path],
+                      dest: Path) -> Path | None:
+    """Ship Struct-VRNN seed 0 (on keypoint autoencoder seed 0) of ``task`` as ``dest/<task>.pt`` (weights, config,
+    data spec; no optimiser state) with its model card ``dest/<task>.md``; None while its cells are not done or
+    its checkpoint is not on this machine."""
+    ae, vrnn = cell_path(out, task, "ae_keypoints_seed0"), cell_path(out, task, "struct_seed0")
+    checkpoint = runs / task / "struct" / "seed0" / MODEL_FILE
+    if not (ae.exists() and vrnn.exists() and checkpoint.exists()):
+        return None
+    model, ae, vrnn = kp_rl.load(checkpoint), read_json(ae), read_json(vrnn)
+    buffer = io.BytesIO()
+    torch.save(model.checkpoint(train_state=None), buffer)
+    write_bytes(dest / f"{task}.pt", buffer.getvalue())
+    scores = vrnn["scores"]["prior_mean"]
+    size = model.image_size
+    write_bytes(dest / f"{task}.md", f"""\
+# pretrained:{task}
+
+`kp_rl.load("pretrained:{task}")`: the `{spec['preset']}`-preset keypoint autoencoder ({model.config.keypoints.num_keypoints}
+keypoints, {ae['parameters']:,} parameters) and Struct-VRNN with reward head ({vrnn['parameters']:,} parameters) of the
+reward-prediction experiment (seed 0 of each; results/reward_prediction/README.md).
+
+- Data: `{model.data_spec.get('env_id')}`, {len(episode_files(roots[0]))} random-policy episodes (seed 0), {size}x{size}
+  frames, the catalog's action repeat; 10% of the episodes held out for early stopping.
+- Training: autoencoder {ae['steps']:,} steps, VRNN {vrnn['steps']:,} steps, each ended by the plateau rule or its budget
+  (validation curves in the cells' JSON under results/reward_prediction/cells/{task}/).
+- Held-out tracking ({len(episode_files(roots[1]))} test episodes, seed 1): the keypoints locate the true body positions to
+  {ae['tracking_rmse_px']:.2f} px RMSE by a linear read-out (always predicting the mean position: {ae['mean_position_rmse_px']:.2f} px).
+- Held-out reward prediction, open loop from the prior mean, {len(scores['r2'])} steps after
+  {model.config.dynamics.observed_steps} observed: R² {scores['r2_mean']:.3f} averaged over the steps
+  ({', '.join(f'{v:.2f}' for v in scores['r2'])} per step).
+""".encode())
+    return dest / f"{task}.pt"
 
 
 # -------------------------------------------------------------------------------------------------------- main
@@ -461,6 +540,8 @@ def main() -> None:
     parser.add_argument("--max-hours", type=float, default=None, help="start no new cell after this long")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: gather the finished cells into results.json and the README")
+    parser.add_argument("--export-pretrained", action="store_true",
+                        help="also ship each task's Struct-VRNN seed 0 as kp_rl/pretrained/<task>.pt + model card")
     parser.add_argument("--data", default="data", help="dataset folder (default: data)")
     parser.add_argument("--runs", default="runs/reward_prediction", help="checkpoints (default: runs/reward_prediction)")
     parser.add_argument("--out", default="results/reward_prediction", help="default: results/reward_prediction")
@@ -533,14 +614,21 @@ def main() -> None:
         if not baseline.exists():
             write_json(baseline, baseline_cell(task, roots[task], observed, horizon))
         cells.setdefault(task, {})["mean_reward"] = [read_json(baseline)]
+        if not cell_path(out, task, "state_readout").exists():
+            write_json(cell_path(out, task, "state_readout"), readout_cell(task, roots[task], spec["readout_steps"]))
     autoencoders = {task: [read_json(p) for p in sorted((out / "cells" / task).glob("ae_*.json"))] for task in tasks}
     results = {"experiment": "reward_prediction", "spec": spec, "observed": observed, "horizon": horizon,
                "data_seeds": {"train": 0, "test": 1}, "machine": machine(),
                "cells_done": sum(1 for j in jobs if cell_path(out, j[1], name(j)).exists()),
                "missing": [f"{j[1]} {name(j)}" for j in jobs if not cell_path(out, j[1], name(j)).exists()],
-               "autoencoders": autoencoders, "summary": summarise(cells)}
+               "autoencoders": autoencoders, "summary": summarise(cells),
+               "state_readout": {task: read_json(cell_path(out, task, "state_readout")) for task in tasks}}
     write_json(out / "results.json", jsonable(results))
     report(jsonable(results), out)
+    if args.export_pretrained:
+        for task in tasks:
+            path = export_pretrained(task, runs, out, spec, roots[task], Path(kp_rl.__file__).parent / "pretrained")
+            print(f"wrote {path}" if path else f"{task}: Struct-VRNN seed 0 not finished here; nothing exported")
     print(f"wrote {out}/results.json and README.md ({time.perf_counter() - start:.0f} s)")
 
 

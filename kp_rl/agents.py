@@ -255,7 +255,7 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
     training, evaluation excluded, summed over resumed sessions), ``returns`` (mean eval return),
     ``returns_std``, ``budget`` (the ``steps`` asked for), ``agent_steps`` (trained at the last checkpoint), ``done``.
     """
-    from kp_rl.model import resolve_device
+    from kp_rl.model import checkpoint_file, resolve_device
 
     spec = agent if isinstance(agent, AgentSpec) else get_agent(agent)
     for name, value in (("steps", steps), ("eval_every", eval_every), ("eval_episodes", eval_episodes),
@@ -268,9 +268,7 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
     out = check_output_dir(out)
     previous = _read_curve(out)
     found = previous and {"command": "rl", "stage": "agent", **{k: previous.get(k) for k in ("agent", "env_id", "seed")}}
-    model_file = Path(model).resolve() if isinstance(model, (str, Path)) else None
-    if model_file is not None and model_file.is_dir():
-        model_file = model_file / "model.pt"
+    model_file = checkpoint_file(model).resolve() if isinstance(model, (str, Path)) else None
     identity = {"command": "rl", "stage": "agent", "agent": spec.name, "algo": spec.algo,
                 "observation": spec.observation, "env_id": env_id, "seed": seed, "env_kwargs": env_kwargs or None,
                 "model": str(model_file) if model_file else None,

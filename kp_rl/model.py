@@ -137,11 +137,30 @@ class PerceptionModel(nn.Module):
         write_bytes(path, buffer.getvalue())
 
 
+PRETRAINED = "pretrained:"  # ``pretrained:<task>``: a bundle shipped in kp_rl/pretrained (see its README.md)
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+
+
+def pretrained_models() -> list[str]:
+    """Names of the shipped bundles, e.g. ``['pretrained:cartpole-swingup', ...]``."""
+    return sorted(PRETRAINED + p.stem for p in PRETRAINED_DIR.glob("*.pt"))
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The checkpoint file a model path names: the file, a run folder's ``model.pt``, or a shipped bundle
+    (``pretrained:cartpole-swingup``); an unknown bundle name is a CheckpointError listing the shipped ones."""
+    if str(path).startswith(PRETRAINED):
+        file = PRETRAINED_DIR / f"{str(path)[len(PRETRAINED):]}.pt"
+        if not file.is_file():
+            raise CheckpointError(f"no pretrained model {str(path)!r}; shipped: {', '.join(pretrained_models())}")
+        return file
+    path = Path(path)
+    return path / "model.pt" if path.is_dir() else path
+
+
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read and check a checkpoint file; errors name the file and what is wrong with it."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.pt"
+    path = checkpoint_file(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -158,10 +177,11 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def load(path: str | Path, device: str | torch.device = "cpu", representation: str | None = None,
          require_dynamics: bool = False) -> PerceptionModel:
-    """Load a model saved by training (``RUN/model.pt`` or the run directory itself), in eval mode.
+    """Load a model saved by training (``RUN/model.pt`` or the run directory itself), or a shipped
+    ``pretrained:<task>`` bundle (:func:`pretrained_models`), in eval mode.
 
     Args:
-        path: checkpoint file or run directory.
+        path: checkpoint file, run directory or ``pretrained:<task>``.
         device: where to put it (``cpu``, ``cuda``, ``cuda:1``, ...).
         representation: if given, the representation the caller needs (``keypoints`` or ``cnn``).
         require_dynamics: the caller needs the VRNN (e.g. the world-model wrapper).

@@ -39,3 +39,22 @@ def test_quick_spec_runs_every_cell_and_resumes_from_the_cell_files(tmp_path):
     assert "Struct - CNN" in (tmp_path / "out" / "README.md").read_text()
     again = run(tmp_path)  # every cell file is there: nothing is trained again
     assert "; 0 to run" in again.stdout
+    readout = results["state_readout"]["cartpole-swingup"]
+    assert len(readout["by_episodes"]) == 3 and readout["test_r2"] == list(readout["by_episodes"].values())[-1]["test_r2"]
+    assert "ceiling of any reward head" in (tmp_path / "out" / "README.md").read_text()
+
+    # Struct-VRNN seed 0 ships as a pretrained bundle (weights without optimiser state) with its model card
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import kp_rl
+    import reward_prediction
+
+    spec = {**reward_prediction.SPECS["quick"], "name": "quick"}
+    roots = (tmp_path / "data" / "cartpole-swingup-quick", tmp_path / "data" / "cartpole-swingup-quick-test")
+    bundle = reward_prediction.export_pretrained("cartpole-swingup", tmp_path / "runs" / "quick", tmp_path / "out",
+                                                 spec, roots, tmp_path / "pretrained")
+    model = kp_rl.load(bundle)
+    assert model.has_dynamics and model.representation == "keypoints"
+    assert bundle.stat().st_size < (tmp_path / "runs" / "quick" / "cartpole-swingup" / "struct" / "seed0" / "model.pt").stat().st_size
+    card = bundle.with_suffix(".md").read_text()
+    seed0 = json.loads((tmp_path / "out" / "cells" / "cartpole-swingup" / "struct_seed0.json").read_text())
+    assert "pretrained:cartpole-swingup" in card and f"R² {seed0['scores']['prior_mean']['r2_mean']:.3f}" in card

@@ -133,6 +133,17 @@ def test_load_errors_name_the_problem(keypoint_run, tmp_path):
         resolve_device("tpu")
 
 
+def test_pretrained_names_resolve_to_shipped_bundles(keypoint_run, tmp_path, monkeypatch):
+    import kp_rl.model as model_module
+
+    monkeypatch.setattr(model_module, "PRETRAINED_DIR", tmp_path)
+    (tmp_path / "cartpole-swingup.pt").write_bytes((keypoint_run / "model.pt").read_bytes())
+    assert model_module.pretrained_models() == ["pretrained:cartpole-swingup"]
+    assert load("pretrained:cartpole-swingup").feature_dim == load(keypoint_run).feature_dim
+    with pytest.raises(CheckpointError, match="no pretrained model 'pretrained:walker'; shipped: pretrained:cartpole"):
+        load("pretrained:walker")
+
+
 def test_image_size_mismatch_is_reported(data, config, tmp_path):
     with pytest.raises(ValueError, match="32x32 frames but keypoints.image_size is 64"):
         train_autoencoder(data, tmp_path, config.replace(keypoints={"image_size": 64}), progress=False)
