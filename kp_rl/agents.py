@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import gymnasium as gym
 import numpy as np
@@ -28,6 +28,9 @@ import yaml
 
 from kp_rl.files import write_json
 from kp_rl.runs import check_output_dir, check_run, checkpoint_hash, start_run
+
+if TYPE_CHECKING:
+    from kp_rl.online import PerceptionSchedule
 
 OBSERVATION_KINDS = ("keypoints", "keypoints+belief", "cnn-vrnn", "pixels", "state")
 ALGOS = ("SAC", "PPO")
@@ -53,6 +56,9 @@ class AgentSpec:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     policy_kwargs: dict[str, Any] = field(default_factory=dict)
     augmentation: str = "none"  # random-shift: DrQ-style shifts of sampled pixel batches (SAC on pixels)
+    # keypoint / cnn-vrnn agents run without --model: perception learned from their own steps on this schedule
+    # (kp_rl.online.PerceptionSchedule fields)
+    perception: dict[str, Any] | None = None
 
     def validate(self) -> None:
         if self.algo not in ALGOS:
@@ -66,6 +72,20 @@ class AgentSpec:
             raise ValueError(f"agent {self.name}: augmentation must be one of {AUGMENTATIONS}, got {self.augmentation!r}")
         if self.augmentation != "none" and (self.algo != "SAC" or self.observation != "pixels"):
             raise ValueError(f"agent {self.name}: augmentation {self.augmentation!r} is for SAC on pixels")
+        if self.perception is not None:
+            if not self.needs_model or self.algo != "SAC" or self.n_envs != 1 or self.frame_stack != 1:
+                raise ValueError(f"agent {self.name}: a perception schedule is for SAC keypoint / cnn-vrnn agents "
+                                 f"on one env without frame stacking")
+            self.schedule  # noqa: B018  (its fields are checked here)
+
+    @property
+    def schedule(self) -> "PerceptionSchedule | None":
+        """The online perception schedule (None: the agent needs a trained ``--model``)."""
+        from kp_rl.online import PerceptionSchedule
+
+        if self.perception is None:
+            return None
+        return PerceptionSchedule.from_dict(self.perception, f"agent {self.name}")
 
     @property
     def needs_model(self) -> bool:
@@ -269,16 +289,20 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
     previous = _read_curve(out)
     found = previous and {"command": "rl", "stage": "agent", **{k: previous.get(k) for k in ("agent", "env_id", "seed")}}
     model_file = checkpoint_file(model).resolve() if isinstance(model, (str, Path)) else None
+    schedule = spec.schedule if model is None else None  # no model: perception learned online (kp_rl.online)
     identity = {"command": "rl", "stage": "agent", "agent": spec.name, "algo": spec.algo,
                 "observation": spec.observation, "env_id": env_id, "seed": seed, "env_kwargs": env_kwargs or None,
                 "model": str(model_file) if model_file else None,
-                "model_sha256": checkpoint_hash(model_file) if model_file else None}
+                "model_sha256": checkpoint_hash(model_file) if model_file else None,
+                "perception": dataclasses.asdict(schedule) if schedule else None}
     recorded = check_run(out, identity, found) or {}
     seed = identity["seed"] = recorded.get("seed", 0) if seed is None else seed
     if model is None and spec.needs_model and recorded.get("model"):  # resume on the model the run was built on
-        model = recorded["model"]
-        identity.update(model=model, model_sha256=checkpoint_hash(model))
+        model, schedule = recorded["model"], None
+        identity.update(model=model, model_sha256=checkpoint_hash(model), perception=None)
         check_run(out, identity, found)
+    if schedule is not None:
+        model = _online_model(env_id, spec, schedule, out, env_kwargs)
     evaluated = _eval_episodes(out, previous)
     if eval_episodes is not None and evaluated is not None and eval_episodes != evaluated:
         raise ValueError(f"{out} evaluates with {evaluated} episodes, not {eval_episodes}; resume it with its own "
@@ -299,18 +323,45 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
         venv = make_vec_env(env_id, spec, model, seed=seed, device=device, env_kwargs=env_kwargs)
         eval_env = make_vec_env(env_id, spec, model, n_envs=1, seed=seed + 10_000, device=device,
                                 env_kwargs=env_kwargs)
+        online = None
+        if schedule is not None:
+            from kp_rl.online import OnlinePerception
+
+            online = OnlinePerception(schedule, out, venv, progress=progress)
         return _train(spec, venv, eval_env, steps, out, identity, found, seed, eval_every, eval_episodes, device,
-                      checkpoint_every, progress, previous if (out / "agent.zip").exists() else None)
+                      checkpoint_every, progress, previous if (out / "agent.zip").exists() else None, online)
     finally:
         for env in (venv, eval_env):
             if env is not None:
                 env.close()
 
 
+def _online_model(env_id: str, spec: AgentSpec, schedule: "PerceptionSchedule", out: Path,
+                  env_kwargs: dict[str, Any] | None) -> Any:
+    """The perception model an online agent starts from (its latest fit on a resume)."""
+    from kp_rl.online import initial_model
+
+    probe = gym.make(env_id, **(env_kwargs or {}))
+    try:
+        action_dim = gym.spaces.flatdim(probe.action_space)
+        shape = list(probe.observation_space.shape)
+    finally:
+        probe.close()
+    size = schedule.model_config().keypoints.image_size
+    if shape[:2] != [size, size]:
+        raise ValueError(f"agent {spec.name}: {env_id} gives {shape[0]}x{shape[1]} frames, its perception preset "
+                         f"{schedule.preset!r} expects {size}x{size}")
+    return initial_model(schedule, "cnn" if spec.observation == "cnn-vrnn" else "keypoints", action_dim,
+                         spec.observation != "keypoints", out,
+                         {"env_id": env_id, "image_shape": shape, "action_dim": action_dim, "online": True})
+
+
 def _train(spec: AgentSpec, venv: Any, eval_env: Any, steps: int, out: Path, identity: dict[str, Any],
            found: dict[str, Any] | None, seed: int, eval_every: int, eval_episodes: int, device: str,
-           checkpoint_every: int, progress: bool, previous: dict[str, Any] | None) -> dict[str, Any]:
-    """:func:`train_agent` once its envs exist (they are closed by the caller)."""
+           checkpoint_every: int, progress: bool, previous: dict[str, Any] | None,
+           online: Any = None) -> dict[str, Any]:
+    """:func:`train_agent` once its envs exist (they are closed by the caller); ``online``: a
+    :class:`~kp_rl.online.OnlinePerception` training the envs' perception model on its schedule."""
     from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback
     from tqdm.auto import tqdm
 
@@ -327,6 +378,8 @@ def _train(spec: AgentSpec, venv: Any, eval_env: Any, steps: int, out: Path, ide
             algo.load_replay_buffer(buffer_path)
     else:
         algo = build_agent(spec, venv, seed=seed, tensorboard_log=str(out / "tb"), device=device)
+        if online is not None:  # the random-action prefix is the SAC warm-up: nothing learns before the first fit
+            algo.learning_starts = max(algo.learning_starts, online.schedule.prefix)
     curve.update(budget=steps, eval_every=eval_every, eval_episodes=eval_episodes, done=False)
     start_run(out, identity, found)  # the work starts: the folder and its run.json exist from here on
 
@@ -339,6 +392,9 @@ def _train(spec: AgentSpec, venv: Any, eval_env: Any, steps: int, out: Path, ide
             algo.save_replay_buffer(tmp_buffer)
             tmp_buffer.replace(buffer_path)
         curve["agent_steps"] = int(algo.num_timesteps)
+        if online is not None:
+            online.save()
+            curve["perception_fits"] = online.fits
         write_json(curve_path, curve)
 
     clock = {"start": time.perf_counter(), "spent": curve["seconds"][-1] if curve["seconds"] else 0.0}
@@ -388,12 +444,28 @@ def _train(spec: AgentSpec, venv: Any, eval_env: Any, steps: int, out: Path, ide
         def _on_training_end(self) -> None:
             self.bar.close()
 
+    class Online(BaseCallback):
+        """Every step to the online perception; its fits when the schedule says (the step's transition stored)."""
+
+        def _on_training_start(self) -> None:
+            online.start(venv.last_frames[0])
+
+        def _on_step(self) -> bool:
+            done = bool(self.locals["dones"][0])
+            online.record(self.locals["actions"][0], float(self.locals["rewards"][0]),
+                          venv.last_terminal_frames[0] if done else venv.last_frames[0], algo.replay_buffer.pos,
+                          done, venv.last_frames[0] if done else None)
+            return True
+
+        def _on_rollout_end(self) -> None:
+            online.maybe_fit(self.num_timesteps, algo)
+
     from kp_rl.train import STAGE_THREADS, torch_threads
 
     remaining = steps - algo.num_timesteps
+    callbacks = ([Online()] if online is not None else []) + [evaluation, Progress()]
     with torch_threads(STAGE_THREADS["agent"]):
-        algo.learn(remaining, callback=CallbackList([evaluation, Progress()]), reset_num_timesteps=False,
-                   tb_log_name="sb3")
+        algo.learn(remaining, callback=CallbackList(callbacks), reset_num_timesteps=False, tb_log_name="sb3")
     curve["done"] = True
     save()
     return curve

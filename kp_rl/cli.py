@@ -191,12 +191,16 @@ def _catalog(args: argparse.Namespace) -> None:
     if args.which == "all":
         print()
     if args.which in ("agents", "all"):
-        print(f"{'agent':24s} {'algo':4s} {'observation':17s} {'--model':11s} {'augmentation':13s} frame stack, envs")
+        print(f"{'agent':24s} {'algo':4s} {'observation':17s} {'--model':11s} {'augmentation':13s} "
+              f"{'stack, envs':12s} perception without --model")
         for name, spec in load_agent_catalog().items():
             model = "-" if spec.model == "none" else spec.model
             augmentation = "-" if spec.augmentation == "none" else spec.augmentation
+            schedule = spec.schedule
+            online = (f"online: prefix {schedule.prefix}, refit every {schedule.refit_every} ({schedule.preset})"
+                      if schedule else "-" if model == "-" else "(--model required)")
             print(f"{name:24s} {spec.algo:4s} {spec.observation:17s} {model:11s} {augmentation:13s} "
-                  f"{spec.frame_stack}, {spec.n_envs}")
+                  f"{f'{spec.frame_stack}, {spec.n_envs}':12s} {online}")
 
 
 DEMO_DEFAULTS = {False: {"out": "results/demo", "data": "data/demo-cartpole", "runs": "runs/demo"},
@@ -284,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="agent steps (env steps / action repeat); a bigger value extends a finished run")
     p.add_argument("--out", required=True,
                    help="run folder: curve.json, agent.zip, run.json, tb/ (resumes the run it holds, if the same)")
-    p.add_argument("--model", help="kp-rl run for keypoints / cnn-vrnn agents (default: none; on a resume, the "
-                                   "recorded one)")
+    p.add_argument("--model", help="kp-rl run or pretrained:<task> for keypoints / cnn-vrnn agents (default: "
+                                   "none: agents with a perception schedule learn it from their own steps; on a "
+                                   "resume, the recorded one)")
     p.add_argument("--seed", type=_seed, default=None, help="agent and env seed (default: 0; on a resume, the run's)")
     p.add_argument("--eval-every", type=_positive_int, default=None,
                    help="evaluate every this many agent steps, and at the end (default: 5000; on a resume, the run's)")

@@ -358,6 +358,9 @@ class VecKeypointObservation(VecEnvWrapper):
         self.belief = bool(belief)
         super().__init__(venv, observation_space=self.perception.observation_space(self.belief))
         self._actions: np.ndarray | None = None
+        # the raw frames of the last reset / step, and of the episodes that just ended (online perception reads them)
+        self.last_frames: np.ndarray | None = None
+        self.last_terminal_frames: dict[int, np.ndarray] = {}
 
     @property
     def model(self) -> PerceptionModel:
@@ -365,6 +368,7 @@ class VecKeypointObservation(VecEnvWrapper):
 
     def reset(self) -> VecEnvObs:
         observations = self.venv.reset()
+        self.last_frames, self.last_terminal_frames = observations, {}
         perception = self.perception
         with perception.running():
             features = perception.encode(observations)
@@ -381,6 +385,8 @@ class VecKeypointObservation(VecEnvWrapper):
         perception = self.perception
         n = self.num_envs
         terminal = [int(i) for i in np.flatnonzero(dones) if "terminal_observation" in infos[i]]
+        self.last_frames = observations
+        self.last_terminal_frames = {i: infos[i]["terminal_observation"] for i in terminal}
         frames = observations
         if terminal:  # one batch: current frames, then the terminal frames
             frames = np.concatenate([observations, np.stack([infos[i]["terminal_observation"] for i in terminal])])

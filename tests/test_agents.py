@@ -206,3 +206,45 @@ def test_random_shift_moves_whole_images_within_the_padding():
     batch = agent.replay_buffer.sample(4)
     assert batch.observations.shape == (4, 9, 64, 64)
     venv.close()
+
+
+def test_online_perception_learns_from_the_agents_own_steps_and_resumes(tmp_path):
+    """No --model: the random prefix trains perception, refits follow the schedule, the replay buffer holds what
+    the latest model sees, every frame perception trained on is an agent step, and a resume continues all of it."""
+    from stable_baselines3.common.save_util import load_from_pkl
+
+    from kp_rl.online import OnlinePerception
+
+    spec = get_agent("sac-keypoints-belief")
+    spec = dataclasses.replace(
+        spec, hyperparameters={**spec.hyperparameters, "learning_starts": 20, "batch_size": 16},
+        perception={"prefix": 20, "refit_every": 20, "autoencoder_steps": 6, "dynamics_steps": 6,
+                    "refit_autoencoder_steps": 3, "refit_dynamics_steps": 3, "preset": "tiny"})
+    env_kwargs = {"image_size": 32, "episode_steps": 80}  # cartpole: action repeat 8, 10 agent steps per episode
+    kwargs = dict(eval_every=30, eval_episodes=1, env_kwargs=env_kwargs, progress=False)
+    curve = train_agent("kp_rl/cartpole-swingup-v0", spec, 60, tmp_path, **kwargs)
+    assert [fit["agent_steps"] for fit in curve["perception_fits"]] == [20, 40]
+    assert [fit["frames"] for fit in curve["perception_fits"]] == [22, 44]  # 10 steps + the reset frame per episode
+    identity = json.loads((tmp_path / "run.json").read_text())
+    assert "model" not in identity and identity["perception"]["refit_every"] == 20
+    model = kp_rl.load(tmp_path / "perception" / "dynamics")
+    state = kp_rl.model.read_checkpoint(tmp_path / "perception" / "autoencoder")["train_state"]
+    assert state["step"] == 9 and model.has_dynamics  # 6 steps, then 3 more at the refit
+
+    # the replay buffer's observations are what the final model makes of the recorded frames
+    buffer = load_from_pkl(tmp_path / "replay_buffer.pkl")
+    venv = make_vec_env("kp_rl/cartpole-swingup-v0", spec, model, env_kwargs=env_kwargs)
+    online = OnlinePerception(spec.schedule, tmp_path, venv)
+    assert sum(len(e["image"]) - 1 for e in online.episodes) == 60  # every agent step, recorded once
+    observations = [online.observations(e)[0] for e in online.episodes]
+    for row, (e, t) in online.buffer_map.items():
+        if row < buffer.pos:
+            np.testing.assert_allclose(buffer.observations[row, 0], observations[e][t], atol=1e-5)
+            np.testing.assert_allclose(buffer.next_observations[row, 0], observations[e][t + 1], atol=1e-5)
+    venv.close()
+
+    again = train_agent("kp_rl/cartpole-swingup-v0", spec, 90, tmp_path, **kwargs)  # a bigger budget continues
+    assert [fit["agent_steps"] for fit in again["perception_fits"]] == [20, 40, 61, 80]  # 60 was due at the end: done first on the resume
+    with pytest.raises(ValueError, match="perception"):  # another schedule is another run
+        train_agent("kp_rl/cartpole-swingup-v0", dataclasses.replace(spec, perception={"prefix": 10}), 120, tmp_path,
+                    **kwargs)

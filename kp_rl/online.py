@@ -1,0 +1,258 @@
+"""Perception learned from the agent's own steps: every frame it trains on is an env step the agent took.
+
+An online keypoint (or ``cnn-vrnn``) agent starts from an untrained perception model. SAC's random-action
+warm-up (``learning_starts`` = the schedule's ``prefix`` agent steps) is the random-action prefix: its frames
+are the perception model's first data. When the prefix ends, the autoencoder and the VRNN train on them, the
+replay buffer is re-encoded with the new model, and the agent starts learning; every ``refit_every`` agent
+steps after that both are fine-tuned on all frames seen so far and the buffer is re-encoded again, so what the
+policy discovers reaches the keypoints. The schedule is the ``perception:`` field of an agent's catalog entry
+(:class:`PerceptionSchedule`); :func:`kp_rl.agents.train_agent` runs it for an agent given no ``--model``.
+
+The run folder keeps what a resume needs: ``perception/episodes/`` (every finished episode, and the one in
+progress at the last agent checkpoint), ``perception/state.json`` (the replay buffer's map to episode steps,
+fits done) and the perception training runs ``perception/autoencoder/`` and ``perception/dynamics/`` (their
+checkpoints, histories and TensorBoard logs; each fit extends their step budgets).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from kp_rl.config import Config, get_preset
+from kp_rl.data import FeatureSequences, encode_episodes, load_episode, save_episode
+from kp_rl.files import read_json, write_json
+from kp_rl.keypoints import preprocess_frames
+from kp_rl.model import PerceptionModel, load
+from kp_rl.train import MODEL_FILE, fit
+
+__all__ = ["PerceptionSchedule", "OnlinePerception", "initial_model"]
+
+
+@dataclass(frozen=True)
+class PerceptionSchedule:
+    """When and how long the perception of an online agent trains (all counts in agent steps or gradient steps).
+
+    Attributes:
+        prefix: random-action agent steps before the first fit (the agent's ``learning_starts``).
+        refit_every: agent steps between fits after the first (0: never refit).
+        autoencoder_steps, dynamics_steps: gradient steps of the first fit.
+        refit_autoencoder_steps, refit_dynamics_steps: gradient steps each refit adds (fine-tuning).
+        preset: model sizes (``kp_rl.get_preset``); ``config``: overrides on top, e.g. ``{train: {cpu_amp: true}}``.
+    """
+
+    prefix: int = 1000
+    refit_every: int = 0
+    autoencoder_steps: int = 2000
+    dynamics_steps: int = 3000
+    refit_autoencoder_steps: int = 500
+    refit_dynamics_steps: int = 1000
+    preset: str = "cpu"
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "PerceptionSchedule":
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict) or set(data) - known:
+            raise ValueError(f"{where}: perception must be a mapping with some of {sorted(known)}")
+        schedule = cls(**data)
+        for name in known - {"preset", "config"}:
+            value = getattr(schedule, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "prefix" else 0):
+                raise ValueError(f"{where}: perception.{name} must be an integer >= "
+                                 f"{1 if name == 'prefix' else 0}, got {value!r}")
+        schedule.model_config()  # an unknown preset or override fails here
+        return schedule
+
+    def model_config(self) -> Config:
+        return get_preset(self.preset).replace(**self.config)
+
+    def fit_at(self, index: int) -> int:
+        """The agent step of fit ``index`` (0: the end of the prefix)."""
+        return self.prefix + index * self.refit_every
+
+    def budgets(self, index: int) -> tuple[int, int]:
+        """Cumulative (autoencoder, dynamics) gradient steps once fit ``index`` is done."""
+        return (self.autoencoder_steps + index * self.refit_autoencoder_steps,
+                self.dynamics_steps + index * self.refit_dynamics_steps)
+
+
+def initial_model(schedule: PerceptionSchedule, representation: str, action_dim: int, belief: bool,
+                  out: Path, data_spec: dict[str, Any]) -> PerceptionModel:
+    """The model an online run starts from: its latest fit when resuming, else an untrained one."""
+    for stage in ("dynamics", "autoencoder"):
+        path = out / "perception" / stage / MODEL_FILE
+        if path.exists() and (stage == "dynamics") == belief:
+            return load(path)
+    return PerceptionModel(schedule.model_config(), representation, action_dim, with_dynamics=belief,
+                           data_spec=data_spec).eval()
+
+
+class FrameWindows(Dataset):
+    """Windows of ``length`` frames from in-memory episodes (the autoencoder's training data)."""
+
+    def __init__(self, episodes: list[dict[str, np.ndarray]], length: int) -> None:
+        self.episodes = episodes
+        self.index = [(e, s) for e, ep in enumerate(episodes) for s in range(len(ep["image"]) - length + 1)]
+        self.length = length
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        e, s = self.index[i]
+        return {"image": torch.from_numpy(self.episodes[e]["image"][s:s + self.length])}
+
+
+class OnlinePerception:
+    """Records every step of a one-env ``VecKeypointObservation`` and trains its model on the schedule.
+
+    Driven by :func:`kp_rl.agents.train_agent` through an SB3 callback: :meth:`record` after every env step,
+    :meth:`maybe_fit` after the step's transition is in the replay buffer, :meth:`save` with every agent
+    checkpoint.
+
+    Args:
+        schedule: when and how long to train.
+        out: the agent's run folder (``perception/`` inside it).
+        wrapper: the training env's ``VecKeypointObservation``; its model is the one trained (in place: give the
+            evaluation env's wrapper the same model object).
+        progress: progress bars for the fits.
+    """
+
+    def __init__(self, schedule: PerceptionSchedule, out: Path, wrapper: Any, progress: bool = False) -> None:
+        if wrapper.num_envs != 1:
+            raise ValueError(f"online perception records one env, got {wrapper.num_envs}")
+        self.schedule, self.wrapper, self.progress = schedule, wrapper, progress
+        self.root = out / "perception"
+        self.model: PerceptionModel = wrapper.model
+        self.belief = wrapper.belief
+        state = read_json(self.root / "state.json") if (self.root / "state.json").exists() else {}
+        self.fits: list[dict[str, Any]] = state.get("fits", [])
+        self.buffer_map: dict[int, tuple[int, int]] = {int(k): tuple(v) for k, v in state.get("buffer_map", {}).items()}
+        # episodes as the dataset convention stores them: action[t] led to image[t]; zeros at t = 0
+        self.episodes: list[dict[str, np.ndarray]] = [
+            load_episode(self.root / "episodes" / f"episode-{i:06d}.npz", keys=("image", "action", "reward"))
+            for i in range(state.get("episodes", 0))]
+        self.current: dict[str, list] | None = None
+
+    # -- recording -----------------------------------------------------------------------------------------
+    def start(self, frame: np.ndarray) -> None:
+        """The first frame of an episode (after a reset)."""
+        self.current = {"image": [frame], "action": [np.zeros(self.model.action_dim, np.float32)], "reward": [0.0]}
+
+    def record(self, action: np.ndarray, reward: float, frame: np.ndarray, buffer_pos: int, done: bool,
+               reset_frame: np.ndarray | None) -> None:
+        """One env step: the action taken, its reward, the frame it led to (the terminal one at an episode's
+        end, then ``reset_frame`` starts the next); the transition goes to replay-buffer row ``buffer_pos``."""
+        assert self.current is not None, "start() before record()"
+        self.buffer_map[buffer_pos] = (len(self.episodes), len(self.current["image"]) - 1)
+        self.current["image"].append(frame)
+        self.current["action"].append(np.asarray(action, np.float32).reshape(-1))
+        self.current["reward"].append(float(reward))
+        if done:
+            self.episodes.append(self._finish(self.current))
+            save_episode(self.root / "episodes" / f"episode-{len(self.episodes) - 1:06d}.npz", self.episodes[-1])
+            self.start(reset_frame)
+
+    @staticmethod
+    def _finish(episode: dict[str, list]) -> dict[str, np.ndarray]:
+        return {"image": np.stack(episode["image"]).astype(np.uint8), "action": np.stack(episode["action"]),
+                "reward": np.asarray(episode["reward"], np.float32)}
+
+    def save(self) -> None:
+        """Persist what a resume needs (called with every agent checkpoint): the episode in progress is kept as a
+        finished one (a resumed agent starts a new episode), with the replay buffer's map to episode steps."""
+        episodes = len(self.episodes)
+        if self.current is not None and len(self.current["image"]) > 1:
+            save_episode(self.root / "episodes" / f"episode-{episodes:06d}.npz", self._finish(self.current))
+            episodes += 1
+        write_json(self.root / "state.json", {"episodes": episodes, "fits": self.fits,
+                                              "buffer_map": {str(k): list(v) for k, v in self.buffer_map.items()}})
+
+    # -- fitting -------------------------------------------------------------------------------------------
+    def due(self, agent_steps: int) -> bool:
+        n = len(self.fits)
+        return agent_steps >= self.schedule.fit_at(n) and (n == 0 or self.schedule.refit_every > 0)
+
+    def maybe_fit(self, agent_steps: int, algo: Any) -> bool:
+        """Fit when the schedule says so; then re-encode ``algo``'s replay buffer and its last observation."""
+        if not self.due(agent_steps):
+            return False
+        tick = time.perf_counter()
+        episodes = self.episodes + ([self._finish(self.current)] if self.current and len(self.current["image"]) > 1
+                                    else [])
+        self.fit(episodes, len(self.fits))
+        self.reencode(algo, episodes)
+        self.fits.append({"agent_steps": agent_steps, "frames": int(sum(len(e["image"]) for e in episodes)),
+                          "seconds": round(time.perf_counter() - tick, 1)})
+        return True
+
+    def fit(self, episodes: list[dict[str, np.ndarray]], index: int) -> None:
+        """Train the autoencoder, then the VRNN on its features, to the cumulative budgets of fit ``index``."""
+        model, config = self.model, self.model.config
+        ae_steps, dyn_steps = self.schedule.budgets(index)
+        length = config.train.sequence_length
+        frames = FrameWindows([e for e in episodes if len(e["image"]) >= length], length)
+        autoencoder = model.autoencoder
+        model.config = config.replace(train={"steps": ae_steps})
+        model.train()
+        fit(model, list(autoencoder.parameters()), lambda batch, step: autoencoder.loss(preprocess_frames(batch["image"])),
+            frames, None, self.root / "autoencoder", steps=ae_steps, batch_size=config.train.batch_size,
+            stage="autoencoder", l2_parameters=list(autoencoder.l2_parameters()), progress=self.progress)
+        model.eval()
+        if self.belief:
+            dynamics = model.dynamics
+            with torch.inference_mode():
+                features = encode_episodes(model, episodes)
+            data = FeatureSequences([{**e, "features": f} for e, f in zip(episodes, features)],
+                                    config.dynamics.sequence_length)
+            if index == 0:
+                dynamics.set_reward_normalisation(*data.reward_statistics())
+            model.config = config.replace(train={"dynamics_steps": dyn_steps})
+            dynamics.train()
+            fit(model, list(dynamics.parameters()),
+                lambda batch, step: dynamics.loss(batch["features"], batch["action"], batch["reward"], step, dyn_steps),
+                data, None, self.root / "dynamics", steps=dyn_steps, batch_size=config.train.dynamics_batch_size,
+                stage="dynamics", progress=self.progress)
+        model.config = config
+        model.eval()
+
+    def observations(self, episode: dict[str, np.ndarray]) -> tuple[np.ndarray, Any]:
+        """Every step's observation as the wrapper gives it (features, + the belief when the agent has one), and
+        the belief after the last step."""
+        perception = self.wrapper.perception
+        with perception.running():
+            features = perception.encode(episode["image"])
+            if not self.belief:
+                return perception.output(features, None), None
+            actions = torch.from_numpy(episode["action"]).to(features.device)
+            state, rows = None, []
+            for t in range(len(features)):
+                state = perception.advance(state, features[t:t + 1], actions[t:t + 1] if t else None)
+                rows.append(perception.output(features[t:t + 1], state))
+        return np.concatenate(rows), state
+
+    def reencode(self, algo: Any, episodes: list[dict[str, np.ndarray]]) -> None:
+        """Replace the replay buffer's observations, the agent's last observation and the wrapper's belief with
+        the new model's."""
+        observations = [self.observations(e)[0] for e in episodes[:len(self.episodes)]]
+        current = self._finish(self.current) if self.current is not None else None
+        if current is not None:
+            latest, state = self.observations(current)
+            observations.append(latest)
+            # SB3 keeps the observation the next action is chosen from in _last_obs (no public setter)
+            algo._last_obs = latest[-1:].copy()  # noqa: SLF001
+            if self.belief:
+                self.wrapper.perception.state = state
+        buffer = algo.replay_buffer
+        for row, (e, t) in self.buffer_map.items():
+            buffer.observations[row, 0] = observations[e][t]
+            buffer.next_observations[row, 0] = observations[e][t + 1]
