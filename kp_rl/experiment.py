@@ -29,7 +29,7 @@ import numpy as np
 import yaml
 
 from kp_rl.agents import get_agent
-from kp_rl.files import write_json
+from kp_rl.files import read_json, write_json
 
 PERCEPTION_DEFAULTS = {"preset": "cpu", "episodes": 100, "autoencoder_steps": 1000, "dynamics_steps": 2000}
 # Observation kind -> the perception models it needs (run folders under models/<task>/; the last one is loaded)
@@ -51,6 +51,9 @@ class ExperimentSpec:
     eval_episodes: int = 5
     perception: dict[str, Any] = field(default_factory=dict)
     resources: dict[str, dict[str, float]] = field(default_factory=dict)
+    final_evaluations: int = 1  # a run's final return: the mean of its last this many evaluations
+    random_episodes: int = 10  # the random policy's reference row (0: none)
+    compare: str | None = None  # the agent whose probability of improvement over each other agent is reported
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ExperimentSpec":
@@ -64,14 +67,18 @@ class ExperimentSpec:
         if not isinstance(data, dict) or not required <= set(data) or ("steps" in data) == ("env_steps" in data):
             raise ValueError(f"{path}: an experiment spec needs {sorted(required)} and one of steps / env_steps")
         unknown = set(data) - {"name", "tasks", "agents", "seeds", "steps", "env_steps", "eval_every", "eval_episodes",
-                               "perception", "resources"}
+                               "perception", "resources", "final_evaluations", "random_episodes", "compare"}
         if unknown:
             raise ValueError(f"{path}: unknown field(s) {sorted(unknown)}")
         spec = cls(name=data.get("name", path.stem), tasks=list(data["tasks"]), agents=list(data["agents"]),
                    seeds=[int(s) for s in data["seeds"]], steps=data.get("steps"), env_steps=data.get("env_steps"),
                    eval_every=int(data.get("eval_every", 5000)), eval_episodes=int(data.get("eval_episodes", 5)),
                    perception={**PERCEPTION_DEFAULTS, **(data.get("perception") or {})},
-                   resources=_resources(path, data.get("resources") or {}))
+                   resources=_resources(path, data.get("resources") or {}),
+                   final_evaluations=int(data.get("final_evaluations", 1)),
+                   random_episodes=int(data.get("random_episodes", 10)), compare=data.get("compare"))
+        if spec.compare is not None and spec.compare not in spec.agents:
+            raise ValueError(f"{path}: compare: {spec.compare!r} is not one of the agents {spec.agents}")
         for task in spec.tasks:
             get_spec(task)  # unknown task -> clear error before any work
         for agent in spec.agents:
@@ -136,8 +143,10 @@ def perception_models(spec: ExperimentSpec, task: str, data_root: Path, runs: Pa
 
 
 def models_needed(agent: str) -> tuple[str, ...]:
-    """The perception models (run folders under ``models/<task>/``) an agent's observations need, last = its own."""
-    return MODELS_FOR_OBSERVATION.get(get_agent(agent).observation, ())
+    """The perception models (run folders under ``models/<task>/``) an agent's observations need, last = its own;
+    none for an agent with a perception schedule (it learns perception from its own steps, counted)."""
+    spec = get_agent(agent)
+    return () if spec.perception is not None else MODELS_FOR_OBSERVATION.get(spec.observation, ())
 
 
 def model_for(agent: str, models: dict[str, Path]) -> Path | None:
@@ -157,6 +166,45 @@ def run_cell(spec: ExperimentSpec, task: str, agent: str, seed: int, model: Path
                        eval_every=spec.eval_every, eval_episodes=spec.eval_episodes, device=device, progress=progress)
 
 
+def cell_result(results_dir: Path, task: str, agent: str, seed: int | None = None) -> Path:
+    """A finished cell's committed result: ``cells/<task>/<agent>/seed<s>.json`` (``random.json`` for the random
+    policy's row), so a grid resumes on another machine without rerunning it."""
+    folder = Path(results_dir) / "cells" / task
+    return folder / "random.json" if seed is None else folder / agent / f"seed{seed}.json"
+
+
+def committed_curve(results_dir: Path, spec: ExperimentSpec, task: str, agent: str, seed: int) -> dict[str, Any] | None:
+    """The committed curve of a cell that finished this spec's budget, else None."""
+    from kp_rl.agents import _finished
+
+    path = cell_result(results_dir, task, agent, seed)
+    curve = read_json(path) if path.is_file() else None
+    return curve if _finished(curve, spec.agent_steps(task)) else None
+
+
+def random_policy(task: str, episodes: int, seed: int = 0) -> dict[str, Any]:
+    """Returns of the uniform random policy on ``task`` (the reference row of a grid)."""
+    import gymnasium as gym
+
+    from kp_rl.envs import get_spec
+
+    env = gym.make(get_spec(task).env_id)
+    env.action_space.seed(seed)
+    returns = []
+    try:
+        for episode in range(episodes):
+            env.reset(seed=seed + episode)
+            total, done = 0.0, False
+            while not done:
+                _, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+                total, done = total + float(reward), terminated or truncated
+            returns.append(total)
+    finally:
+        env.close()
+    return {"task": task, "returns": returns, "mean": float(np.mean(returns)), "std": float(np.std(returns, ddof=1))
+            if len(returns) > 1 else 0.0, "episodes": episodes, "seed": seed}
+
+
 def run_experiment(path: str | Path, runs: str | Path = "runs", data: str | Path = "data",
                    results: str | Path = "results", progress: bool = True, device: str = "auto") -> dict[str, Any]:
     """Run every cell of a spec locally (finished cells are skipped) and summarise the results.
@@ -169,13 +217,22 @@ def run_experiment(path: str | Path, runs: str | Path = "runs", data: str | Path
     spec = ExperimentSpec.from_yaml(path)
     runs_dir = Path(runs) / spec.name
     curves: dict[tuple[str, str, int], dict[str, Any]] = {}
+    out = Path(results) / spec.name
     for task in spec.tasks:
-        models = perception_models(spec, task, Path(data), runs_dir, progress, device=device)
+        todo = []
         for agent in spec.agents:
             for seed in spec.seeds:
-                curves[(task, agent, seed)] = run_cell(spec, task, agent, seed, model_for(agent, models), runs_dir,
-                                                       progress, device=device)
-    return summarise(spec, curves, Path(results) / spec.name, runs_dir)
+                curve = committed_curve(out, spec, task, agent, seed)
+                if curve is None:
+                    todo.append((agent, seed))
+                else:
+                    curves[(task, agent, seed)] = curve
+        models = perception_models(spec, task, Path(data), runs_dir, progress, device=device) if todo else {}
+        for agent, seed in todo:
+            curve = run_cell(spec, task, agent, seed, model_for(agent, models), runs_dir, progress, device=device)
+            write_json(cell_result(out, task, agent, seed), curve)
+            curves[(task, agent, seed)] = curve
+    return summarise(spec, curves, out, runs_dir)
 
 
 def iqm_with_ci(scores: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -203,13 +260,28 @@ def perception_minutes(runs_dir: Path, task: str) -> dict[str, float]:
     return minutes
 
 
+def probability_of_improvement(x: np.ndarray, y: np.ndarray, reps: int = 2000,
+                               seed: int = 0) -> tuple[float, float, float]:
+    """P(a run of x beats a run of y), averaged over tasks, with its 95% stratified-bootstrap CI (rliable);
+    ``x`` and ``y`` are ``(runs, tasks)`` final returns."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    pair = {"x,y": (np.asarray(x, np.float64), np.asarray(y, np.float64))}
+    point, interval = rly.get_interval_estimates(pair, metrics.probability_of_improvement, reps=reps,
+                                                 random_state=np.random.RandomState(seed))
+    return float(np.squeeze(point["x,y"])), float(np.squeeze(interval["x,y"][0])), float(np.squeeze(interval["x,y"][1]))
+
+
 def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str, Any]], out: Path,
               runs_dir: Path | None = None) -> dict[str, Any]:
-    """Final-return IQM + 95% CIs per (task, agent), curves vs steps and wall-clock, compute per agent.
+    """``summary[task][agent]``: IQM of the final returns with its 95% CI, seeds, env steps (every step counted:
+    the agent's, and the random-policy episodes of a perception model trained before it), wall-clock; the random
+    policy's row; the ``compare`` agent's probability of improvement over each other agent; curves against env
+    steps and against wall-clock. Writes ``out/results.json`` and the figures.
 
-    With ``runs_dir`` (the grid's run folder) each task also gets the training minutes of its perception
-    models (``perception_minutes``), and each agent that uses one the minutes of the models it needs: an
-    autoencoder and, for a belief, its dynamics (trained once per task, shared by the seeds).
+    With ``runs_dir`` (the grid's run folder) each task also gets the training minutes of the perception models
+    trained before the agents (``perception_minutes``), added to the wall-clock of the agents that use them.
     """
     import matplotlib
 
@@ -220,25 +292,54 @@ def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str,
     from kp_rl.envs import get_spec
     from kp_rl.files import save_figure
 
-    table: dict[str, Any] = {}
+    summary: dict[str, Any] = {}
+    finals: dict[str, dict[str, list[float]]] = {}
     perception: dict[str, dict[str, float]] = {}
     for task in spec.tasks:
-        table[task] = {}
+        summary[task], finals[task] = {}, {}
+        task_spec = get_spec(task)
         perception[task] = perception_minutes(runs_dir, task) if runs_dir is not None else {}
         for agent in spec.agents:
             runs = [curves[(task, agent, s)] for s in spec.seeds]
-            finals = np.array([r["returns"][-1] for r in runs])
-            iqm, low, high = iqm_with_ci(finals)
-            table[task][agent] = {"final_returns": finals.tolist(), "iqm": iqm, "ci95": [low, high],
-                                  "seconds": [r["seconds"][-1] for r in runs], "steps": spec.agent_steps(task),
-                                  "env_steps": spec.agent_steps(task) * get_spec(task).action_repeat,
-                                  "perception_minutes": sum(perception[task].get(n, 0.0) for n in models_needed(agent))}
-    print(f"\n{'task':20s} {'agent':24s} {'IQM return':>11s} {'95% CI':>17s} {'min/run':>8s} {'perception min':>15s}")
-    for task, rows in table.items():
-        for agent, row in rows.items():
-            print(f"{task:20s} {agent:24s} {row['iqm']:11.1f} [{row['ci95'][0]:7.1f},{row['ci95'][1]:7.1f}] "
-                  f"{np.mean(row['seconds']) / 60:8.1f} {row['perception_minutes']:15.1f}")
-    summary = {"spec": spec.__dict__, "table": table, "perception_minutes": perception, "machine": machine(),
+            finals[task][agent] = [float(np.mean(r["returns"][-spec.final_evaluations:])) for r in runs]
+            iqm, low, high = iqm_with_ci(np.array(finals[task][agent]))
+            needed = models_needed(agent)
+            pretrained_steps = int(spec.perception["episodes"]) * task_spec.episode_steps if needed else 0
+            fits = [r.get("perception_fits", []) for r in runs]
+            summary[task][agent] = {
+                "iqm": iqm, "ci": [low, high], "seeds": list(spec.seeds), "final_returns": finals[task][agent],
+                "agent_steps": spec.agent_steps(task),
+                "env_steps": spec.agent_steps(task) * task_spec.action_repeat + pretrained_steps,
+                "pretrained_perception_env_steps": pretrained_steps,
+                "wall_clock_s": float(np.mean([r["seconds"][-1] for r in runs]))
+                + 60 * sum(perception[task].get(n, 0.0) for n in needed),
+                "perception_fits": len(fits[0]) if fits else 0,
+                "perception_fit_s": float(np.mean([sum(f["seconds"] for f in fit) for fit in fits]))}
+        if spec.random_episodes:
+            path = cell_result(out, task, "random")
+            row = read_json(path) if path.is_file() else None
+            if row is None or row["episodes"] != spec.random_episodes:
+                row = random_policy(task, spec.random_episodes)
+                write_json(path, row)
+            summary[task]["random"] = {k: row[k] for k in ("mean", "std", "episodes")}
+    if spec.compare is not None and len(spec.seeds) > 1:
+        summary["probability_of_improvement"] = {}
+        for other in (a for a in spec.agents if a != spec.compare):
+            x = np.array([finals[t][spec.compare] for t in spec.tasks]).T  # (runs, tasks)
+            y = np.array([finals[t][other] for t in spec.tasks]).T
+            point, low, high = probability_of_improvement(x, y)
+            summary["probability_of_improvement"][f"{spec.compare} > {other}"] = {"point": point, "ci": [low, high]}
+    print(f"\n{'task':20s} {'agent':24s} {'IQM return':>11s} {'95% CI':>17s} {'env steps':>10s} {'min/run':>8s}")
+    for task in spec.tasks:
+        for agent, row in summary[task].items():
+            if agent == "random":
+                print(f"{task:20s} {'random policy':24s} {row['mean']:11.1f} {'':17s}")
+                continue
+            print(f"{task:20s} {agent:24s} {row['iqm']:11.1f} [{row['ci'][0]:7.1f},{row['ci'][1]:7.1f}] "
+                  f"{row['env_steps']:10d} {row['wall_clock_s'] / 60:8.1f}")
+    for pair, row in summary.get("probability_of_improvement", {}).items():
+        print(f"P({pair}) = {row['point']:.2f} [{row['ci'][0]:.2f}, {row['ci'][1]:.2f}]")
+    summary = {"spec": spec.__dict__, "summary": summary, "perception_minutes": perception, "machine": machine(),
                "curves": {f"{t}/{a}/seed{s}": c for (t, a, s), c in curves.items()}}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", summary)

@@ -6,7 +6,7 @@ and trains the perception models its agents need; the task's cells depend on it 
 on when it finishes) and each asks for the CPUs / GPUs the spec's ``resources:`` give its agent. A cell whose
 worker dies (a crashed process, a lost node) is retried up to ``max_retries`` times, and since an agent run
 checkpoints and resumes, a retry continues where the last checkpoint left it. Cells finished earlier (their
-``curve.json`` says so) are not submitted at all.
+committed ``results/<name>/cells/`` file or their ``curve.json`` says so) are not submitted at all.
 
 On a cluster, ``runs``, ``data`` and ``results`` must be on storage every node sees under the same path
 (NFS, a shared volume), and kp_rl must be installed on every node. Ray is an optional extra:
@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kp_rl.agents import finished_curve, get_agent
-from kp_rl.experiment import ExperimentSpec, cell_dir, model_for, perception_models, run_cell, summarise
+from kp_rl.experiment import (ExperimentSpec, cell_dir, cell_result, committed_curve, model_for, perception_models,
+                              run_cell, summarise)
+from kp_rl.files import write_json
 
 
 class MissingDependencyError(ImportError):
@@ -82,12 +84,14 @@ def run_experiment_ray(path: str | Path, address: str | None = None, runs: str |
 
     perceive = ray.remote(perception_models)
     train = ray.remote(_train_cell)
+    out = Path(results) / spec.name
     curves: dict[tuple[str, str, int], dict[str, Any]] = {}
     pending: dict[Any, tuple[str, str, int]] = {}
     for task in spec.tasks:
         todo = [(a, s) for a in spec.agents for s in spec.seeds]
         for agent, seed in list(todo):
-            curve = finished_curve(cell_dir(runs_dir, task, agent, seed), spec.agent_steps(task))
+            curve = (committed_curve(out, spec, task, agent, seed)
+                     or finished_curve(cell_dir(runs_dir, task, agent, seed), spec.agent_steps(task)))
             if curve is not None:
                 curves[(task, agent, seed)] = curve
                 todo.remove((agent, seed))
@@ -110,6 +114,7 @@ def run_experiment_ray(path: str | Path, address: str | None = None, runs: str |
         cell = pending.pop(done[0])
         try:
             curves[cell] = ray.get(done[0])
+            write_json(cell_result(out, *cell), curves[cell])
         except Exception as exc:  # noqa: BLE001 - a failed cell must not stop the others
             failures[cell] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
         bar.update(1)
@@ -118,4 +123,4 @@ def run_experiment_ray(path: str | Path, address: str | None = None, runs: str |
         listed = "; ".join(f"{t}/{a}/seed{s}: {why}" for (t, a, s), why in sorted(failures.items()))
         raise CellFailedError(f"{len(failures)} of {len(spec.cells())} cells failed after {max_retries} retries "
                               f"(finished cells are kept; re-run to resume): {listed}")
-    return summarise(spec, curves, Path(results) / spec.name, runs_dir)
+    return summarise(spec, curves, out, runs_dir)

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,18 +88,26 @@ def test_experiment_spec_errors(tmp_path):
 
 def test_kp_rl_run_state_grid_end_to_end(tmp_path):
     spec = tmp_path / "tiny.yaml"
-    spec.write_text("name: tiny\ntasks: [cartpole-swingup]\nagents: [ppo-state]\nseeds: [0, 1]\nsteps: 64\n"
-                    "eval_every: 32\neval_episodes: 1\n")
+    spec.write_text("name: tiny\ntasks: [cartpole-swingup]\nagents: [ppo-state, sac-state]\nseeds: [0, 1]\nsteps: 64\n"
+                    "eval_every: 32\neval_episodes: 1\nfinal_evaluations: 2\nrandom_episodes: 2\ncompare: ppo-state\n")
     cmd = [sys.executable, "-m", "kp_rl.cli", "run", str(spec), "--runs", str(tmp_path / "runs"),
            "--results", str(tmp_path / "results"), "--quiet"]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "results" / "tiny" / "results.json").read_text())
-    row = summary["table"]["cartpole-swingup"]["ppo-state"]
-    assert len(row["final_returns"]) == 2 and row["ci95"][0] <= row["iqm"] <= row["ci95"][1]
+    row = summary["summary"]["cartpole-swingup"]["ppo-state"]
+    assert len(row["final_returns"]) == 2 and row["ci"][0] <= row["iqm"] <= row["ci"][1]
+    assert row["final_returns"][0] == np.mean(summary["curves"]["cartpole-swingup/ppo-state/seed0"]["returns"][-2:])
+    assert summary["summary"]["cartpole-swingup"]["random"]["episodes"] == 2
+    pair = summary["summary"]["probability_of_improvement"]["ppo-state > sac-state"]
+    assert pair["ci"][0] <= pair["point"] <= pair["ci"][1]
+    cells = tmp_path / "results" / "tiny" / "cells" / "cartpole-swingup"
+    assert sorted(p.name for p in (cells / "ppo-state").iterdir()) == ["seed0.json", "seed1.json"]
+    shutil.rmtree(tmp_path / "runs")  # another machine: the committed cell files are enough
     assert (tmp_path / "results" / "tiny" / "curves_seconds.png").exists()
     rerun = subprocess.run(cmd, capture_output=True, text=True)  # finished cells are skipped
     assert rerun.returncode == 0 and "ppo-state" in rerun.stdout
+    assert not (tmp_path / "runs").exists()
 
 
 def test_structured_vs_unstructured_script_runs_a_spec(tmp_path):

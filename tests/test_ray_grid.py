@@ -12,7 +12,7 @@ from kp_rl.experiment import ExperimentSpec, run_cell
 from kp_rl.ray_grid import CellFailedError, run_experiment_ray
 
 SPEC = ("name: tiny\ntasks: [cartpole-swingup]\nagents: [ppo-state]\nseeds: [0, 1]\nsteps: 64\n"
-        "eval_every: 32\neval_episodes: 1\nresources: {default: {cpus: 1}}\n")
+        "eval_every: 32\neval_episodes: 1\nrandom_episodes: 2\nresources: {default: {cpus: 1}}\n")
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,9 @@ def test_grid_retries_a_dead_worker_and_skips_finished_cells(tmp_path, local_ray
     dirs = dict(runs=tmp_path / "runs", results=tmp_path / "results", data=tmp_path / "data")
     summary = run_experiment_ray(spec, progress=False, max_retries=1, cell_fn=crash_once, **dirs)
     assert marker.exists()  # the crash happened, and the retry finished the cell
-    row = summary["table"]["cartpole-swingup"]["ppo-state"]
-    assert len(row["final_returns"]) == 2 and row["ci95"][0] <= row["iqm"] <= row["ci95"][1]
+    row = summary["summary"]["cartpole-swingup"]["ppo-state"]
+    assert len(row["final_returns"]) == 2 and row["ci"][0] <= row["iqm"] <= row["ci"][1]
+    assert (tmp_path / "results" / "tiny" / "cells" / "cartpole-swingup" / "ppo-state" / "seed1.json").exists()
     written = json.loads((tmp_path / "results" / "tiny" / "results.json").read_text())
     assert set(written["curves"]) == {"cartpole-swingup/ppo-state/seed0", "cartpole-swingup/ppo-state/seed1"}
     assert (tmp_path / "results" / "tiny" / "curves_steps.png").exists()
@@ -46,7 +47,7 @@ def test_grid_retries_a_dead_worker_and_skips_finished_cells(tmp_path, local_ray
         raise AssertionError("a finished cell was submitted again")
 
     again = run_experiment_ray(spec, progress=False, cell_fn=never, **dirs)
-    assert again["table"] == summary["table"]
+    assert again["summary"] == summary["summary"]
 
 
 def test_failed_cells_are_named_and_the_others_kept(tmp_path, local_ray):
@@ -92,11 +93,12 @@ def test_cli_ray_flag_with_a_keypoint_agent(tmp_path):
     assert "ppo-state" in result.stdout and "ppo-keypoints-belief" in result.stdout
     assert (tmp_path / "runs" / "tiny" / "models" / "cartpole-swingup" / "keypoints-dyn" / "model.pt").exists()
     summary = json.loads((tmp_path / "results" / "tiny" / "results.json").read_text())
-    rows = summary["table"]["cartpole-swingup"]
-    assert set(rows) == {"ppo-state", "ppo-keypoints-belief"}
-    # the keypoint agent's compute includes its autoencoder + dynamics training; the state agent needs none
+    rows = summary["summary"]["cartpole-swingup"]
+    assert set(rows) == {"ppo-state", "ppo-keypoints-belief", "random"}
+    # the keypoint agent's budget counts its perception's random-policy episodes; the state agent needs none
     assert set(summary["perception_minutes"]["cartpole-swingup"]) == {"keypoints", "keypoints-dyn"}
-    assert rows["ppo-keypoints-belief"]["perception_minutes"] > 0 and rows["ppo-state"]["perception_minutes"] == 0
+    assert rows["ppo-keypoints-belief"]["pretrained_perception_env_steps"] == 2 * 1000
+    assert rows["ppo-keypoints-belief"]["env_steps"] == 64 * 8 + 2000 and rows["ppo-state"]["env_steps"] == 64 * 8
 
 
 def test_cli_ray_errors_are_one_line(tmp_path):
