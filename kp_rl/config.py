@@ -143,9 +143,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU (and by the VRNN stage's CUDA graph, fp32)
-    # bf16 autocast on the CPU: worth it only where the CPU computes bf16 natively (AVX512-BF16 or AMX: autoencoder
-    # steps 2x faster on an AMD EPYC); elsewhere slower, so off by default
-    cpu_amp: bool = False
+    # bf16 autocast on the CPU; None: in the autoencoder stage where the CPU computes bf16 natively (AVX512-BF16 or
+    # AMX: 2x faster steps on an AMD EPYC, validation losses alike; kp_rl.train.cpu_has_native_bf16)
+    cpu_amp: bool | None = None
     cuda_graphs: bool = True  # VRNN stage on one GPU: each step replayed from a CUDA graph (launch-bound otherwise)
     # early stopping: end training when the validation loss (at the end-of-training schedules) has not improved on
     # its best by min_improvement (relative) for `patience` evaluations in a row; 0: train the whole budget
@@ -211,8 +211,8 @@ def _build(cls: type[T], data: Any, where: str) -> T:
         default = getattr(cls(), name)
         if dataclasses.is_dataclass(default):
             kwargs[name] = _build(type(default), value, f"{where}.{name}")
-        elif isinstance(default, bool):
-            if not isinstance(value, bool):
+        elif isinstance(default, bool) or default is None:  # None: a bool whose default is decided at run time
+            if not isinstance(value, bool) and not (default is None and value is None):
                 raise ConfigError(f"{where}.{name}: expected true/false, got {value!r}")
             kwargs[name] = value
         elif isinstance(default, (int, float)) and not isinstance(default, bool):

@@ -25,6 +25,7 @@ Example (a few steps on a tiny dataset):
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import random
@@ -240,12 +241,27 @@ def _train_loader(data: Dataset, batch_size: int, shuffle: bool, seed: int, num_
                       num_workers=num_workers)
 
 
-def _autocast(device: torch.device, cfg: TrainConfig, graphed: bool = False) -> contextlib.AbstractContextManager:
-    """bf16 autocast: on CUDA with ``train.amp`` (not inside a CUDA graph), on the CPU with ``train.cpu_amp``."""
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX, read from Linux's /proc/cpuinfo): there bf16
+    autocast pays (autoencoder steps 2x faster on an AMD EPYC); elsewhere it emulates bf16 and is slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def _autocast(device: torch.device, cfg: TrainConfig, graphed: bool = False,
+              stage: str = "") -> contextlib.AbstractContextManager:
+    """bf16 autocast: on CUDA with ``train.amp`` (not inside a CUDA graph); on the CPU with ``train.cpu_amp``,
+    whose default (None) is the autoencoder stage on a CPU with native bf16."""
     if device.type == "cuda" and cfg.amp and not graphed:
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cpu" and cfg.cpu_amp:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if device.type == "cpu":
+        use = cfg.cpu_amp if cfg.cpu_amp is not None else stage == "autoencoder" and cpu_has_native_bf16()
+        if use:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -351,7 +367,7 @@ def _fit(model: Trainable, parameters: list[torch.nn.Parameter], loss_fn: Callab
     batches = _forever(loader)
     writer = SummaryWriter(str(out / "tb"), purge_step=start_step) if main else None
     objective: nn.Module = _Objective(list(parameters), loss_fn, list(l2_parameters), cfg.weight_decay,
-                                      lambda: _autocast(device, cfg, graphed))
+                                      lambda: _autocast(device, cfg, graphed, stage))
     if context.enabled:
         objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
                                             find_unused_parameters=False)
@@ -381,7 +397,7 @@ def _fit(model: Trainable, parameters: list[torch.nn.Parameter], loss_fn: Callab
             for i, batch in enumerate(val_loader):
                 if i >= cfg.eval_batches:
                     break
-                with _autocast(device, cfg, graphed):
+                with _autocast(device, cfg, graphed, stage):
                     _, parts = loss_fn(to_device(batch), steps)
                 for name, value in parts.items():
                     sums[name] = sums.get(name, 0.0) + float(value)

@@ -50,14 +50,15 @@ def test_autoencoder_training_logs_checkpoints_and_learns(keypoint_run):
 
 def test_cpu_bf16_autocast_trains_like_fp32(data, config, keypoint_run, tmp_path):
     """train.cpu_amp: the same run in bf16 autocast learns as the fp32 one does (losses within a few percent)."""
-    train_autoencoder(data, tmp_path, config.replace(train={"cpu_amp": True}), progress=False)
-    fp32, bf16 = (json.loads((run / "history.json").read_text()) for run in (keypoint_run, tmp_path))
+    train_autoencoder(data, tmp_path / "bf16", config.replace(train={"cpu_amp": True}), progress=False)
+    train_autoencoder(data, tmp_path / "fp32", config.replace(train={"cpu_amp": False}), progress=False)
+    fp32, bf16 = (json.loads((tmp_path / run / "history.json").read_text()) for run in ("fp32", "bf16"))
     assert bf16["train"][-1]["reconstruction"] < bf16["train"][0]["reconstruction"]
     for a, b in zip(fp32["val"], bf16["val"]):
         assert b["loss"] == pytest.approx(a["loss"], rel=0.05)
     assert bf16["train"][0]["loss"] != fp32["train"][0]["loss"]  # bf16 did run
     frames = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
-    assert load(tmp_path).encode(frames).dtype == torch.float32  # a plain fp32 model for inference
+    assert load(tmp_path / "bf16").encode(frames).dtype == torch.float32  # a plain fp32 model for inference
 
 
 def test_resume_continues_from_checkpoint(data, config, tmp_path):
