@@ -254,7 +254,7 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
                 model: Any = None, eval_every: int | None = None, eval_episodes: int | None = None,
                 device: str = "cpu",
                 checkpoint_every: int = 10_000, env_kwargs: dict[str, Any] | None = None,
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True, perception_prefix: str | Path | None = None) -> dict[str, Any]:
     """Train an agent for ``steps`` agent steps with periodic evaluation; resumes the run in ``out``.
 
     ``out/run.json`` records what the run is (:mod:`kp_rl.runs`: agent, algorithm, observation kind, env id,
@@ -270,6 +270,10 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
     format: timesteps, per-episode returns and lengths) and ``out/best_model.zip``, and logs ``eval/*`` to
     TensorBoard (``out/tb``). The agent, its replay buffer and the curve are checkpointed every
     ``checkpoint_every`` steps (temporary file, then rename).
+
+    An agent with a perception schedule given no ``model`` learns its perception from its own steps
+    (:mod:`kp_rl.online`); ``perception_prefix`` (a :func:`kp_rl.online.shared_prefix` folder) starts it after a
+    random-action prefix shared with other runs, whose steps count in its budget.
 
     Returns the learning curve (also in ``out/curve.json``): ``steps``, ``seconds`` (wall-clock spent
     training, evaluation excluded, summed over resumed sessions), ``returns`` (mean eval return),
@@ -294,7 +298,8 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
                 "observation": spec.observation, "env_id": env_id, "seed": seed, "env_kwargs": env_kwargs or None,
                 "model": str(model_file) if model_file else None,
                 "model_sha256": checkpoint_hash(model_file) if model_file else None,
-                "perception": dataclasses.asdict(schedule) if schedule else None}
+                "perception": dataclasses.asdict(schedule) if schedule else None,
+                "perception_prefix": str(Path(perception_prefix).resolve()) if schedule and perception_prefix else None}
     recorded = check_run(out, identity, found) or {}
     seed = identity["seed"] = recorded.get("seed", 0) if seed is None else seed
     if model is None and spec.needs_model and recorded.get("model"):  # resume on the model the run was built on
@@ -328,6 +333,7 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
             from kp_rl.online import OnlinePerception
 
             online = OnlinePerception(schedule, out, venv, progress=progress)
+            online.prefix = Path(perception_prefix) if perception_prefix else None
         return _train(spec, venv, eval_env, steps, out, identity, found, seed, eval_every, eval_episodes, device,
                       checkpoint_every, progress, previous if (out / "agent.zip").exists() else None, online)
     finally:
@@ -380,6 +386,8 @@ def _train(spec: AgentSpec, venv: Any, eval_env: Any, steps: int, out: Path, ide
         algo = build_agent(spec, venv, seed=seed, tensorboard_log=str(out / "tb"), device=device)
         if online is not None:  # the random-action prefix is the SAC warm-up: nothing learns before the first fit
             algo.learning_starts = max(algo.learning_starts, online.schedule.prefix)
+            if online.prefix is not None:  # the prefix was taken (shared with other runs): start after it
+                online.start_from_prefix(online.prefix, algo)
     curve.update(budget=steps, eval_every=eval_every, eval_episodes=eval_episodes, done=False)
     start_run(out, identity, found)  # the work starts: the folder and its run.json exist from here on
 

@@ -54,6 +54,8 @@ class ExperimentSpec:
     final_evaluations: int = 1  # a run's final return: the mean of its last this many evaluations
     random_episodes: int = 10  # the random policy's reference row (0: none)
     compare: str | None = None  # the agent whose probability of improvement over each other agent is reported
+    shared_prefix: bool = False  # online agents: one random-action prefix + first fit per task, shared by the seeds
+    exclude: list[str] = field(default_factory=list)  # "task/agent" pairs the grid leaves out
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ExperimentSpec":
@@ -67,7 +69,8 @@ class ExperimentSpec:
         if not isinstance(data, dict) or not required <= set(data) or ("steps" in data) == ("env_steps" in data):
             raise ValueError(f"{path}: an experiment spec needs {sorted(required)} and one of steps / env_steps")
         unknown = set(data) - {"name", "tasks", "agents", "seeds", "steps", "env_steps", "eval_every", "eval_episodes",
-                               "perception", "resources", "final_evaluations", "random_episodes", "compare"}
+                               "perception", "resources", "final_evaluations", "random_episodes", "compare",
+                               "shared_prefix", "exclude"}
         if unknown:
             raise ValueError(f"{path}: unknown field(s) {sorted(unknown)}")
         spec = cls(name=data.get("name", path.stem), tasks=list(data["tasks"]), agents=list(data["agents"]),
@@ -76,7 +79,11 @@ class ExperimentSpec:
                    perception={**PERCEPTION_DEFAULTS, **(data.get("perception") or {})},
                    resources=_resources(path, data.get("resources") or {}),
                    final_evaluations=int(data.get("final_evaluations", 1)),
-                   random_episodes=int(data.get("random_episodes", 10)), compare=data.get("compare"))
+                   random_episodes=int(data.get("random_episodes", 10)), compare=data.get("compare"),
+                   shared_prefix=bool(data.get("shared_prefix", False)), exclude=list(data.get("exclude") or []))
+        pairs = {f"{t}/{a}" for t in spec.tasks for a in spec.agents}
+        if set(spec.exclude) - pairs:
+            raise ValueError(f"{path}: exclude: {sorted(set(spec.exclude) - pairs)} are not task/agent pairs of the grid")
         if spec.compare is not None and spec.compare not in spec.agents:
             raise ValueError(f"{path}: compare: {spec.compare!r} is not one of the agents {spec.agents}")
         for task in spec.tasks:
@@ -90,8 +97,11 @@ class ExperimentSpec:
 
         return int(self.steps) if self.steps else int(self.env_steps) // get_spec(task).action_repeat
 
+    def agents_for(self, task: str) -> list[str]:
+        return [a for a in self.agents if f"{task}/{a}" not in self.exclude]
+
     def cells(self) -> list[tuple[str, str, int]]:
-        return [(t, a, s) for t in self.tasks for a in self.agents for s in self.seeds]
+        return [(t, a, s) for t in self.tasks for a in self.agents_for(t) for s in self.seeds]
 
     def resources_for(self, what: str) -> dict[str, float]:
         """``{"cpus": c, "gpus": g}`` one Ray task of ``what`` (an agent name or ``perception``) asks for."""
@@ -124,15 +134,24 @@ def perception_models(spec: ExperimentSpec, task: str, data_root: Path, runs: Pa
     from kp_rl.data import collect
     from kp_rl.train import train_autoencoder, train_dynamics
 
-    autoencoders = {models_needed(a)[0] for a in spec.agents if models_needed(a)}
+    paths: dict[str, Path] = {}
+    if spec.shared_prefix:  # online agents: the prefix every seed starts from (kp_rl.online.shared_prefix)
+        from kp_rl.online import shared_prefix
+
+        for agent in spec.agents_for(task):
+            agent_spec = get_agent(agent)
+            if agent_spec.schedule is not None:
+                paths[f"{agent}-prefix"] = shared_prefix(
+                    agent_spec.schedule, task, "cnn" if agent_spec.observation == "cnn-vrnn" else "keypoints",
+                    agent_spec.observation != "keypoints", runs / "models" / task / f"{agent}-prefix", progress)
+    autoencoders = {models_needed(a)[0] for a in spec.agents_for(task) if models_needed(a)}
     if not autoencoders:
-        return {}
+        return paths
     p = spec.perception
     data = data_root / task
     collect(task, data, int(p["episodes"]), seed=0, workers=2, progress=progress)
     config = get_preset(p["preset"]).replace(train={"steps": int(p["autoencoder_steps"]),
                                                    "dynamics_steps": int(p["dynamics_steps"])})
-    paths: dict[str, Path] = {}
     for representation in sorted(autoencoders, key=("keypoints", "cnn").index):
         ae = train_autoencoder(data, runs / "models" / task / representation, config, representation,
                                device=device, progress=progress)
@@ -150,8 +169,9 @@ def models_needed(agent: str) -> tuple[str, ...]:
 
 
 def model_for(agent: str, models: dict[str, Path]) -> Path | None:
+    """The model an agent's cell runs on; for an online agent, its shared prefix (if the grid made one)."""
     needed = models_needed(agent)
-    return models.get(needed[-1]) if needed else None
+    return models.get(needed[-1]) if needed else models.get(f"{agent}-prefix")
 
 
 def run_cell(spec: ExperimentSpec, task: str, agent: str, seed: int, model: Path | None, runs: Path,
@@ -162,7 +182,9 @@ def run_cell(spec: ExperimentSpec, task: str, agent: str, seed: int, model: Path
     from kp_rl.envs import get_spec
 
     out = cell_dir(runs, task, agent, seed)
-    return train_agent(get_spec(task).env_id, agent, spec.agent_steps(task), out, seed=seed, model=model,
+    online = get_agent(agent).perception is not None  # ``model`` is then its shared prefix (or None)
+    return train_agent(get_spec(task).env_id, agent, spec.agent_steps(task), out, seed=seed,
+                       model=None if online else model, perception_prefix=model if online else None,
                        eval_every=spec.eval_every, eval_episodes=spec.eval_episodes, device=device, progress=progress)
 
 
@@ -220,7 +242,7 @@ def run_experiment(path: str | Path, runs: str | Path = "runs", data: str | Path
     out = Path(results) / spec.name
     for task in spec.tasks:
         todo = []
-        for agent in spec.agents:
+        for agent in spec.agents_for(task):
             for seed in spec.seeds:
                 curve = committed_curve(out, spec, task, agent, seed)
                 if curve is None:
@@ -299,7 +321,7 @@ def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str,
         summary[task], finals[task] = {}, {}
         task_spec = get_spec(task)
         perception[task] = perception_minutes(runs_dir, task) if runs_dir is not None else {}
-        for agent in spec.agents:
+        for agent in spec.agents_for(task):
             runs = [curves[(task, agent, s)] for s in spec.seeds]
             finals[task][agent] = [float(np.mean(r["returns"][-spec.final_evaluations:])) for r in runs]
             iqm, low, high = iqm_with_ci(np.array(finals[task][agent]))
@@ -325,10 +347,14 @@ def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str,
     if spec.compare is not None and len(spec.seeds) > 1:
         summary["probability_of_improvement"] = {}
         for other in (a for a in spec.agents if a != spec.compare):
-            x = np.array([finals[t][spec.compare] for t in spec.tasks]).T  # (runs, tasks)
-            y = np.array([finals[t][other] for t in spec.tasks]).T
+            tasks = [t for t in spec.tasks if spec.compare in finals[t] and other in finals[t]]
+            if not tasks:
+                continue
+            x = np.array([finals[t][spec.compare] for t in tasks]).T  # (runs, tasks)
+            y = np.array([finals[t][other] for t in tasks]).T
             point, low, high = probability_of_improvement(x, y)
-            summary["probability_of_improvement"][f"{spec.compare} > {other}"] = {"point": point, "ci": [low, high]}
+            summary["probability_of_improvement"][f"{spec.compare} > {other}"] = {"point": point, "ci": [low, high],
+                                                                                   "tasks": tasks}
     print(f"\n{'task':20s} {'agent':24s} {'IQM return':>11s} {'95% CI':>17s} {'env steps':>10s} {'min/run':>8s}")
     for task in spec.tasks:
         for agent, row in summary[task].items():
@@ -347,6 +373,8 @@ def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str,
         fig, axes = plt.subplots(1, len(spec.tasks), figsize=(4.5 * len(spec.tasks), 3.2), squeeze=False)
         for ax, task in zip(axes[0], spec.tasks):
             for i, agent in enumerate(spec.agents):
+                if agent not in spec.agents_for(task):
+                    continue
                 runs = [curves[(task, agent, s)] for s in spec.seeds]
                 length = min(len(r["returns"]) for r in runs)
                 scale = 1 / 60.0 if axis == "seconds" else get_spec(task).action_repeat  # minutes / env steps

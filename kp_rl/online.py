@@ -34,7 +34,7 @@ from kp_rl.keypoints import preprocess_frames
 from kp_rl.model import PerceptionModel, load
 from kp_rl.train import MODEL_FILE, fit
 
-__all__ = ["PerceptionSchedule", "OnlinePerception", "initial_model"]
+__all__ = ["OnlinePerception", "PerceptionSchedule", "fit_perception", "initial_model", "shared_prefix"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,69 @@ def initial_model(schedule: PerceptionSchedule, representation: str, action_dim:
                            data_spec=data_spec).eval()
 
 
+def fit_perception(model: PerceptionModel, episodes: list[dict[str, np.ndarray]], schedule: PerceptionSchedule,
+                   index: int, root: Path, progress: bool = False) -> None:
+    """Fit ``index`` of the schedule: the autoencoder, then (if the model has one) the VRNN on its features, trained
+    to their cumulative budgets in ``root/autoencoder`` and ``root/dynamics`` (which they resume)."""
+    config = model.config
+    ae_steps, dyn_steps = schedule.budgets(index)
+    length = config.train.sequence_length
+    frames = FrameWindows([e for e in episodes if len(e["image"]) >= length], length)
+    autoencoder = model.autoencoder
+    model.config = config.replace(train={"steps": ae_steps})
+    model.train()
+    fit(model, list(autoencoder.parameters()), lambda batch, step: autoencoder.loss(preprocess_frames(batch["image"])),
+        frames, None, root / "autoencoder", steps=ae_steps, batch_size=config.train.batch_size,
+        stage="autoencoder", l2_parameters=list(autoencoder.l2_parameters()), progress=progress)
+    model.eval()
+    if model.dynamics is not None:
+        dynamics = model.dynamics
+        with torch.inference_mode():
+            features = encode_episodes(model, episodes)
+        data = FeatureSequences([{**e, "features": f} for e, f in zip(episodes, features)],
+                                config.dynamics.sequence_length)
+        if index == 0:
+            dynamics.set_reward_normalisation(*data.reward_statistics())
+        model.config = config.replace(train={"dynamics_steps": dyn_steps})
+        dynamics.train()
+        fit(model, list(dynamics.parameters()),
+            lambda batch, step: dynamics.loss(batch["features"], batch["action"], batch["reward"], step, dyn_steps),
+            data, None, root / "dynamics", steps=dyn_steps, batch_size=config.train.dynamics_batch_size,
+            stage="dynamics", progress=progress)
+    model.config = config
+    model.eval()
+
+
+def shared_prefix(schedule: PerceptionSchedule, task: str, representation: str, belief: bool, out: Path,
+                  progress: bool = False, env_kwargs: dict[str, Any] | None = None) -> Path:
+    """A random-action prefix shared by every seed of a grid, and the first fit on it: ``out/episodes`` (a
+    dataset of whole random-policy episodes, at least ``schedule.prefix`` agent steps, seed 0) and the perception
+    runs ``out/autoencoder`` / ``out/dynamics``. Each agent started on it (``train_agent(perception_prefix=out)``)
+    counts these steps in its budget and fine-tunes its own copy of the model. Resumable; returns ``out``."""
+    import gymnasium as gym
+
+    from kp_rl.data import collect, episode_files
+    from kp_rl.envs import get_spec
+
+    spec = get_spec(task).replace(**(env_kwargs or {}))
+    episodes = -(-schedule.prefix // spec.max_episode_steps)
+    collect(task, out / "episodes", episodes, seed=0, progress=progress, env_kwargs=env_kwargs)
+    if (out / "fit.json").exists():
+        return out
+    data = [load_episode(path, keys=("image", "action", "reward")) for path in episode_files(out / "episodes")]
+    probe = gym.make(spec.env_id, **(env_kwargs or {}))
+    action_dim = gym.spaces.flatdim(probe.action_space)
+    probe.close()
+    model = PerceptionModel(schedule.model_config(), representation, action_dim, with_dynamics=belief,
+                            data_spec={"env_id": spec.env_id, "action_dim": action_dim, "online": True})
+    tick = time.perf_counter()
+    fit_perception(model, data, schedule, 0, out, progress)
+    write_json(out / "fit.json", {"agent_steps": sum(len(e["image"]) - 1 for e in data),
+                                  "frames": sum(len(e["image"]) for e in data),
+                                  "seconds": round(time.perf_counter() - tick, 1), "shared": True})
+    return out
+
+
 class FrameWindows(Dataset):
     """Windows of ``length`` frames from in-memory episodes (the autoencoder's training data)."""
 
@@ -142,6 +205,34 @@ class OnlinePerception:
             load_episode(self.root / "episodes" / f"episode-{i:06d}.npz", keys=("image", "action", "reward"))
             for i in range(state.get("episodes", 0))]
         self.current: dict[str, list] | None = None
+        self.prefix: Path | None = None  # a shared_prefix folder a fresh run starts from (train_agent sets it)
+
+    def start_from_prefix(self, prefix: Path, algo: Any) -> None:
+        """A fresh run begins where a :func:`shared_prefix` ends: its episodes become this run's first ones (in
+        the replay buffer, encoded by the prefix's model, and counted in ``algo.num_timesteps``), its perception
+        runs are copied here for the refits to fine-tune."""
+        import shutil
+
+        from kp_rl.data import episode_files
+
+        stages = [s for s in ("autoencoder", "dynamics") if (prefix / s).is_dir()]
+        for stage in stages:
+            shutil.copytree(prefix / stage, self.root / stage, dirs_exist_ok=True)
+        self.model.load_state_dict(load(prefix / stages[-1]).state_dict())
+        self.fits = [read_json(prefix / "fit.json")]
+        buffer = algo.replay_buffer
+        for path in episode_files(prefix / "episodes"):
+            episode = load_episode(path, keys=("image", "action", "reward"))
+            self.episodes.append(episode)
+            save_episode(self.root / "episodes" / f"episode-{len(self.episodes) - 1:06d}.npz", episode)
+            observations, _ = self.observations(episode)
+            last = len(episode["image"]) - 1
+            for t in range(last):
+                self.buffer_map[buffer.pos] = (len(self.episodes) - 1, t)
+                buffer.add(observations[t:t + 1], observations[t + 1:t + 2], episode["action"][t + 1][None],
+                           episode["reward"][t + 1:t + 2], np.array([t + 1 == last]),
+                           [{"TimeLimit.truncated": t + 1 == last}])
+        algo.num_timesteps = sum(len(e["image"]) - 1 for e in self.episodes)
 
     # -- recording -----------------------------------------------------------------------------------------
     def start(self, frame: np.ndarray) -> None:
@@ -196,34 +287,7 @@ class OnlinePerception:
         return True
 
     def fit(self, episodes: list[dict[str, np.ndarray]], index: int) -> None:
-        """Train the autoencoder, then the VRNN on its features, to the cumulative budgets of fit ``index``."""
-        model, config = self.model, self.model.config
-        ae_steps, dyn_steps = self.schedule.budgets(index)
-        length = config.train.sequence_length
-        frames = FrameWindows([e for e in episodes if len(e["image"]) >= length], length)
-        autoencoder = model.autoencoder
-        model.config = config.replace(train={"steps": ae_steps})
-        model.train()
-        fit(model, list(autoencoder.parameters()), lambda batch, step: autoencoder.loss(preprocess_frames(batch["image"])),
-            frames, None, self.root / "autoencoder", steps=ae_steps, batch_size=config.train.batch_size,
-            stage="autoencoder", l2_parameters=list(autoencoder.l2_parameters()), progress=self.progress)
-        model.eval()
-        if self.belief:
-            dynamics = model.dynamics
-            with torch.inference_mode():
-                features = encode_episodes(model, episodes)
-            data = FeatureSequences([{**e, "features": f} for e, f in zip(episodes, features)],
-                                    config.dynamics.sequence_length)
-            if index == 0:
-                dynamics.set_reward_normalisation(*data.reward_statistics())
-            model.config = config.replace(train={"dynamics_steps": dyn_steps})
-            dynamics.train()
-            fit(model, list(dynamics.parameters()),
-                lambda batch, step: dynamics.loss(batch["features"], batch["action"], batch["reward"], step, dyn_steps),
-                data, None, self.root / "dynamics", steps=dyn_steps, batch_size=config.train.dynamics_batch_size,
-                stage="dynamics", progress=self.progress)
-        model.config = config
-        model.eval()
+        fit_perception(self.model, episodes, self.schedule, index, self.root, self.progress)
 
     def observations(self, episode: dict[str, np.ndarray]) -> tuple[np.ndarray, Any]:
         """Every step's observation as the wrapper gives it (features, + the belief when the agent has one), and

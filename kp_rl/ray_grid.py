@@ -88,7 +88,7 @@ def run_experiment_ray(path: str | Path, address: str | None = None, runs: str |
     curves: dict[tuple[str, str, int], dict[str, Any]] = {}
     pending: dict[Any, tuple[str, str, int]] = {}
     for task in spec.tasks:
-        todo = [(a, s) for a in spec.agents for s in spec.seeds]
+        todo = [(a, s) for a in spec.agents_for(task) for s in spec.seeds]
         for agent, seed in list(todo):
             curve = (committed_curve(out, spec, task, agent, seed)
                      or finished_curve(cell_dir(runs_dir, task, agent, seed), spec.agent_steps(task)))
@@ -98,7 +98,7 @@ def run_experiment_ray(path: str | Path, address: str | None = None, runs: str |
         if not todo:
             continue
         models: Any = {}
-        if any(get_agent(a).needs_model for a, _ in todo):
+        if any(get_agent(a).needs_model for a, _ in todo):  # pre-trained models, or the online agents' prefixes
             models = perceive.options(**options(spec.resources_for("perception"))).remote(
                 spec, task, data_dir, runs_dir, False)
         for agent, seed in todo:

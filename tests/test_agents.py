@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -84,6 +85,15 @@ def test_experiment_spec_errors(tmp_path):
         ExperimentSpec.from_yaml(tmp_path / "missing.yaml")
     spec = ExperimentSpec.from_yaml("experiments/structured_vs_unstructured_gpu.yaml")
     assert spec.agent_steps("cartpole-swingup") == 12_500 and spec.agent_steps("walker-walk") == 50_000
+    cpu = ExperimentSpec.from_yaml("experiments/structured_vs_unstructured_cpu.yaml")
+    assert len(cpu.cells()) == 35 and "sac-pixels-drq" not in cpu.agents_for("reacher-easy")  # 2 x 3 x 5 + 5
+    good = "tasks: [cartpole-swingup]\nagents: [sac-state]\nseeds: [0]\nsteps: 10\n"
+    bad.write_text(good + "exclude: [reacher-easy/sac-state]\n")
+    with pytest.raises(ValueError, match="not task/agent pairs"):
+        ExperimentSpec.from_yaml(bad)
+    bad.write_text(good + "compare: sac-pixels\n")
+    with pytest.raises(ValueError, match="compare: 'sac-pixels' is not one of the agents"):
+        ExperimentSpec.from_yaml(bad)
 
 
 def test_kp_rl_run_state_grid_end_to_end(tmp_path):
@@ -257,3 +267,76 @@ def test_online_perception_learns_from_the_agents_own_steps_and_resumes(tmp_path
     with pytest.raises(ValueError, match="perception"):  # another schedule is another run
         train_agent("kp_rl/cartpole-swingup-v0", dataclasses.replace(spec, perception={"prefix": 10}), 120, tmp_path,
                     **kwargs)
+
+
+def test_online_agents_can_start_from_a_shared_prefix(tmp_path):
+    """A grid's seeds share the random-action prefix and its first fit; each counts those steps and fine-tunes
+    its own copy."""
+    from stable_baselines3.common.save_util import load_from_pkl
+
+    from kp_rl.online import OnlinePerception, shared_prefix
+
+    spec = get_agent("sac-cnn-vrnn")
+    spec = dataclasses.replace(
+        spec, hyperparameters={**spec.hyperparameters, "learning_starts": 15, "batch_size": 16},
+        perception={"prefix": 15, "refit_every": 20, "autoencoder_steps": 6, "dynamics_steps": 6,
+                    "refit_autoencoder_steps": 3, "refit_dynamics_steps": 3, "preset": "tiny"})
+    env_kwargs = {"image_size": 32, "episode_steps": 80}
+    prefix = shared_prefix(spec.schedule, "cartpole-swingup", "cnn", True, tmp_path / "prefix", env_kwargs=env_kwargs)
+    assert json.loads((prefix / "fit.json").read_text())["agent_steps"] == 20  # two whole 10-step episodes
+    kwargs = dict(eval_every=20, eval_episodes=1, env_kwargs=env_kwargs, progress=False)
+    curve = train_agent("kp_rl/cartpole-swingup-v0", spec, 50, tmp_path / "run", perception_prefix=prefix, **kwargs)
+    assert [(f["agent_steps"], f.get("shared")) for f in curve["perception_fits"]] == [(20, True), (35, None)]
+    assert curve["steps"] == [40, 50]  # the prefix's steps are the first 20 of the budget
+    model = kp_rl.load(tmp_path / "run" / "perception" / "dynamics")
+    assert model.representation == "cnn"
+    assert kp_rl.model.read_checkpoint(tmp_path / "prefix" / "dynamics")["train_state"]["step"] == 6  # untouched
+    buffer = load_from_pkl(tmp_path / "run" / "replay_buffer.pkl")
+    venv = make_vec_env("kp_rl/cartpole-swingup-v0", spec, model, env_kwargs=env_kwargs)
+    online = OnlinePerception(spec.schedule, tmp_path / "run", venv)
+    assert sum(len(e["image"]) - 1 for e in online.episodes) == 50  # every step of the budget, recorded once
+    observations = [online.observations(e)[0] for e in online.episodes]
+    assert buffer.pos == 49  # SB3 stops before storing the budget's last step
+    for row, (e, t) in online.buffer_map.items():
+        if row < buffer.pos:
+            np.testing.assert_allclose(buffer.observations[row, 0], observations[e][t], atol=1e-5)
+    venv.close()
+
+
+def test_grid_with_online_agents_shares_the_prefix_and_reports(tmp_path):
+    """The structured-vs-unstructured script on a grid with an online keypoint agent: one shared prefix per task,
+    every env step counted, the report beside the published figures; --report-only from the committed cells."""
+    catalog = tmp_path / "agents"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "agents", catalog)
+    text = (catalog / "sac-keypoints-belief.yaml").read_text().split("perception:")[0]
+    (catalog / "sac-keypoints-belief.yaml").write_text(
+        text + "perception: {prefix: 100, refit_every: 100, autoencoder_steps: 3, dynamics_steps: 3,\n"
+        "  refit_autoencoder_steps: 2, refit_dynamics_steps: 2, preset: cpu,\n"
+        "  config: {keypoints: {num_keypoints: 4, base_filters: 4}, dynamics: {rnn_units: 16, latent_dim: 4}}}\n")
+    defaults = (catalog / "defaults.yaml").read_text().replace("learning_starts: 1000", "learning_starts: 100")
+    (catalog / "defaults.yaml").write_text(defaults.replace("batch_size: 256", "batch_size: 16"))
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text("name: tiny\ntasks: [cartpole-swingup]\nagents: [sac-keypoints-belief, sac-state]\nseeds: [0, 1]\n"
+                    "steps: 140\neval_every: 70\neval_episodes: 1\nrandom_episodes: 1\ncompare: sac-keypoints-belief\n"
+                    "shared_prefix: true\n")
+    script = Path(__file__).resolve().parent.parent / "experiments" / "structured_vs_unstructured.py"
+    dirs = ["--runs", str(tmp_path / "runs"), "--data", str(tmp_path / "data"), "--results", str(tmp_path / "results")]
+    env = {**os.environ, "KP_RL_AGENTS": str(catalog)}
+    result = subprocess.run([sys.executable, str(script), "--spec", str(spec), *dirs], capture_output=True, text=True,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "results" / "tiny"
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    row = summary["cartpole-swingup"]["sac-keypoints-belief"]
+    assert row["env_steps"] == 140 * 8 and row["pretrained_perception_env_steps"] == 0 and row["perception_fits"] == 1
+    prefixes = list((tmp_path / "runs" / "tiny" / "models" / "cartpole-swingup").iterdir())
+    assert [p.name for p in prefixes] == ["sac-keypoints-belief-prefix"]  # one for both seeds
+    readme = (out / "README.md").read_text()
+    assert "published: DrQ" in readme and "759±92" in readme and "P(sac-keypoints-belief > sac-state)" in readme
+    assert (out / "keypoints_cartpole-swingup.png").exists()
+    shutil.rmtree(tmp_path / "runs")
+    again = subprocess.run([sys.executable, str(script), "--spec", str(spec), "--report-only", *dirs],
+                           capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["summary"]["cartpole-swingup"].keys() == summary[
+        "cartpole-swingup"].keys()
