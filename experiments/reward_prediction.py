@@ -156,15 +156,8 @@ def autoencoder_cell(task: str, kind: str, seed: int, spec: dict[str, Any], root
         train={"cpu_amp": spec.get("ae_cpu_amp", False)})
     path = train_autoencoder(roots[0], run, config, "cnn" if kind == "cnn" else "keypoints", progress=False,
                              threads=threads)
-    model = kp_rl.load(path, device="auto")
-    splits = {"train": episodes(roots[0], "train"), "val": episodes(roots[0], "val"), "test": episodes(roots[1], "all")}
-    features = {name: encode_episodes(model, eps) for name, eps in splits.items()}
-    np.savez(run / "features.npz", **{f"{name}_{i}": f for name, fs in features.items() for i, f in enumerate(fs)})
+    track, model = encode_all(path, run, roots)
     size = model.image_size
-    coords = {name: pixels_to_unit(np.concatenate([e["true_object_pos"] for e in eps]), size)
-              for name, eps in splits.items()}
-    track = tracking_error(np.concatenate(features["train"]), coords["train"], np.concatenate(features["test"]),
-                           coords["test"])
     history = read_json(run / "history.json")
     return {"cell": f"ae_{kind}_seed{seed}", "task": task, "kind": kind, "seed": seed,
             "steps": history["train"][-1]["step"] if history["train"] else 0, "stopped": history.get("stopped"),
@@ -173,6 +166,29 @@ def autoencoder_cell(task: str, kind: str, seed: int, spec: dict[str, Any], root
             "tracking_rmse_px": track["keypoint_rmse"] * (size - 1) / 2,
             "mean_position_rmse_px": track["mean_baseline_rmse"] * (size - 1) / 2,
             "seconds": round(time.perf_counter() - tick, 1)}
+
+
+def encode_all(checkpoint: Path, run: Path, roots: tuple[Path, Path]) -> tuple[dict[str, float], Any]:
+    """Every split's features through a trained autoencoder, cached in ``run/features.npz`` for the VRNNs; its
+    held-out tracking error."""
+    model = kp_rl.load(checkpoint, device="auto")
+    splits = {"train": episodes(roots[0], "train"), "val": episodes(roots[0], "val"), "test": episodes(roots[1], "all")}
+    features = {name: encode_episodes(model, eps) for name, eps in splits.items()}
+    run.mkdir(parents=True, exist_ok=True)
+    np.savez(run / "features.npz", **{f"{name}_{i}": f for name, fs in features.items() for i, f in enumerate(fs)})
+    size = model.image_size
+    coords = {name: pixels_to_unit(np.concatenate([e["true_object_pos"] for e in eps]), size)
+              for name, eps in splits.items()}
+    return tracking_error(np.concatenate(features["train"]), coords["train"], np.concatenate(features["test"]),
+                          coords["test"]), model
+
+
+def commit_weights(checkpoint: Path, dest: Path) -> None:
+    """A finished model's weights without optimiser state (a few hundred KB), committed beside the cells so that a
+    fresh machine re-encodes the data instead of retraining the autoencoder (and ships Struct-VRNN seed 0)."""
+    buffer = io.BytesIO()
+    torch.save(kp_rl.load(checkpoint).checkpoint(train_state=None), buffer)
+    write_bytes(dest, buffer.getvalue())
 
 
 def cached_features(run: Path) -> dict[str, list[np.ndarray]]:
@@ -200,7 +216,12 @@ def vrnn_cell(task: str, method: str, seed: int, spec: dict[str, Any], roots: tu
     else:
         ae_seed = seed % spec["ae_seeds"]
         ae_run = runs / task / f"ae_{source}_seed{ae_seed}"
-        if not (ae_run / "features.npz").exists():  # e.g. a fresh machine: same seed and data, same model
+        committed = Path(spec["models_dir"]) / task / f"ae_{source}_seed{ae_seed}.pt"
+        if not (ae_run / "features.npz").exists() and committed.exists():  # a fresh machine: the committed weights
+            ae_run.mkdir(parents=True, exist_ok=True)
+            write_bytes(ae_run / MODEL_FILE, committed.read_bytes())
+            encode_all(ae_run / MODEL_FILE, ae_run, roots)
+        elif not (ae_run / "features.npz").exists():  # no weights either: same seed and data, same model
             autoencoder_cell(task, source, ae_seed, spec, roots, runs)
         features = cached_features(ae_run)
     sets = {name: FeatureSequences(with_features(eps, features[name]), length,
@@ -491,13 +512,12 @@ samples; per step in results.json):
 
 
 # ------------------------------------------------------------------------------------------ pretrained bundles
-def export_pretrained(task: str, runs: Path, out: Path, spec: dict[str, Any], roots: tuple[Path, Path],
-                      dest: Path) -> Path | None:
-    """Ship Struct-VRNN seed 0 (on keypoint autoencoder seed 0) of ``task`` as ``dest/<task>.pt`` (weights, config,
-    data spec; no optimiser state) with its model card ``dest/<task>.md``; None while its cells are not done or
-    its checkpoint is not on this machine."""
+def export_pretrained(task: str, out: Path, spec: dict[str, Any], roots: tuple[Path, Path], dest: Path) -> Path | None:
+    """Ship Struct-VRNN seed 0 (on keypoint autoencoder seed 0) of ``task`` as ``dest/<task>.pt`` (its committed
+    weights: config, data spec, no optimiser state) with its model card ``dest/<task>.md``; None while its cells
+    are not done."""
     ae, vrnn = cell_path(out, task, "ae_keypoints_seed0"), cell_path(out, task, "struct_seed0")
-    checkpoint = runs / task / "struct" / "seed0" / MODEL_FILE
+    checkpoint = out / "models" / task / "struct_seed0.pt"
     if not (ae.exists() and vrnn.exists() and checkpoint.exists()):
         return None
     model, ae, vrnn = kp_rl.load(checkpoint), read_json(ae), read_json(vrnn)
@@ -546,10 +566,11 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/reward_prediction", help="checkpoints (default: runs/reward_prediction)")
     parser.add_argument("--out", default="results/reward_prediction", help="default: results/reward_prediction")
     args = parser.parse_args()
-    spec = {**SPECS[args.spec], "name": args.spec}
+    spec = {**SPECS[args.spec], "name": args.spec, "models_dir": str(Path(args.out) / "models")}
     tasks = args.tasks or spec["tasks"]
     methods = args.methods or list(METHODS)
     out, runs, start = Path(args.out), Path(args.runs) / args.spec, time.perf_counter()
+    models = Path(spec["models_dir"])
     roots = {task: datasets(task, spec, Path(args.data)) for task in tasks}  # (resumes; quick once collected)
 
     # the cells in the order they are worth having: the state reference first (no autoencoder), then the
@@ -594,6 +615,10 @@ def main() -> None:
                 job = running.pop(future)
                 row = future.result()
                 write_json(cell_path(out, job[1], name(job)), row)
+                if job[0] == "ae":
+                    commit_weights(runs / job[1] / name(job), models / job[1] / f"{name(job)}.pt")
+                elif name(job) == "struct_seed0":
+                    commit_weights(runs / job[1] / "struct" / "seed0", models / job[1] / "struct_seed0.pt")
                 bar.update()
                 r2 = row["scores"]["prior_mean"]["r2_mean"] if "scores" in row else None
                 bar.write(f"[{job[1]}] {name(job)}: {row['steps']} steps ({row['seconds']:.0f} s)"
@@ -627,7 +652,7 @@ def main() -> None:
     report(jsonable(results), out)
     if args.export_pretrained:
         for task in tasks:
-            path = export_pretrained(task, runs, out, spec, roots[task], Path(kp_rl.__file__).parent / "pretrained")
+            path = export_pretrained(task, out, spec, roots[task], Path(kp_rl.__file__).parent / "pretrained")
             print(f"wrote {path}" if path else f"{task}: Struct-VRNN seed 0 not finished here; nothing exported")
     print(f"wrote {out}/results.json and README.md ({time.perf_counter() - start:.0f} s)")
 

@@ -1,6 +1,7 @@
 """experiments/reward_prediction.py --spec quick: every cell, the summary block, resuming from committed cells."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,9 @@ def test_quick_spec_runs_every_cell_and_resumes_from_the_cell_files(tmp_path):
     assert cell["autoencoder_seed"] == 0 and cell["test_windows"] > 0 and cell["scores"]["best_of_samples"]["oracle_selected"]
     assert len(cell["video"]["psnr_first_sample"]) == 4 and "psnr_mean" in summary["struct"]  # predicted steps
     assert "Struct - CNN" in (tmp_path / "out" / "README.md").read_text()
+    models = tmp_path / "out" / "models" / "cartpole-swingup"  # committed weights: a few hundred KB in all
+    assert sorted(p.name for p in models.iterdir()) == ["ae_cnn_seed0.pt", "ae_keypoints_seed0.pt",
+                                                        "ae_no_kp_losses_seed0.pt", "struct_seed0.pt"]
     again = run(tmp_path)  # every cell file is there: nothing is trained again
     assert "; 0 to run" in again.stdout
     readout = results["state_readout"]["cartpole-swingup"]
@@ -50,11 +54,22 @@ def test_quick_spec_runs_every_cell_and_resumes_from_the_cell_files(tmp_path):
 
     spec = {**reward_prediction.SPECS["quick"], "name": "quick"}
     roots = (tmp_path / "data" / "cartpole-swingup-quick", tmp_path / "data" / "cartpole-swingup-quick-test")
-    bundle = reward_prediction.export_pretrained("cartpole-swingup", tmp_path / "runs" / "quick", tmp_path / "out",
-                                                 spec, roots, tmp_path / "pretrained")
+    bundle = reward_prediction.export_pretrained("cartpole-swingup", tmp_path / "out", spec, roots,
+                                                 tmp_path / "pretrained")
     model = kp_rl.load(bundle)
     assert model.has_dynamics and model.representation == "keypoints"
     assert bundle.stat().st_size < (tmp_path / "runs" / "quick" / "cartpole-swingup" / "struct" / "seed0" / "model.pt").stat().st_size
     card = bundle.with_suffix(".md").read_text()
     seed0 = json.loads((tmp_path / "out" / "cells" / "cartpole-swingup" / "struct_seed0.json").read_text())
     assert "pretrained:cartpole-swingup" in card and f"R² {seed0['scores']['prior_mean']['r2_mean']:.3f}" in card
+
+
+def test_a_fresh_machine_reencodes_with_the_committed_autoencoder_instead_of_retraining(tmp_path):
+    run(tmp_path)
+    shutil.rmtree(tmp_path / "runs")  # a fresh machine: only the committed files are left
+    for cell in (tmp_path / "out" / "cells" / "cartpole-swingup").glob("struct_seed*.json"):
+        cell.unlink()
+    again = run(tmp_path)
+    assert "2 to run" in again.stdout
+    ae_run = tmp_path / "runs" / "quick" / "cartpole-swingup" / "ae_keypoints_seed0"
+    assert (ae_run / "features.npz").exists() and not (ae_run / "history.json").exists()  # not retrained
