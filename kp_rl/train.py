@@ -46,7 +46,7 @@ from kp_rl.data import (MANIFEST, DatasetError, EpisodeBlockSampler, FeatureSequ
                         StreamingSequenceDataset, read_manifest, sequence_dataset)
 from kp_rl.files import write_json
 from kp_rl.keypoints import preprocess_frames
-from kp_rl.model import PerceptionModel, load, read_checkpoint, resolve_device
+from kp_rl.model import PerceptionModel, checkpoint_file, load, read_checkpoint, resolve_device
 from kp_rl.runs import check_output_dir, check_run, checkpoint_hash, start_run
 
 MODEL_FILE = "model.pt"
@@ -621,7 +621,7 @@ def train_dynamics(
                          f"{base['config']['preset']!r}, not {preset!r}; dynamics keep their autoencoder's preset")
     identity = {"command": "train", "stage": "dynamics", "representation": base["representation"],
                 "env_id": _dataset_env(data), "preset": base["config"]["preset"],
-                "model": str(_checkpoint_file(autoencoder_run)) if source is not None else None,
+                "model": str(checkpoint_file(autoencoder_run).resolve()) if source is not None else None,
                 "model_sha256": checkpoint_hash(autoencoder_run) if source is not None else None}
     found = _found_identity(stored)
     check_run(out, identity, found)
@@ -706,11 +706,6 @@ def _dataset_env(data: Path) -> str | None:
     if not (data / MANIFEST).exists():
         return None
     return read_manifest(data)["env_id"]
-
-
-def _checkpoint_file(path: str | Path) -> Path:
-    path = Path(path)
-    return (path / MODEL_FILE if path.is_dir() else path).resolve()
 
 
 def _found_identity(checkpoint: dict[str, Any] | None) -> dict[str, Any] | None:
