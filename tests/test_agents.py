@@ -144,10 +144,10 @@ def test_local_grid_runs_perception_and_agents_on_the_chosen_device(tmp_path, mo
     monkeypatch.setattr(experiment, "summarise", lambda *args, **kw: {})
     spec = tmp_path / "tiny.yaml"
     spec.write_text("name: tiny\ntasks: [cartpole-swingup]\nagents: [sac-state]\nseeds: [0, 1]\nsteps: 8\n")
-    experiment.run_experiment(spec, runs=tmp_path, device="cpu")
+    experiment.run_experiment(spec, runs=tmp_path, results=tmp_path / "results", device="cpu")
     assert seen == [("perception", "cpu"), ("cell", "cpu"), ("cell", "cpu")]
     with pytest.raises(ValueError, match="no CUDA device|cuda"):
-        experiment.run_experiment(spec, runs=tmp_path, device="cuda:7")
+        experiment.run_experiment(spec, runs=tmp_path, results=tmp_path / "results", device="cuda:7")
 
 
 def test_agent_run_folders_know_what_they_hold(model_path, tmp_path):
