@@ -281,9 +281,11 @@ class OnlinePerception:
         episodes = self.episodes + ([self._finish(self.current)] if self.current and len(self.current["image"]) > 1
                                     else [])
         self.fit(episodes, len(self.fits))
+        fitted = time.perf_counter()
         self.reencode(algo, episodes)
         self.fits.append({"agent_steps": agent_steps, "frames": int(sum(len(e["image"]) for e in episodes)),
-                          "seconds": round(time.perf_counter() - tick, 1)})
+                          "seconds": round(time.perf_counter() - tick, 1),
+                          "reencode_seconds": round(time.perf_counter() - fitted, 1)})
         return True
 
     def fit(self, episodes: list[dict[str, np.ndarray]], index: int) -> None:
