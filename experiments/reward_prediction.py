@@ -573,14 +573,24 @@ def main() -> None:
     models = Path(spec["models_dir"])
     roots = {task: datasets(task, spec, Path(args.data)) for task in tasks}  # (resumes; quick once collected)
 
-    # the cells in the order they are worth having: the state reference first (no autoencoder), then the
-    # autoencoders, then the VRNNs whose autoencoder is done, headline methods before ablations
+    # the cells in the order they are worth having: the state reference first (no autoencoder), then per
+    # autoencoder seed its autoencoders and the VRNNs on them, headline methods before ablations
     ae_jobs = [("ae", task, kind, seed) for seed in range(spec["ae_seeds"]) for task in tasks for kind in AUTOENCODERS
                if kind != "no_kp_losses" or "struct_no_kp_losses" in methods]
     vrnn_jobs = [("vrnn", task, method, seed) for ablation in (False, True) for seed in range(spec["seeds"])
                  for task in tasks for method in methods
                  if METHODS[method][2] == ablation and seed < (spec["ablation_seeds"] if ablation else spec["seeds"])]
-    jobs = [j for j in vrnn_jobs if j[2] == "state"] + ae_jobs + [j for j in vrnn_jobs if j[2] != "state"]
+    # by autoencoder seed: its autoencoders, then the VRNNs on them (headline methods first), then the next seed's:
+    # a run cut short has whole seeds of every method rather than many autoencoders and no VRNN
+    def order(job: tuple) -> tuple:
+        if job[0] == "vrnn" and job[2] == "state":
+            return (0,)
+        if job[0] == "ae":
+            return (1, job[3], 0)
+        return (1, job[3] % spec["ae_seeds"], 1, METHODS[job[2]][2], job[3])
+
+    jobs = sorted([j for j in vrnn_jobs if j[2] == "state"] + ae_jobs + [j for j in vrnn_jobs if j[2] != "state"],
+                  key=order)
     name = lambda job: f"ae_{job[2]}_seed{job[3]}" if job[0] == "ae" else f"{job[2]}_seed{job[3]}"  # noqa: E731
     todo = [j for j in jobs if not cell_path(out, j[1], name(j)).exists()]
     print(f"{len(jobs) - len(todo)} of {len(jobs)} cells already done; "
