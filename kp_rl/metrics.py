@@ -95,6 +95,9 @@ def psnr(
     return values.numpy().reshape(lead)
 
 
+SSIM_CHUNK = 128  # frames per torchmetrics call in ssim (bounds its memory)
+
+
 def ssim(
     pred: np.ndarray | Tensor, target: np.ndarray | Tensor, data_range: float = 1.0, channels_last: bool = True,
 ) -> np.ndarray:
@@ -118,10 +121,14 @@ def ssim(
         raise ValueError(f"ssim needs H, W >= 11, got H={p.shape[-2]}, W={p.shape[-1]} from shape "
                          f"{(*lead, *p.shape[1:]) if not channels_last else (*lead, *p.shape[2:], p.shape[1])} "
                          f"with channels_last={channels_last}: check the layout")
-    # torchmetrics averages over every pixel of a reflect-padded image; keep the windows inside the frame
-    _, full = structural_similarity_index_measure(p, t, data_range=data_range, reduction="none",
-                                                  return_full_image=True)
-    return full[..., 5:-5, 5:-5].mean(dim=(1, 2, 3)).numpy().reshape(lead)
+    # torchmetrics averages over every pixel of a reflect-padded image; keep the windows inside the frame. In
+    # chunks of frames: its intermediates take ~15 float64 copies of the batch (a few GB for a thousand frames)
+    scores = []
+    for start in range(0, len(p), SSIM_CHUNK):
+        _, full = structural_similarity_index_measure(p[start:start + SSIM_CHUNK], t[start:start + SSIM_CHUNK],
+                                                      data_range=data_range, reduction="none", return_full_image=True)
+        scores.append(full[..., 5:-5, 5:-5].mean(dim=(1, 2, 3)))
+    return torch.cat(scores).numpy().reshape(lead)
 
 
 def per_step(metric_values: np.ndarray | Tensor) -> np.ndarray:

@@ -195,3 +195,16 @@ def test_frechet_singular_covariance_is_finite():
     assert frechet_distance(np.zeros(3), cov, np.zeros(3), cov) == pytest.approx(0.0, abs=1e-5)
 
 
+
+
+def test_ssim_of_many_frames_is_computed_in_chunks_with_the_same_scores(monkeypatch):
+    """A few thousand video frames (3 samples x 32 windows x 16 steps) once asked torchmetrics for 30 GB."""
+    import kp_rl.metrics as metrics
+
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 256, (5, 7, 16, 16, 3)).astype(np.uint8)
+    pred = np.clip(target + rng.normal(0, 20, target.shape), 0, 255).astype(np.uint8)
+    whole = metrics.ssim(pred, target, data_range=255.0)
+    monkeypatch.setattr(metrics, "SSIM_CHUNK", 4)
+    np.testing.assert_allclose(metrics.ssim(pred, target, data_range=255.0), whole, rtol=1e-12)
+    assert whole.shape == (5, 7) and 0 < whole.min() < whole.max() < 1
