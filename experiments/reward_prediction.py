@@ -606,6 +606,7 @@ def main() -> None:
 
     context = mp.get_context("spawn")  # EGL and torch threads do not survive a fork
     bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not todo)
+    failed: dict[str, str] = {}
     with futures.ProcessPoolExecutor(args.workers, mp_context=context) as pool:
         running: dict[futures.Future, tuple] = {}
         while todo or running:
@@ -623,7 +624,12 @@ def main() -> None:
             done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
             for future in done:
                 job = running.pop(future)
-                row = future.result()
+                try:
+                    row = future.result()
+                except Exception as exc:  # noqa: BLE001 - one broken cell must not stop the others
+                    failed[f"{job[1]} {name(job)}"] = f"{type(exc).__name__}: {exc}"
+                    bar.write(f"[{job[1]}] {name(job)} FAILED: {type(exc).__name__}: {exc}")
+                    continue
                 write_json(cell_path(out, job[1], name(job)), row)
                 if job[0] == "ae":
                     commit_weights(runs / job[1] / name(job), models / job[1] / f"{name(job)}.pt")
@@ -665,6 +671,9 @@ def main() -> None:
             path = export_pretrained(task, out, spec, roots[task], Path(kp_rl.__file__).parent / "pretrained")
             print(f"wrote {path}" if path else f"{task}: Struct-VRNN seed 0 not finished here; nothing exported")
     print(f"wrote {out}/results.json and README.md ({time.perf_counter() - start:.0f} s)")
+    if failed:
+        raise SystemExit("cells failed (rerun to retry them; the others are kept):\n" +
+                         "\n".join(f"  {cell}: {why}" for cell, why in failed.items()))
 
 
 if __name__ == "__main__":
