@@ -29,7 +29,7 @@ from kp_rl.bench import machine
 from kp_rl.files import save_figure, write_json
 from kp_rl.keypoints import count_parameters
 from kp_rl.model import PerceptionModel, resolve_device
-from kp_rl.train import CudaGraphStep
+from kp_rl.train import CudaGraphStep, cpu_has_native_bf16
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -67,7 +67,18 @@ def bench_preset(name: str, repeats: int, device: torch.device) -> dict[str, flo
         optimizer.step()
 
     model.train()
-    ae_seconds = timed(ae_step, repeats, device)
+    variants: dict[str, float] = {}
+    if device.type == "cpu":  # what kp_rl.train does on the CPU, step by step: channels-last, then bf16 autocast
+        variants["fp32"] = timed(ae_step, repeats, device)
+        model.autoencoder.to(memory_format=torch.channels_last)
+        variants["channels_last"] = timed(ae_step, repeats, device)
+        if cpu_has_native_bf16():
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+            variants["channels_last_bf16"] = timed(ae_step, repeats, device)
+        ae_seconds = variants["channels_last_bf16" if "channels_last_bf16" in variants else "channels_last"]
+        autocast = contextlib.nullcontext()
+    else:
+        ae_seconds = timed(ae_step, repeats, device)
 
     features = torch.rand(train.dynamics_batch_size, dyn.sequence_length, model.feature_dim, device=device)
     actions = torch.rand(train.dynamics_batch_size, dyn.sequence_length, 1, device=device) * 2 - 1
@@ -120,7 +131,10 @@ def bench_preset(name: str, repeats: int, device: torch.device) -> dict[str, flo
             "feature_dim": model.feature_dim, "cnn_feature_dim": cnn.feature_dim,
             "train_batch_frames": train.batch_size * train.sequence_length,
             "train_frames_per_s": train.batch_size * train.sequence_length / ae_seconds,
-            "train_step_s": ae_seconds, "vrnn_steps_per_s": 1.0 / (graph_seconds or dyn_seconds),
+            "train_step_s": ae_seconds,
+            # on the CPU the autoencoder step as kp_rl.train runs it (the last variant), and the ones before
+            "train_frames_per_s_variants": {k: train.batch_size * train.sequence_length / v for k, v in variants.items()},
+            "vrnn_steps_per_s": 1.0 / (graph_seconds or dyn_seconds),
             "vrnn_steps_per_s_eager": 1.0 / dyn_seconds,
             "vrnn_cuda_graph_speedup": dyn_seconds / graph_seconds if graph_seconds else None,
             "encode_1_frame_ms": latency[1], "encode_16_frames_ms": latency[16]}
@@ -143,6 +157,10 @@ def main() -> None:
         print(f"{name:8s} {r['parameters_autoencoder']:10d} {r['parameters_cnn_autoencoder']:8d} {r['train_frames_per_s']:15.1f} {r['vrnn_steps_per_s']:13.1f} "
               f"{r['encode_1_frame_ms']:14.2f} {r['encode_16_frames_ms']:15.2f}")
     print(f"cpu preset trains {rows['cpu']['train_frames_per_s_vs_paper']:.1f}x the paper preset's frames/s")
+    for name, r in rows.items():
+        if r["train_frames_per_s_variants"]:
+            print(f"{name} autoencoder training frames/s, step by step to what kp_rl.train runs: " + ", ".join(
+                f"{k} {v:.0f}" for k, v in r["train_frames_per_s_variants"].items()))
     for name, r in rows.items():
         if r["vrnn_cuda_graph_speedup"]:
             print(f"{name} VRNN steps/s: CUDA graph {r['vrnn_steps_per_s']:.1f} vs eager {r['vrnn_steps_per_s_eager']:.1f} "
