@@ -99,7 +99,15 @@ def initial_model(schedule: PerceptionSchedule, representation: str, action_dim:
 def fit_perception(model: PerceptionModel, episodes: list[dict[str, np.ndarray]], schedule: PerceptionSchedule,
                    index: int, root: Path, progress: bool = False) -> None:
     """Fit ``index`` of the schedule: the autoencoder, then (if the model has one) the VRNN on its features, trained
-    to their cumulative budgets in ``root/autoencoder`` and ``root/dynamics`` (which they resume)."""
+    to their cumulative budgets in ``root/autoencoder`` and ``root/dynamics`` (which they resume). The fits draw
+    from their own random stream (restored from their checkpoints): the caller's (the agent's) is left as it was."""
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        _fit_perception(model, episodes, schedule, index, root, progress)
+
+
+def _fit_perception(model: PerceptionModel, episodes: list[dict[str, np.ndarray]], schedule: PerceptionSchedule,
+                    index: int, root: Path, progress: bool) -> None:
     config = model.config
     ae_steps, dyn_steps = schedule.budgets(index)
     length = config.train.sequence_length

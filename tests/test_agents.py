@@ -340,3 +340,22 @@ def test_grid_with_online_agents_shares_the_prefix_and_reports(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["summary"]["cartpole-swingup"].keys() == summary[
         "cartpole-swingup"].keys()
+
+
+def test_a_perception_fit_leaves_the_agents_random_stream_alone(tmp_path):
+    import torch
+
+    from kp_rl.online import PerceptionSchedule, fit_perception
+
+    schedule = PerceptionSchedule(autoencoder_steps=2, dynamics_steps=2, preset="tiny")
+    model = kp_rl.PerceptionModel(schedule.model_config(), action_dim=1, with_dynamics=True)
+    rng = np.random.default_rng(0)
+    episodes = [{"image": rng.integers(0, 256, (12, 32, 32, 3)).astype(np.uint8),
+                 "action": rng.uniform(-1, 1, (12, 1)).astype(np.float32),
+                 "reward": rng.uniform(0, 1, 12).astype(np.float32)} for _ in range(2)]
+    fit_perception(model, episodes, schedule, 0, tmp_path)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    fit_perception(model, episodes, dataclasses.replace(schedule, refit_autoencoder_steps=1), 1, tmp_path)  # resumes
+    assert torch.equal(torch.rand(3), expected)
