@@ -153,10 +153,6 @@ class KeypointVRNN(nn.Module):
         """The belief vector exposed to RL agents: ``concat(h, z)`` of shape ``(B, belief_dim)``."""
         return torch.cat([state.h, state.z], dim=-1)
 
-    def count_parameters(self) -> int:
-        """Number of trainable parameters."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
     def _transition(self, state: VRNNState, action: Tensor) -> Tensor:
         return self.cell(torch.cat([state.x, state.z, action], dim=-1), state.h)
 

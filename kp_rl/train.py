@@ -732,12 +732,6 @@ def _with_config(model: PerceptionModel, config: Config) -> PerceptionModel:
     return fresh.to(model.device)
 
 
-def steps_per_second(history: dict[str, list[dict[str, float]]]) -> float:
-    """Median training speed recorded in a run's history."""
-    rates = [row["steps_per_s"] for row in history.get("train", [])[1:] if math.isfinite(row["steps_per_s"])]
-    return float(np.median(rates)) if rates else float("nan")
-
-
 def training_seconds(history: dict[str, list[dict[str, float]]]) -> float:
     """Wall-clock seconds of a run's training loop from its logged rates, summed over resumed sessions.
 
