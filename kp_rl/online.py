@@ -143,8 +143,6 @@ def shared_prefix(schedule: PerceptionSchedule, task: str, representation: str, 
     dataset of whole random-policy episodes, at least ``schedule.prefix`` agent steps, seed 0) and the perception
     runs ``out/autoencoder`` / ``out/dynamics``. Each agent started on it (``train_agent(perception_prefix=out)``)
     counts these steps in its budget and fine-tunes its own copy of the model. Resumable; returns ``out``."""
-    import gymnasium as gym
-
     from kp_rl.data import collect, episode_files
     from kp_rl.envs import get_spec
 
@@ -154,9 +152,7 @@ def shared_prefix(schedule: PerceptionSchedule, task: str, representation: str, 
     if (out / "fit.json").exists():
         return out
     data = [load_episode(path, keys=("image", "action", "reward")) for path in episode_files(out / "episodes")]
-    probe = gym.make(spec.env_id, **(env_kwargs or {}))
-    action_dim = gym.spaces.flatdim(probe.action_space)
-    probe.close()
+    action_dim = data[0]["action"].shape[-1]
     model = PerceptionModel(schedule.model_config(), representation, action_dim, with_dynamics=belief,
                             data_spec={"env_id": spec.env_id, "action_dim": action_dim, "online": True})
     tick = time.perf_counter()
