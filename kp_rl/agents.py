@@ -332,8 +332,8 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
         if schedule is not None:
             from kp_rl.online import OnlinePerception
 
-            online = OnlinePerception(schedule, out, venv, progress=progress)
-            online.prefix = Path(perception_prefix) if perception_prefix else None
+            online = OnlinePerception(schedule, out, venv, progress=progress,
+                                      prefix=Path(perception_prefix) if perception_prefix else None)
         return _train(spec, venv, eval_env, steps, out, identity, found, seed, eval_every, eval_episodes, device,
                       checkpoint_every, progress, previous if (out / "agent.zip").exists() else None, online)
     finally:

@@ -192,9 +192,11 @@ class OnlinePerception:
         wrapper: the training env's ``VecKeypointObservation``; its model is the one trained (in place: give the
             evaluation env's wrapper the same model object).
         progress: progress bars for the fits.
+        prefix: a :func:`shared_prefix` folder; a fresh run starts after it (:meth:`start_from_prefix`).
     """
 
-    def __init__(self, schedule: PerceptionSchedule, out: Path, wrapper: Any, progress: bool = False) -> None:
+    def __init__(self, schedule: PerceptionSchedule, out: Path, wrapper: Any, progress: bool = False,
+                 prefix: Path | None = None) -> None:
         if wrapper.num_envs != 1:
             raise ValueError(f"online perception records one env, got {wrapper.num_envs}")
         self.schedule, self.wrapper, self.progress = schedule, wrapper, progress
@@ -209,7 +211,7 @@ class OnlinePerception:
             load_episode(self.root / "episodes" / f"episode-{i:06d}.npz", keys=("image", "action", "reward"))
             for i in range(state.get("episodes", 0))]
         self.current: dict[str, list] | None = None
-        self.prefix: Path | None = None  # a shared_prefix folder a fresh run starts from (train_agent sets it)
+        self.prefix = prefix  # a shared_prefix folder a fresh run starts from
 
     def start_from_prefix(self, prefix: Path, algo: Any) -> None:
         """A fresh run begins where a :func:`shared_prefix` ends: its episodes become this run's first ones (in
