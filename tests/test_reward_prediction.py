@@ -73,3 +73,10 @@ def test_a_fresh_machine_reencodes_with_the_committed_autoencoder_instead_of_ret
     assert "2 to run" in again.stdout
     ae_run = tmp_path / "runs" / "quick" / "cartpole-swingup" / "ae_keypoints_seed0"
     assert (ae_run / "features.npz").exists() and not (ae_run / "history.json").exists()  # not retrained
+
+
+def test_the_committed_weights_are_not_git_ignored():
+    """results/**/*.pt is ignored (large artefacts) but for these: a fresh machine needs them."""
+    path = "results/reward_prediction/models/cartpole-swingup/ae_keypoints_seed0.pt"
+    ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
+    assert ignored.returncode == 1  # 1: not ignored
