@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
+import fcntl
 import io
 import multiprocessing as mp
 import time
@@ -174,8 +175,8 @@ def encode_all(checkpoint: Path, run: Path, roots: tuple[Path, Path]) -> tuple[d
     model = kp_rl.load(checkpoint, device="auto")
     splits = {"train": episodes(roots[0], "train"), "val": episodes(roots[0], "val"), "test": episodes(roots[1], "all")}
     features = {name: encode_episodes(model, eps) for name, eps in splits.items()}
-    run.mkdir(parents=True, exist_ok=True)
-    np.savez(run / "features.npz", **{f"{name}_{i}": f for name, fs in features.items() for i, f in enumerate(fs)})
+    arrays = {f"{name}_{i}": f for name, fs in features.items() for i, f in enumerate(fs)}
+    write_bytes(run / "features.npz", lambda handle: np.savez(handle, **arrays))  # atomic: VRNN cells read it
     size = model.image_size
     coords = {name: pixels_to_unit(np.concatenate([e["true_object_pos"] for e in eps]), size)
               for name, eps in splits.items()}
@@ -217,12 +218,14 @@ def vrnn_cell(task: str, method: str, seed: int, spec: dict[str, Any], roots: tu
         ae_seed = seed % spec["ae_seeds"]
         ae_run = runs / task / f"ae_{source}_seed{ae_seed}"
         committed = Path(spec["models_dir"]) / task / f"ae_{source}_seed{ae_seed}.pt"
-        if not (ae_run / "features.npz").exists() and committed.exists():  # a fresh machine: the committed weights
-            ae_run.mkdir(parents=True, exist_ok=True)
-            write_bytes(ae_run / MODEL_FILE, committed.read_bytes())
-            encode_all(ae_run / MODEL_FILE, ae_run, roots)
-        elif not (ae_run / "features.npz").exists():  # no weights either: same seed and data, same model
-            autoencoder_cell(task, source, ae_seed, spec, roots, runs)
+        ae_run.mkdir(parents=True, exist_ok=True)
+        with open(ae_run / ".lock", "w") as lock:  # the VRNN cells on one autoencoder run side by side
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (ae_run / "features.npz").exists() and committed.exists():  # a fresh machine: committed weights
+                write_bytes(ae_run / MODEL_FILE, committed.read_bytes())
+                encode_all(ae_run / MODEL_FILE, ae_run, roots)
+            elif not (ae_run / "features.npz").exists():  # no weights either: same seed and data, same model
+                autoencoder_cell(task, source, ae_seed, spec, roots, runs)
         features = cached_features(ae_run)
     sets = {name: FeatureSequences(with_features(eps, features[name]), length,
                                    stride=1 if name == "train" else length) for name, eps in splits.items()}
