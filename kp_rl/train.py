@@ -3,11 +3,7 @@
 Both stages share one loop (:func:`fit`): device ``auto`` (CUDA when present, bf16 autocast there), a tqdm
 progress bar, TensorBoard scalars (every loss term separately) and image grids, validation every
 ``eval_every`` steps, an atomic checkpoint every ``checkpoint_every`` steps and resume from it.
-
-Staged, not joint: the paper trains vision and dynamics together with a stop-gradient between them, so
-the dynamics never shape the keypoints; training the autoencoder to convergence first and then the VRNN
-on its (frozen) keypoints optimises the same objectives, lets the VRNN train on pre-computed features
-(fast on a CPU), and lets one keypoint model serve several dynamics models.
+Staged, not joint: the paper's stop-gradient between vision and dynamics optimises the same objectives.
 
 Example (a few steps on a tiny dataset):
     >>> import tempfile, kp_rl
@@ -26,11 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import os
 import random
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
@@ -50,8 +48,7 @@ from kp_rl.model import PerceptionModel, checkpoint_file, load, read_checkpoint,
 from kp_rl.runs import check_output_dir, check_run, checkpoint_hash, start_run
 
 MODEL_FILE = "model.pt"
-# torch CPU threads per stage unless the caller says (experiments/bench_threads.py, results/bench_threads/): the
-# count that keeps the most of the best rate both on an idle machine and beside one busy process. None: one per core
+# torch CPU threads per stage unless the caller says (measured by experiments/bench_threads.py); None: one per core
 STAGE_THREADS: dict[str, int | None] = {"autoencoder": None, "dynamics": 1, "agent": 1}
 
 
@@ -73,12 +70,8 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 
 class Trainable(Protocol):
-    """What :func:`fit` trains: an ``nn.Module`` bundle with its :class:`Config` and a checkpoint writer.
-
-    :class:`PerceptionModel` is one; a bundle of another kind (e.g. a VRNN on true states) implements the same
-    four members. ``save`` must write a checkpoint :func:`kp_rl.model.read_checkpoint` reads back, with the
-    given ``train_state`` under ``"train_state"``, so that ``fit`` can resume it.
-    """
+    """What :func:`fit` trains (e.g. :class:`PerceptionModel`): ``save`` writes a checkpoint
+    :func:`kp_rl.model.read_checkpoint` reads back, with ``train_state`` under ``"train_state"``."""
 
     config: Config
 
@@ -128,14 +121,8 @@ def _validation(data: Path, sequence_length: int,
         return None
 
 
-def _device(device: str | torch.device) -> torch.device:
-    """:func:`resolve_device`, then ``cuda:LOCAL_RANK`` when launched by torchrun."""
-    return distributed.local_device(resolve_device(device))
-
-
 class _Objective(nn.Module):
-    """The training loss as a module: DistributedDataParallel must see the forward pass that uses the
-    trained parameters (registered here, shared with the model) to all-reduce their gradients."""
+    """The training loss as a module, so that DistributedDataParallel all-reduces the trained parameters."""
 
     def __init__(self, parameters: list[nn.Parameter], loss_fn: Callable, l2_parameters: list[nn.Parameter],
                  weight_decay: float, autocast: Callable[[], contextlib.AbstractContextManager]):
@@ -152,15 +139,12 @@ class _Objective(nn.Module):
 
 
 class CudaGraphStep:
-    """A training step captured once as a CUDA graph and replayed (the VRNN stage on a GPU).
+    """A training step captured once as a CUDA graph and replayed (the VRNN stage on a GPU: launch-bound eagerly).
 
-    An eager VRNN step is a few thousand tiny kernels, each costing more in Python and launch overhead than
-    on the GPU; replayed as one graph, the step costs one launch. ``step_fn(batch, step)`` is the whole step
-    (loss, backward, clipping, optimiser update; the optimiser built with ``capturable=True``); ``step`` reaches
-    it as a 0-dim tensor on the device. The first ``warmup`` calls run eagerly on a side stream (as capture
-    requires); the next one copies its batch into static buffers, captures, and replays; later calls copy their
-    batch in and replay. A batch of another shape runs eagerly. If the capture fails, a warning says why and
-    every later step runs eagerly.
+    ``step_fn(batch, step)`` is the whole step (loss, backward, clipping, update of a ``capturable=True``
+    optimiser); ``step`` reaches it as a 0-dim tensor. The first ``warmup`` calls run eagerly on a side stream,
+    the next one captures; a batch of another shape runs eagerly, and so does every step after a failed capture
+    (with a warning).
     """
 
     def __init__(self, step_fn: Callable[[dict[str, Tensor], Tensor], tuple[Tensor, ...]], device: torch.device,
@@ -211,8 +195,7 @@ class CudaGraphStep:
 
 
 def _set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
-    """Make a loaded Adam state fit this run: ``capturable`` (step counts on the parameters' device, as CUDA
-    graphs need) or not (step counts on the host, which a CPU run requires)."""
+    """Put a loaded Adam state's step counts on the parameters' device (CUDA graphs) or on the host."""
     for group in optimizer.param_groups:
         group["capturable"] = capturable
         for param in group["params"]:
@@ -232,7 +215,7 @@ def _train_loader(data: Dataset, batch_size: int, shuffle: bool, seed: int, num_
     elif context.enabled:
         sampler = DistributedSampler(data, context.world_size, context.rank, shuffle=shuffle, seed=seed,
                                      drop_last=drop_last)
-    if sampler is None:  # one process, in memory: as it always was
+    if sampler is None:  # one process, in memory
         return DataLoader(data, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
                           generator=torch.Generator().manual_seed(seed))
     if len(sampler) == 0:
@@ -243,8 +226,7 @@ def _train_loader(data: Dataset, batch_size: int, shuffle: bool, seed: int, num_
 
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX, read from Linux's /proc/cpuinfo): there bf16
-    autocast pays (autoencoder steps 2x faster on an AMD EPYC); elsewhere it emulates bf16 and is slower."""
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): only there does bf16 autocast pay."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -252,16 +234,14 @@ def cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def _autocast(device: torch.device, cfg: TrainConfig, graphed: bool = False,
-              stage: str = "") -> contextlib.AbstractContextManager:
+def _autocast(device: torch.device, cfg: TrainConfig, graphed: bool, stage: str) -> contextlib.AbstractContextManager:
     """bf16 autocast: on CUDA with ``train.amp`` (not inside a CUDA graph); on the CPU with ``train.cpu_amp``,
     whose default (None) is the autoencoder stage on a CPU with native bf16."""
     if device.type == "cuda" and cfg.amp and not graphed:
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cpu":
-        use = cfg.cpu_amp if cfg.cpu_amp is not None else stage == "autoencoder" and cpu_has_native_bf16()
-        if use:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+    if device.type == "cpu" and (cfg.cpu_amp if cfg.cpu_amp is not None
+                                 else stage == "autoencoder" and cpu_has_native_bf16()):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -312,178 +292,165 @@ def fit(
     Returns:
         Path of the final checkpoint.
     """
-    device = model.device
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+
     path = out / MODEL_FILE
     world = distributed.context_from_env().world_size
     if batch_size % world:
         raise ValueError(f"batch size {batch_size} does not divide among {world} processes; "
                          f"choose a multiple of {world}")
-    with torch_threads(threads or STAGE_THREADS.get(stage)), \
-            distributed.process_group(distributed.local_device(device)) as context:
+    device = distributed.local_device(model.device)  # cuda:LOCAL_RANK under torchrun
+    with torch_threads(threads or STAGE_THREADS.get(stage)), distributed.process_group(device) as context:
         if context.enabled:
-            device = distributed.local_device(device, context)
             model.to(device)
-        return _fit(model, parameters, loss_fn, train_data, val_data, out, path, device, context, steps=steps,
-                    batch_size=batch_size, stage=stage, l2_parameters=l2_parameters, images_fn=images_fn,
-                    progress=progress, shuffle=shuffle, cuda_graph=cuda_graph)
+        cfg = model.config.train
+        main = context.is_main
+        out.mkdir(parents=True, exist_ok=True)
+        graphed = cuda_graph and device.type == "cuda" and not context.enabled
+        optimizer = torch.optim.Adam(parameters, lr=cfg.lr, capturable=graphed)
+        start_step, history = 0, {"train": [], "val": []}
+        best_weights: dict[str, Tensor] | None = None  # with early stopping: the weights of the best validation
+        if path.exists():
+            state = read_checkpoint(path)["train_state"] or {}
+            if state.get("stage") == stage:
+                optimizer.load_state_dict(state["optimizer"])
+                _set_capturable(optimizer, graphed)  # the checkpoint may come from the other kind of run
+                start_step, history = state["step"], state["history"]
+                torch.set_rng_state(state["torch_rng"])
+                best_weights = state.get("best_weights")
+        if history.get("stopped"):  # the stopping rule ended this run: it has converged, whatever the budget
+            return path
+        if start_step > steps:
+            raise ValueError(f"{out} has trained {start_step} {stage} steps, more than the {steps} asked for; "
+                             f"ask for {start_step} or more to extend it")
+        if start_step == steps:
+            return path
+        if context.rank > 0:  # own noise stream per rank (VRNN samples); rank 0 keeps the one it saves
+            torch.manual_seed(int(torch.randint(2**62, ())) + context.rank)
 
+        loader = _train_loader(train_data, batch_size // context.world_size, shuffle, cfg.seed + start_step,
+                               cfg.num_workers, context)
+        batches = _forever(loader)
+        writer = SummaryWriter(str(out / "tb"), purge_step=start_step) if main else None
+        objective: nn.Module = _Objective(list(parameters), loss_fn, list(l2_parameters), cfg.weight_decay,
+                                          lambda: _autocast(device, cfg, graphed, stage))
+        if context.enabled:
+            objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                                                find_unused_parameters=False)
 
-def _fit(model: Trainable, parameters: list[torch.nn.Parameter], loss_fn: Callable, train_data: Dataset,
-         val_data: Dataset | None, out: Path, path: Path, device: torch.device,
-         context: distributed.DistributedContext, *, steps: int, batch_size: int, stage: str,
-         l2_parameters: list[torch.nn.Parameter], images_fn: Callable | None, progress: bool, shuffle: bool,
-         cuda_graph: bool) -> Path:
-    from torch.nn.parallel import DistributedDataParallel
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm.auto import tqdm
+        def to_device(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
-    cfg = model.config.train
-    main = context.is_main
-    out.mkdir(parents=True, exist_ok=True)
-    graphed = cuda_graph and device.type == "cuda" and not context.enabled
-    optimizer = torch.optim.Adam(parameters, lr=cfg.lr, capturable=graphed)
-    start_step, history = 0, {"train": [], "val": []}
-    best_weights: dict[str, Tensor] | None = None  # with early stopping: the weights of the best validation
-    if path.exists():
-        state = read_checkpoint(path)["train_state"] or {}
-        if state.get("stage") == stage:
-            optimizer.load_state_dict(state["optimizer"])
-            _set_capturable(optimizer, graphed)  # the checkpoint may come from the other kind of run
-            start_step, history = state["step"], state["history"]
-            torch.set_rng_state(state["torch_rng"])
-            best_weights = state.get("best_weights")
-    if history.get("stopped"):  # the stopping rule ended this run: it has converged, whatever the budget
-        return path
-    if start_step > steps:
-        raise ValueError(f"{out} has trained {start_step} {stage} steps, more than the {steps} asked for; "
-                         f"ask for {start_step} or more to extend it")
-    if start_step == steps:
-        return path
-    if context.rank > 0:  # own noise stream per rank (VRNN samples); rank 0 keeps the one it saves
-        torch.manual_seed(int(torch.randint(2**62, ())) + context.rank)
+        def log_scalars(prefix: str, row: dict[str, float]) -> None:
+            for name, value in row.items():
+                if name != "step":
+                    writer.add_scalar(f"{prefix}/{name}", value, row["step"])
 
-    loader = _train_loader(train_data, batch_size // context.world_size, shuffle, cfg.seed + start_step,
-                           cfg.num_workers, context)
-    batches = _forever(loader)
-    writer = SummaryWriter(str(out / "tb"), purge_step=start_step) if main else None
-    objective: nn.Module = _Objective(list(parameters), loss_fn, list(l2_parameters), cfg.weight_decay,
-                                      lambda: _autocast(device, cfg, graphed, stage))
-    if context.enabled:
-        objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
-                                            find_unused_parameters=False)
+        def save(step: int) -> None:
+            if main:
+                model.save(path, train_state={"stage": stage, "step": step, "optimizer": optimizer.state_dict(),
+                                              "history": history, "torch_rng": torch.get_rng_state(),
+                                              "best_weights": best_weights})
+                write_json(out / "history.json", history)
+            distributed.barrier()  # the other ranks go on once the checkpoint is complete
 
-    def to_device(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-    def save(step: int) -> None:
-        if main:
-            model.save(path, train_state={"stage": stage, "step": step, "optimizer": optimizer.state_dict(),
-                                          "history": history, "torch_rng": torch.get_rng_state(),
-                                          "best_weights": best_weights})
-            write_json(out / "history.json", history)
-        distributed.barrier()  # the other ranks go on once the checkpoint is complete
-
-    def validate(step: int) -> bool:
-        """Validation loss at the end-of-training schedules, with fixed noise (comparable across evaluations);
-        returns whether the stopping rule (``train.patience``) says training has converged."""
-        if not main or val_data is None or len(val_data) == 0:
-            return False
-        model.eval()
-        sums: dict[str, float] = {}
-        count = 0
-        val_loader = DataLoader(val_data, batch_size=batch_size, shuffle=False)
-        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(cfg.seed)
-            for i, batch in enumerate(val_loader):
-                if i >= cfg.eval_batches:
-                    break
-                with _autocast(device, cfg, graphed, stage):
-                    _, parts = loss_fn(to_device(batch), steps)
-                for name, value in parts.items():
-                    sums[name] = sums.get(name, 0.0) + float(value)
-                count += 1
-        model.train()
-        row = {"step": step, **{k: v / count for k, v in sums.items()}}
-        history["val"].append(row)
-        for name, value in row.items():
-            if name != "step":
-                writer.add_scalar(f"val/{name}", value, step)
-        nonlocal best_weights
-        best = history.get("best")
-        if best is None or row["loss"] < best["loss"] - cfg.min_improvement * abs(best["loss"]):
-            history["best"], history["stale"] = {"step": step, "loss": row["loss"]}, 0
-        else:
-            history["stale"] = history.get("stale", 0) + 1
-        if cfg.patience > 0 and (best is None or row["loss"] < best["loss"]):  # any new low, not only 1% ones
-            best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            history["best_weights_step"] = step
-        return cfg.patience > 0 and history["stale"] >= cfg.patience
-
-    def train_step(batch: dict[str, Tensor], step: int | Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-        loss, parts = objective(batch, step)
-        if not graphed and not torch.isfinite(loss):  # (a graph's loss is checked after its replay)
-            raise FloatingPointError(f"{stage} loss is {float(loss)} at step {step}; lower train.lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.clip_grad_norm)
-        optimizer.step()
-        return loss.detach(), parts, grad_norm  # (a kept autograd graph would pin the parameters' grad nodes)
-
-    graph_step = CudaGraphStep(train_step, device) if graphed else None
-
-    model.train()
-    bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=f"train {stage}",
-               disable=not (progress and main), unit="step")
-    tick, logged = time.perf_counter(), start_step
-    try:
-        for step in bar:
-            batch = to_device(next(batches))
-            if graph_step is None:
-                loss, parts, grad_norm = train_step(batch, step)
+        def validate(step: int) -> bool:
+            """Validation loss at the end-of-training schedules, with fixed noise (comparable across evaluations);
+            returns whether the stopping rule (``train.patience``) says training has converged."""
+            if not main or val_data is None or len(val_data) == 0:
+                return False
+            model.eval()
+            sums: Counter[str] = Counter()
+            count = 0
+            val_loader = DataLoader(val_data, batch_size=batch_size, shuffle=False)
+            with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(cfg.seed)
+                for batch in itertools.islice(val_loader, cfg.eval_batches):
+                    with _autocast(device, cfg, graphed, stage):
+                        _, parts = loss_fn(to_device(batch), steps)
+                    sums.update({name: float(value) for name, value in parts.items()})
+                    count += 1
+            model.train()
+            row = {"step": step, **{k: v / count for k, v in sums.items()}}
+            history["val"].append(row)
+            log_scalars("val", row)
+            nonlocal best_weights
+            best = history.get("best")
+            if best is None or row["loss"] < best["loss"] - cfg.min_improvement * abs(best["loss"]):
+                history["best"], history["stale"] = {"step": step, "loss": row["loss"]}, 0
             else:
-                loss, parts, grad_norm = graph_step(batch, step)
-                if not torch.isfinite(loss):  # the update is done: stop before anything is saved
-                    raise FloatingPointError(f"{stage} loss is {float(loss)} at step {step}; lower train.lr")
-            done = step + 1
-            if done % cfg.log_every == 0 or done == steps:
-                parts = distributed.mean_across_ranks(parts)
-            if main and (done % cfg.log_every == 0 or done == steps):
-                elapsed = time.perf_counter() - tick
-                row = {"step": done, **{k: float(v) for k, v in parts.items()}, "grad_norm": float(grad_norm),
-                       "steps_per_s": (done - logged) / max(elapsed, 1e-9)}
-                if graph_step is not None:
-                    row["cuda_graph"] = float(graph_step.replaying)
-                history["train"].append(row)
-                for name, value in row.items():
-                    if name != "step":
-                        writer.add_scalar(f"train/{name}", value, done)
-                bar.set_postfix(loss=f"{row['loss']:.4g}")
-                tick, logged = time.perf_counter(), done
-            if main and images_fn is not None and (done % cfg.image_every == 0 or done == steps):
-                model.eval()
-                with torch.no_grad():
-                    writer.add_image(f"{stage}/frames_reconstructions_keypoints", images_fn(batch), done)
-                model.train()
-            stop = False
-            if done % cfg.eval_every == 0 or done == steps:
-                stop = distributed.broadcast_flag(validate(done))  # rank 0 validates and decides
-            if stop:
-                history["stopped"] = {"step": done, "best_step": history["best"]["step"],
-                                      "best_loss": history["best"]["loss"],
-                                      "reason": f"no {cfg.min_improvement:.0%} improvement of the validation "
-                                                f"loss in {cfg.patience} evaluations"}
-            if (stop or done == steps) and best_weights is not None:  # a finished run keeps its best validation
-                model.load_state_dict(best_weights)
-                history["restored_best"] = history["best_weights_step"]
-            if stop or done % cfg.checkpoint_every == 0 or done == steps:
-                save(done)
-            if stop:
-                break
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
-    return path
+                history["stale"] = history.get("stale", 0) + 1
+            if cfg.patience > 0 and (best is None or row["loss"] < best["loss"]):  # any new low, not only 1% ones
+                best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                history["best_weights_step"] = step
+            return cfg.patience > 0 and history["stale"] >= cfg.patience
+
+        def train_step(batch: dict[str, Tensor], step: int | Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+            loss, parts = objective(batch, step)
+            if not graphed and not torch.isfinite(loss):  # (a graph's loss is checked after its replay)
+                raise FloatingPointError(f"{stage} loss is {float(loss)} at step {step}; lower train.lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.clip_grad_norm)
+            optimizer.step()
+            return loss.detach(), parts, grad_norm  # (a kept autograd graph would pin the parameters' grad nodes)
+
+        graph_step = CudaGraphStep(train_step, device) if graphed else None
+
+        model.train()
+        bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=f"train {stage}",
+                   disable=not (progress and main), unit="step")
+        tick, logged = time.perf_counter(), start_step
+        try:
+            for step in bar:
+                batch = to_device(next(batches))
+                if graph_step is None:
+                    loss, parts, grad_norm = train_step(batch, step)
+                else:
+                    loss, parts, grad_norm = graph_step(batch, step)
+                    if not torch.isfinite(loss):  # the update is done: stop before anything is saved
+                        raise FloatingPointError(f"{stage} loss is {float(loss)} at step {step}; lower train.lr")
+                done = step + 1
+                log = done % cfg.log_every == 0 or done == steps
+                if log:
+                    parts = distributed.mean_across_ranks(parts)
+                if main and log:
+                    elapsed = time.perf_counter() - tick
+                    row = {"step": done, **{k: float(v) for k, v in parts.items()}, "grad_norm": float(grad_norm),
+                           "steps_per_s": (done - logged) / max(elapsed, 1e-9)}
+                    if graph_step is not None:
+                        row["cuda_graph"] = float(graph_step.replaying)
+                    history["train"].append(row)
+                    log_scalars("train", row)
+                    bar.set_postfix(loss=f"{row['loss']:.4g}")
+                    tick, logged = time.perf_counter(), done
+                if main and images_fn is not None and (done % cfg.image_every == 0 or done == steps):
+                    model.eval()
+                    with torch.no_grad():
+                        writer.add_image(f"{stage}/frames_reconstructions_keypoints", images_fn(batch), done)
+                    model.train()
+                stop = False
+                if done % cfg.eval_every == 0 or done == steps:
+                    stop = distributed.broadcast_flag(validate(done))  # rank 0 validates and decides
+                if stop:
+                    history["stopped"] = {"step": done, "best_step": history["best"]["step"],
+                                          "best_loss": history["best"]["loss"],
+                                          "reason": f"no {cfg.min_improvement:.0%} improvement of the validation "
+                                                    f"loss in {cfg.patience} evaluations"}
+                if (stop or done == steps) and best_weights is not None:  # a finished run keeps its best validation
+                    model.load_state_dict(best_weights)
+                    history["restored_best"] = history["best_weights_step"]
+                if stop or done % cfg.checkpoint_every == 0 or done == steps:
+                    save(done)
+                if stop:
+                    break
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        return path
 
 
 # -- stage 1: autoencoder ----------------------------------------------------------------------------------
@@ -533,7 +500,7 @@ def train_autoencoder(
         shuffle: random window order (False: dataset order).
         threads: torch CPU threads (default: one per core; see :data:`STAGE_THREADS`).
     """
-    out, data = Path(out), Path(data)
+    out, data, device = Path(out), Path(data), distributed.local_device(resolve_device(device))
     path = out / MODEL_FILE
     stored = read_checkpoint(path) if check_output_dir(out).joinpath(MODEL_FILE).exists() else None
     preset = config.preset if config is not None else stored["config"]["preset"] if stored is not None else "cpu"
@@ -552,11 +519,11 @@ def train_autoencoder(
         raise ValueError(f"dataset {data} has {height}x{width} frames but keypoints.image_size is "
                          f"{config.keypoints.image_size}; set it to match (or collect with --image-size)")
     if stored is not None:
-        model = load(path, device=_device(device))
+        model = load(path, device=device)
         model.config = config  # the stored run, with this call's step budget
     else:
         model = PerceptionModel(config, representation, action_dim=train_set.action_dim,
-                                data_spec=_data_spec(data, train_set)).to(_device(device))
+                                data_spec=_data_spec(data, train_set)).to(device)
     _start_run(out, identity, found)
     model.train()
     autoencoder = model.autoencoder
@@ -608,7 +575,7 @@ def train_dynamics(
 
     Under ``torchrun`` it trains data-parallel (see :func:`fit`); every rank encodes the data itself.
     """
-    out, data = Path(out), Path(data)
+    out, data, device = Path(out), Path(data), distributed.local_device(resolve_device(device))
     resume = check_output_dir(out).joinpath(MODEL_FILE).exists()
     if autoencoder_run is None and not resume:
         raise ValueError("dynamics training needs the trained autoencoder run to build on (--keypoints RUN)")
@@ -629,15 +596,15 @@ def train_dynamics(
         if not stored["has_dynamics"]:
             raise ValueError(f"{out / MODEL_FILE} is not a dynamics run; choose another output folder")
         requested = Config.from_dict(stored["config"]).replace(**overrides) if overrides else None
-        model = load(out / MODEL_FILE, device=_device(device))
+        model = load(out / MODEL_FILE, device=device)
         model.config = resumed_config(out / MODEL_FILE, model.config, requested, "dynamics_steps")
     else:
-        model = load(autoencoder_run, device=_device(device))
+        model = load(autoencoder_run, device=device)
         if overrides:
             model = _with_config(model, model.config.replace(**overrides))
         seed_everything(model.config.train.seed)  # the VRNN's initial weights follow the run's seed
         model.add_dynamics()
-        model.to(_device(device))
+        model.to(device)
     trained_on = model.data_spec.get("env_id")
     if identity["env_id"] and trained_on and identity["env_id"] != trained_on:
         raise ValueError(f"dataset {data} is of {identity['env_id']}, the autoencoder was trained on {trained_on}")
@@ -690,20 +657,13 @@ def resumed_config(path: Path, stored: Config, requested: Config | None, budget:
 
 def _flat_config(config: Config) -> dict[str, Any]:
     """``{"preset": ..., "train.steps": ..., ...}``."""
-    flat: dict[str, Any] = {}
-    for section, values in config.to_dict().items():
-        if isinstance(values, dict):
-            flat.update({f"{section}.{k}": v for k, v in values.items()})
-        else:
-            flat[section] = values
-    return flat
+    sections = {name: values for name, values in config.to_dict().items() if isinstance(values, dict)}
+    return {"preset": config.preset, **{f"{s}.{k}": v for s, values in sections.items() for k, v in values.items()}}
 
 
 def _dataset_env(data: Path) -> str | None:
     """The env id a dataset's manifest names (None for a reference-format folder); a missing folder is an error."""
-    if not data.is_dir():
-        raise DatasetError(f"dataset directory not found: {data}")
-    if not (data / MANIFEST).exists():
+    if data.is_dir() and not (data / MANIFEST).exists():
         return None
     return read_manifest(data)["env_id"]
 
