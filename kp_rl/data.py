@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import tempfile
@@ -70,33 +71,25 @@ def episode_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def rollout(env: Any, seed: int, policy: str = "random", max_steps: int | None = None) -> dict[str, np.ndarray]:
-    """Run one episode and return its aligned arrays (see the module docstring)."""
-    if policy not in POLICIES:
-        raise DatasetError(f"unknown policy {policy!r}; expected one of {list(POLICIES)}")
-    env.action_space.seed(seed)
-    obs, info = env.reset(seed=seed)
-    action_dim = env.action_space.shape[0]
-    steps: dict[str, list] = {k: [] for k in SHARD_KEYS}
+def rollout(env: Any, seed: int, max_steps: int | None = None) -> dict[str, np.ndarray]:
+    """Run one episode of uniform random actions and return its aligned arrays (see the module docstring)."""
+    steps: list[dict[str, Any]] = []
 
     def record(obs, action, reward, info):
-        steps["image"].append(obs)
-        steps["action"].append(action)
-        steps["reward"].append(reward)
-        steps["discount"].append(info["discount"])
-        steps["state"].append(info["state"])
-        steps["physics"].append(info["physics"])
-        steps["true_object_pos"].append(info["object_pixels"])
+        steps.append({"image": obs, "action": action, "reward": reward, "discount": info["discount"],
+                      "state": info["state"], "physics": info["physics"], "true_object_pos": info["object_pixels"]})
 
-    record(obs, np.zeros(action_dim, np.float32), 0.0, info)
+    env.action_space.seed(seed)
+    obs, info = env.reset(seed=seed)
+    record(obs, np.zeros(env.action_space.shape[0], np.float32), 0.0, info)
     done, t = False, 0
     while not done and (max_steps is None or t < max_steps):
         action = env.action_space.sample()
         obs, reward, terminated, truncated, info = env.step(action)
         record(obs, action, reward, info)
         done, t = terminated or truncated, t + 1
-    dtypes = {"image": np.uint8}
-    return {k: np.asarray(v, dtype=dtypes.get(k, np.float32)) for k, v in steps.items()}
+    return {k: np.asarray([step[k] for step in steps], dtype=np.uint8 if k == "image" else np.float32)
+            for k in SHARD_KEYS}
 
 
 def save_episode(path: Path, episode: dict[str, np.ndarray]) -> None:
@@ -159,18 +152,17 @@ def _worker_init(env_name: str, env_kwargs: dict[str, Any]) -> None:
     _worker_env = kp_rl.envs.make_env(env_name, **env_kwargs)
 
 
-def _worker_rollout(job: tuple[int, int, str, str, int | None]) -> dict[str, Any]:
-    index, seed, policy, out, max_steps = job
-    episode = rollout(_worker_env, seed, policy, max_steps)
-    save_episode(Path(out) / shard_name(index), episode)
+def _entry(index: int, seed: int, episode: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The manifest's record of episode ``index``."""
     return {"index": index, "file": shard_name(index), "seed": seed, "frames": len(episode["image"]),
             "return": float(episode["reward"].sum())}
 
 
-def _entry_from_shard(path: Path, index: int, seed: int) -> dict[str, Any]:
-    episode = load_episode(path, keys=("image", "reward"))
-    return {"index": index, "file": path.name, "seed": seed, "frames": len(episode["image"]),
-            "return": float(episode["reward"].sum())}
+def _worker_rollout(job: tuple[int, int, str, int | None]) -> dict[str, Any]:
+    index, seed, out, max_steps = job
+    episode = rollout(_worker_env, seed, max_steps)
+    save_episode(Path(out) / shard_name(index), episode)
+    return _entry(index, seed, episode)
 
 
 def collect(
@@ -237,7 +229,7 @@ def collect(
     for index in range(episodes):  # shards written but not yet recorded (interrupted between the two)
         path = out / shard_name(index)
         if index not in done and path.exists():
-            done[index] = _entry_from_shard(path, index, episode_seed(seed, index))
+            done[index] = _entry(index, episode_seed(seed, index), load_episode(path, keys=("image", "reward")))
     todo = [i for i in range(episodes) if i not in done]
 
     def write_manifest() -> None:
@@ -247,30 +239,23 @@ def collect(
         write_json(manifest_path, manifest)
 
     write_manifest()
-    jobs = [(i, episode_seed(seed, i), policy, str(out), max_steps) for i in todo]
+    jobs = [(i, episode_seed(seed, i), str(out), max_steps) for i in todo]
     expected = (max_steps + 1 if max_steps else spec.max_episode_steps + 1) * len(jobs)
-    bar = tqdm(total=expected, unit="frame", desc=f"collect {spec.name}", disable=not progress)
     start = time.perf_counter()
-    try:
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=expected, unit="frame", desc=f"collect {spec.name}", disable=not progress))
         if workers == 1 or len(jobs) <= 1:
             _worker_init(spec.name, env_kwargs)
-            try:
-                for job in jobs:
-                    entry = _worker_rollout(job)
-                    done[entry["index"]] = entry
-                    write_manifest()
-                    bar.update(entry["frames"])
-            finally:
-                _worker_env.close()
+            stack.callback(lambda: _worker_env.close())
+            entries = map(_worker_rollout, jobs)
         else:
-            ctx = mp.get_context("spawn")
-            with ctx.Pool(min(workers, len(jobs)), initializer=_worker_init, initargs=(spec.name, env_kwargs)) as pool:
-                for entry in pool.imap_unordered(_worker_rollout, jobs):
-                    done[entry["index"]] = entry
-                    write_manifest()
-                    bar.update(entry["frames"])
-    finally:
-        bar.close()
+            pool = stack.enter_context(mp.get_context("spawn").Pool(
+                min(workers, len(jobs)), initializer=_worker_init, initargs=(spec.name, env_kwargs)))
+            entries = pool.imap_unordered(_worker_rollout, jobs)
+        for entry in entries:
+            done[entry["index"]] = entry
+            write_manifest()
+            bar.update(entry["frames"])
     manifest["seconds"] = round(time.perf_counter() - start, 3)
     return manifest
 
@@ -340,7 +325,6 @@ def _window(episode: dict[str, np.ndarray], keys: Sequence[str], start: int, len
     return item
 
 
-# -- streaming (datasets larger than memory) ---------------------------------------------------------------
 STREAMING_MIN_FRAMES = 250_000  # `sequence_dataset(streaming=None)` streams above this (~3 GB of 64x64 frames)
 
 
@@ -387,12 +371,8 @@ def count_frames(root: str | Path) -> int:
 class StreamingSequenceDataset(Dataset):
     """Fixed-length windows of a dataset directory for data larger than memory: shards read on demand.
 
-    The window index (the same order as :class:`SequenceDataset`, which holds every episode in memory) comes from the manifest's per-episode frame
-    counts (reference-format folders: the shards' ``.npy`` headers, read once), and episodes are loaded
-    when a window needs them into a small LRU cache of ``cache_size`` episodes. Each DataLoader worker
-    holds its own cache (the cache is not pickled), so memory is ``workers x cache_size x episode``.
-    Random window order would load an episode per window: train with :class:`EpisodeBlockSampler`, which
-    shuffles within blocks of ``cache_size`` episodes.
+    Windows come in :class:`SequenceDataset`'s order; episodes are loaded when a window needs them into an LRU
+    cache of ``cache_size`` episodes per process (per DataLoader worker). Shuffle with :class:`EpisodeBlockSampler`.
 
     Args:
         root, sequence_length, split, val_fraction, stride, keys: as for :class:`SequenceDataset`.
@@ -507,8 +487,7 @@ class SequenceDataset(StreamingSequenceDataset):
         keys: arrays to return; missing ones (e.g. actions in reference data) are filled with zeros.
 
     Items are dicts of tensors: ``image`` uint8 (T, H, W, 3), ``action`` (T, A), ``reward`` (T,), ... .
-    Every episode is loaded up front (about 12 KB per 64x64 frame): a :class:`StreamingSequenceDataset` whose
-    cache holds them all, and keeps them when pickled into DataLoader workers.
+    Every episode is loaded up front (about 12 KB per 64x64 frame).
     """
 
     streaming = False
@@ -540,11 +519,9 @@ class _LazyEpisodes(Sequence):
 class EpisodeBlockSampler(Sampler[int]):
     """Window order for :class:`StreamingSequenceDataset`: shuffled, but a few episodes at a time.
 
-    Each epoch the episodes are put in a random order and grouped into blocks of ``block_episodes``; the
-    windows of a block are shuffled together and blocks follow one another, so a cache of
-    ``block_episodes`` episodes loads each shard about once per epoch. With ``num_replicas > 1`` rank ``r``
-    takes every ``num_replicas``-th window of that order (as :class:`~torch.utils.data.DistributedSampler`
-    does), so the ranks read the same few episodes at any time. ``shuffle=False`` gives the dataset order.
+    Each epoch the episodes are shuffled into blocks of ``block_episodes`` whose windows are shuffled together,
+    so each shard is loaded about once per epoch. Rank ``r`` of ``num_replicas`` takes every
+    ``num_replicas``-th window of that order (as :class:`~torch.utils.data.DistributedSampler` does).
 
     Args:
         dataset: a :class:`StreamingSequenceDataset`.
@@ -557,8 +534,6 @@ class EpisodeBlockSampler(Sampler[int]):
 
     def __init__(self, dataset: StreamingSequenceDataset, block_episodes: int | None = None, shuffle: bool = True,
                  seed: int = 0, num_replicas: int = 1, rank: int = 0, drop_last: bool = False):
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
         self.dataset = dataset
         self.block_episodes = block_episodes or dataset.cache_size
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
@@ -637,10 +612,8 @@ class FeatureSequences(Dataset):
     def from_frames(cls, model: "PerceptionModel", frames: SequenceDataset, sequence_length: int,
                     stride: int = 1) -> "FeatureSequences":
         """Encode every episode of ``frames`` (one at a time: streaming datasets never hold them all)."""
-        episodes = []
-        for episode in frames.episodes:
-            features = encode_episodes(model, [episode])[0]
-            episodes.append({**{k: v for k, v in episode.items() if k != "image"}, "features": features})
+        episodes = [{"action": episode["action"], "reward": episode["reward"],
+                     "features": encode_episodes(model, [episode])[0]} for episode in frames.episodes]
         return cls(episodes, sequence_length, stride)
 
     def __len__(self) -> int:
