@@ -26,6 +26,12 @@ class ConfigError(ValueError):
     """A configuration value or file is invalid; the message names the field."""
 
 
+def _at_least(minimum: float, section: str, config: Any, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) < minimum:
+            raise ConfigError(f"{section}.{name} must be >= {minimum}, got {getattr(config, name)}")
+
+
 @dataclass(frozen=True)
 class KeypointConfig:
     """Sizes and loss weights of the keypoint autoencoder (encoder, Gaussian maps, decoder)."""
@@ -48,15 +54,10 @@ class KeypointConfig:
 
     def validate(self) -> None:
         if self.image_size % 2 ** (self.num_scales - 1):
-            raise ConfigError(
-                f"keypoints.image_size={self.image_size} must be divisible by 2**(num_scales-1)="
-                f"{2 ** (self.num_scales - 1)}"
-            )
-        for name in ("num_keypoints", "base_filters", "num_scales", "image_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"keypoints.{name} must be >= 1, got {getattr(self, name)}")
-        if self.layers_per_scale < 0:
-            raise ConfigError(f"keypoints.layers_per_scale must be >= 0, got {self.layers_per_scale}")
+            raise ConfigError(f"keypoints.image_size={self.image_size} must be divisible by 2**(num_scales-1)="
+                              f"{2 ** (self.num_scales - 1)}")
+        _at_least(1, "keypoints", self, "num_keypoints", "base_filters", "num_scales", "image_size")
+        _at_least(0, "keypoints", self, "layers_per_scale")
         if self.keypoint_sigma <= 0:
             raise ConfigError(f"keypoints.keypoint_sigma must be > 0, got {self.keypoint_sigma}")
 
@@ -66,15 +67,12 @@ class CNNConfig:
     """The unstructured baseline's CNN autoencoder: same conv trunk, flat latent instead of keypoints."""
 
     latent_dim: int = 192  # flat code; default K*3 of the paper preset (64*3)
-    # Channels of the spatial code around the flat latent (the counterpart of the K Gaussian maps). The two
-    # Linear layers cost 2 * map_channels * h * w * latent_dim parameters: small keeps the baseline's size
-    # comparable to the keypoint model's.
+    # channels of the spatial code around the flat latent (the counterpart of the K Gaussian maps); its two
+    # Linear layers cost 2 * map_channels * h * w * latent_dim parameters, so small keeps the baseline comparable
     map_channels: int = 4
 
     def validate(self) -> None:
-        if self.latent_dim < 1 or self.map_channels < 1:
-            raise ConfigError(f"cnn.latent_dim and cnn.map_channels must be >= 1, got {self.latent_dim}, "
-                              f"{self.map_channels}")
+        _at_least(1, "cnn", self, "latent_dim", "map_channels")
 
 
 @dataclass(frozen=True)
@@ -113,13 +111,8 @@ class DynamicsConfig:
         return self.observed_steps + self.predicted_steps
 
     def validate(self) -> None:
-        for name in ("rnn_units", "latent_dim", "observed_steps", "num_samples"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"dynamics.{name} must be >= 1, got {getattr(self, name)}")
-        if self.predicted_steps < 0:
-            raise ConfigError(f"dynamics.predicted_steps must be >= 0, got {self.predicted_steps}")
-        if self.kl_weight < 0:
-            raise ConfigError(f"dynamics.kl_weight must be >= 0, got {self.kl_weight}")
+        _at_least(1, "dynamics", self, "rnn_units", "latent_dim", "observed_steps", "num_samples")
+        _at_least(0, "dynamics", self, "predicted_steps", "kl_weight")
 
 
 @dataclass(frozen=True)
@@ -153,10 +146,8 @@ class TrainConfig:
     min_improvement: float = 0.01
 
     def validate(self) -> None:
-        for name in ("batch_size", "sequence_length", "steps", "dynamics_steps", "dynamics_batch_size", "log_every",
-                     "checkpoint_every", "eval_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        _at_least(1, "train", self, "batch_size", "sequence_length", "steps", "dynamics_steps", "dynamics_batch_size",
+                  "log_every", "checkpoint_every", "eval_every")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
 
@@ -189,14 +180,11 @@ class Config:
         """Return a copy with some fields of some sections changed, e.g. ``replace(train={"steps": 10})``."""
         merged = self.to_dict()
         for section, values in sections.items():
-            if section not in merged or not isinstance(merged[section], dict):
-                raise ConfigError(f"unknown config section {section!r}; expected one of {_sections()}")
+            if not isinstance(merged.get(section), dict):
+                expected = [name for name, value in merged.items() if isinstance(value, dict)]
+                raise ConfigError(f"unknown config section {section!r}; expected one of {expected}")
             merged[section] = {**merged[section], **values}
         return Config.from_dict(merged)
-
-
-def _sections() -> list[str]:
-    return [f.name for f in dataclasses.fields(Config) if f.name != "preset"]
 
 
 def _build(cls: type[T], data: Any, where: str) -> T:
