@@ -17,7 +17,6 @@ for training runs, the optimiser state to resume from. :func:`load` reads it bac
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +69,6 @@ class PerceptionModel(nn.Module):
         if with_dynamics:
             self.add_dynamics()
 
-    # -- structure -----------------------------------------------------------------------------------------
     def add_dynamics(self) -> KeypointVRNN:
         """Build a fresh VRNN over this model's features (used when dynamics training starts)."""
         self.dynamics = KeypointVRNN(self.config.dynamics, self.feature_dim, self.action_dim)
@@ -96,7 +94,6 @@ class PerceptionModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    # -- use -----------------------------------------------------------------------------------------------
     def encode(self, frames: np.ndarray | Tensor) -> Tensor:
         """Pixels -> flat features.
 
@@ -106,13 +103,11 @@ class PerceptionModel(nn.Module):
             float32 ``(..., feature_dim)`` on the model's device (keypoints: ``K * (x, y, mu)``).
         """
         frames = preprocess_frames(frames, device=self.device)
-        size = frames.shape[-1]
         if frames.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"model expects {self.image_size}x{self.image_size} frames, "
-                             f"got {frames.shape[-2]}x{size}")
+                             f"got {frames.shape[-2]}x{frames.shape[-1]}")
         return self.autoencoder.features(frames)
 
-    # -- persistence ---------------------------------------------------------------------------------------
     def checkpoint(self, train_state: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
@@ -130,11 +125,7 @@ class PerceptionModel(nn.Module):
         """Write the checkpoint atomically (temporary file + rename): an interrupted save loses nothing."""
         from kp_rl.files import write_bytes
 
-        buffer = io.BytesIO()
-        torch.save(self.checkpoint(train_state), buffer)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes(path, buffer.getvalue())
+        write_bytes(path, lambda handle: torch.save(self.checkpoint(train_state), handle))
 
 
 PRETRAINED = "pretrained:"  # ``pretrained:<task>``: a bundle shipped in kp_rl/pretrained (see its README.md)
@@ -158,13 +149,13 @@ def checkpoint_file(path: str | Path) -> Path:
     return path / "model.pt" if path.is_dir() else path
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read and check a checkpoint file; errors name the file and what is wrong with it."""
     path = checkpoint_file(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        data = torch.load(path, map_location=map_location, weights_only=False)
+        data = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises many types for a damaged file
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
