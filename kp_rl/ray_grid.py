@@ -38,14 +38,6 @@ class CellFailedError(RuntimeError):
     """Some cells failed after all retries (the finished ones are kept; re-run to resume)."""
 
 
-def _ray():
-    try:
-        import ray
-    except ImportError as exc:
-        raise MissingDependencyError('kp-rl run --ray needs Ray: pip install "kp_rl[ray]"') from exc
-    return ray
-
-
 def _train_cell(cell_fn: Callable[..., dict[str, Any]], spec: ExperimentSpec, task: str, agent: str, seed: int,
                 models: dict[str, Path], runs_dir: Path, device: str) -> dict[str, Any]:
     return cell_fn(spec, task, agent, seed, model_for(agent, models), runs_dir, progress=False, device=device)
@@ -72,7 +64,10 @@ def run_experiment_ray(path: str | Path, address: str | None = None, runs: str |
     from tqdm.auto import tqdm
 
     spec = ExperimentSpec.from_yaml(path)
-    ray = _ray()
+    try:
+        import ray
+    except ImportError as exc:
+        raise MissingDependencyError('kp-rl run --ray needs Ray: pip install "kp_rl[ray]"') from exc
     runs_dir, data_dir = Path(runs).resolve() / spec.name, Path(data).resolve()
     if not ray.is_initialized():
         env_vars = {"MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}

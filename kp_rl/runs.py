@@ -1,11 +1,9 @@
 """Run folders know what they hold: ``run.json`` records a run's identity, and a resuming command checks it.
 
-A run folder (a training stage, an agent, an experiment cell) is written by one kind of command and resumed
-only by the same kind: :func:`start_run` records the identity on the first start (``command``, ``stage``,
-``agent``, ``env_id``, ``model`` with its checkpoint hash ``model_sha256``, ``preset``, ...) and every later
-start compares it with what the resuming command asks for. A mismatch is a :class:`RunMismatchError` (a
-``ValueError``) naming both sides, raised before anything is written. Folders made before ``run.json``
-existed are checked against what their files say (``found``) and get a ``run.json`` when they resume.
+A run folder (a training stage, an agent, an experiment cell) is resumed only by the kind of command that
+wrote it: :func:`start_run` records the identity on the first start and every later start compares it with
+what the resuming command asks for; a mismatch is a :class:`RunMismatchError` raised before anything is
+written. Folders made before ``run.json`` existed are checked against what their files say (``found``).
 
 Example:
     >>> import tempfile
@@ -87,8 +85,7 @@ def check_run(out: str | Path, identity: dict[str, Any], found: dict[str, Any] |
     """
     out = check_output_dir(out)
     recorded = read_run(out)
-    if recorded is None:
-        recorded = found
+    recorded = found if recorded is None else recorded
     if recorded is None:
         return None
     differ = [k for k, v in identity.items()
