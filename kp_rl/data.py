@@ -102,9 +102,7 @@ def load_episode(path: Path, keys: Sequence[str] | None = None) -> dict[str, np.
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
-            available = set(data.files)
-            wanted = [k for k in (keys or data.files) if k in available]
-            episode = {k: data[k] for k in wanted}
+            episode = {k: data[k] for k in (keys or data.files) if k in data.files}
     except FileNotFoundError as exc:
         raise DatasetError(f"missing shard {path}") from exc
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
@@ -136,8 +134,7 @@ def _check_output_dir(out: Path) -> None:
         raise DatasetError(f"output path {out} exists and is not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-", delete=True)
-        probe.close()
+        tempfile.TemporaryFile(dir=out, prefix=".write-test-").close()
     except OSError as exc:
         raise DatasetError(f"output directory {out} is not writable: {exc.strerror or exc}") from exc
 

@@ -194,8 +194,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", representation: s
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` -> CUDA when present, else CPU; a device that does not exist is a clear error."""
-    if isinstance(device, torch.device):
-        device = str(device)
+    device = str(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -281,11 +281,9 @@ def fit(
         l2_parameters: tensors that get ``weight_decay * sum(w**2)`` added to the loss.
         images_fn: batch -> uint8 image grid (3, H, W) for TensorBoard, every ``image_every`` steps.
         shuffle: random window order (False: dataset order, e.g. to compare runs step by step).
-        cuda_graph: on a CUDA device in one process, replay each step from a CUDA graph (in fp32: ``amp`` is
-            not applied), for losses that keep to the device (no host copies, no data-dependent Python
-            branches) and take their step as a tensor; see :class:`CudaGraphStep`.
-        threads: torch CPU threads while training (default: :data:`STAGE_THREADS` of ``stage``, else one per
-            core).
+        cuda_graph: on one CUDA device, replay each step from a CUDA graph in fp32 (:class:`CudaGraphStep`): for
+            losses with no host copies or data-dependent branches that take their step as a tensor.
+        threads: torch CPU threads while training (default: :data:`STAGE_THREADS` of ``stage``).
 
     With early stopping (``train.patience > 0``) training ends once the validation loss stops improving, and a
     finished run's ``model.pt`` holds the weights of its lowest validation loss (``history["restored_best"]``).
@@ -488,11 +486,9 @@ def train_autoencoder(
 ) -> Path:
     """Train the keypoint autoencoder (or the CNN baseline's) on a dataset; returns ``out/model.pt``.
 
-    Resumes the run in ``out``, extending it when ``config`` asks for more steps than it trained: its stored
-    config holds, and ``config`` (when given) must agree with it in everything but ``train.steps`` (see
-    :func:`resumed_config`). ``out/run.json`` records what the run is (:mod:`kp_rl.runs`); a folder holding
-    another run (a CNN run resumed as keypoints, another task's data, another preset) is refused before anything
-    is written. Under ``torchrun`` it trains data-parallel (see :func:`fit`).
+    Resumes the run in ``out``, extending it when ``config`` asks for more steps; otherwise ``config`` must agree
+    with the stored one (:func:`resumed_config`). A folder holding another run (:mod:`kp_rl.runs`) is refused
+    before anything is written. Under ``torchrun`` it trains data-parallel (see :func:`fit`).
 
     Args:
         streaming: read episodes on demand (:class:`~kp_rl.data.StreamingSequenceDataset`) instead of holding
