@@ -1,9 +1,8 @@
 """Multi-process data-parallel training (``torchrun``) for the shared training loop in :mod:`kp_rl.train`.
 
-Nothing to call by hand: launched by ``torchrun`` (``WORLD_SIZE > 1`` in the environment), :func:`kp_rl.train.fit`
-joins the process group (NCCL on CUDA, gloo on CPU), puts each rank on ``cuda:LOCAL_RANK``, wraps the loss in
-:class:`~torch.nn.parallel.DistributedDataParallel` and shards the data; rank 0 alone logs and writes checkpoints.
-A plain ``python``/``kp-rl`` process is a world of one and trains exactly as before::
+Nothing to call by hand: launched by ``torchrun`` (``WORLD_SIZE > 1``), :func:`kp_rl.train.fit` joins the process
+group (NCCL on CUDA, gloo on CPU), puts each rank on ``cuda:LOCAL_RANK``, wraps the loss in DistributedDataParallel
+and shards the data; rank 0 alone logs and writes checkpoints. A plain process is a world of one::
 
     torchrun --standalone --nproc_per_node 4 -m kp_rl.cli train keypoints --data data/cartpole --out runs/kp
 

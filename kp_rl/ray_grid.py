@@ -1,12 +1,9 @@
 """Experiment grids on Ray: every (task, agent, seed) cell of a spec as a Ray task (``kp-rl run SPEC --ray``).
 
-The cells are the local runner's (:func:`kp_rl.experiment.run_cell`) and so are the results
-(:func:`kp_rl.experiment.summarise`): only the scheduling differs. Per task, one Ray task collects the data
-and trains the perception models its agents need; the task's cells depend on it (Ray passes the model paths
-on when it finishes) and each asks for the CPUs / GPUs the spec's ``resources:`` give its agent. A cell whose
-worker dies (a crashed process, a lost node) is retried up to ``max_retries`` times, and since an agent run
-checkpoints and resumes, a retry continues where the last checkpoint left it. Cells finished earlier (their
-committed ``results/<name>/cells/`` file or their ``curve.json`` says so) are not submitted at all.
+Cells and results are the local runner's (:func:`kp_rl.experiment.run_cell`, :func:`~kp_rl.experiment.summarise`).
+Per task, one Ray task collects the data and trains the perception models its cells depend on; each cell asks
+for the CPUs / GPUs the spec's ``resources:`` give its agent. A cell whose worker dies is retried up to
+``max_retries`` times, resuming from its last checkpoint; cells finished earlier are not submitted.
 
 On a cluster, ``runs``, ``data`` and ``results`` must be on storage every node sees under the same path
 (NFS, a shared volume), and kp_rl must be installed on every node. Ray is an optional extra:
