@@ -1,22 +1,9 @@
 """Gymnasium and SB3 wrappers that put a trained :class:`~kp_rl.model.PerceptionModel` between pixels and an agent.
 
-* :class:`KeypointObservation` — observation wrapper: pixels -> flat float32 keypoints ``(K*3,)`` (or the
-  CNN baseline's latent), optionally followed by the VRNN belief ``concat(h, z)``.
-* :class:`WorldModel` — adds the VRNN's reward and feature estimates to ``info``, can replace the reward with
-  the predicted one, and imagines rollouts from the current belief (:meth:`WorldModel.imagine`).
-* :class:`VecKeypointObservation` — the observation wrapper for an SB3 ``VecEnv``: all sub-envs' frames are
-  encoded in one batch, in the main process.
-* :class:`VectorKeypointObservation` — the same for a Gymnasium ``VectorEnv`` (``SyncVectorEnv``, ``AsyncVectorEnv``).
-
-Frames come from the observation when it is a uint8 image ``(H, W, 3)`` (the ``kp_rl/<domain>-<task>-v0``
-envs), otherwise from ``env.render()`` (``render_mode="rgb_array"``, e.g. Shimmy's
-``dm_control/cartpole-swingup-v0`` with ``render_kwargs={"width": 64, "height": 64}``). The model runs in eval
-mode under ``torch.inference_mode`` on the chosen device, through one :class:`~kp_rl.perception.Perception`
-per env (wrappers stacked on one env share it).
-
-Time convention (that of :mod:`kp_rl.dynamics`): ``step(a_t)`` returns observation ``x_t`` and reward
-``r_t``; the belief after that step has seen ``a_t`` and ``x_t``. ``reset()`` observes the first frame with
-a zero action.
+Frames come from the observation when it is a uint8 image ``(H, W, 3)``, otherwise from ``env.render()``
+(``render_mode="rgb_array"``). Wrappers stacked on one env share one :class:`~kp_rl.perception.Perception`.
+Time convention (that of :mod:`kp_rl.dynamics`): ``step(a_t)`` returns observation ``x_t`` and reward ``r_t``;
+the belief after that step has seen ``a_t`` and ``x_t``. ``reset()`` observes the first frame with a zero action.
 
 Example:
     >>> import gymnasium as gym, kp_rl
@@ -55,27 +42,38 @@ __all__ = ["KeypointObservation", "StateObservation", "VecKeypointObservation", 
            "WorldModel", "feature_bounds"]
 
 
-def _find_wrapper(env: gym.Env, kind: type) -> Any:
-    while isinstance(env, gym.Wrapper):
-        if isinstance(env, kind):
-            return env
-        env = env.env
-    return None
+class _Perceiving:
+    """What the keypoint observation wrappers share: a :class:`Perception` of their model, with or without belief."""
+
+    perception: Perception
+    belief: bool
+
+    def _perceive(self, model: ModelLike, belief: bool, device: str | torch.device, num_threads: int | None,
+                  action_space: spaces.Space) -> Perception:
+        self.belief = bool(belief)
+        self.perception = Perception(model, device, need_dynamics=belief, who=type(self).__name__,
+                                     num_threads=num_threads, action_space=action_space)
+        return self.perception
+
+    @property
+    def model(self) -> PerceptionModel:
+        """The perception model (on its device, eval mode)."""
+        return self.perception.model
+
+    def _output(self, features: torch.Tensor) -> np.ndarray:
+        return self.perception.output(features, self.perception.state if self.belief else None)
 
 
 # ------------------------------------------------------------------------------- single-env observation
 
 
-class KeypointObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
+class KeypointObservation(_Perceiving, gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
     """Replace observations with the model's flat features (+ the VRNN belief), as float32 ``(D,)``.
 
     Keypoint models give ``D = K * 3`` values ordered ``(x0, y0, mu0, x1, ...)`` with ``x, y`` in [-1, 1]
     (x right, y up) and ``mu`` in [0, 1]; CNN-baseline models a latent in [-1, 1]. With ``belief=True`` the
     VRNN's ``concat(h, z)`` (unbounded) follows: reset on ``reset()`` (zero state, then the first frame with a
     zero action), updated on every ``step`` with the action taken and the frame it produced.
-
-    Frames: the observation when it is a uint8 ``(H, W, 3)`` image, else ``env.render()`` (needs
-    ``render_mode="rgb_array"``; the frame size is then checked on the first ``reset``).
 
     Args:
         env: the environment.
@@ -111,51 +109,36 @@ class KeypointObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArg
         gym.utils.RecordConstructorArgs.__init__(self, model=model, belief=belief, device=str(device),
                                                  num_threads=num_threads)
         gym.ObservationWrapper.__init__(self, env)
-        self.perception = Perception(model, device, need_dynamics=belief, who="KeypointObservation",
-                                     num_threads=num_threads)
-        self._frame = self.perception.frame_source(env)
-        if belief:
-            self.perception.check_action_space(env.action_space)
-            self.perception.tracks_belief = True
-        self.belief = bool(belief)
-        self.observation_space = self.perception.observation_space(self.belief)
-
-    @property
-    def model(self) -> PerceptionModel:
-        """The perception model (on :attr:`device`, eval mode)."""
-        return self.perception.model
+        perception = self._perceive(model, belief, device, num_threads, env.action_space)
+        self._frame = perception.frame_source(env)
+        perception.tracks_belief = self.belief
+        self.observation_space = perception.observation_space(self.belief)
 
     @property
     def device(self) -> torch.device:
         return self.perception.device
 
-    def _observe(self, observation: Any, action: Any, first: bool) -> np.ndarray:
-        perception = self.perception
-        with perception.running():
-            actions = None if first or not perception.tracks_belief else \
-                perception.actions(self.env.action_space, action)
-            features = perception.observe(self._frame(observation), actions, first)
-            return perception.output(features, perception.state if self.belief else None)[0]
+    def _observe(self, observation: Any, action: Any) -> np.ndarray:
+        with self.perception.running():
+            return self._output(self.perception.observe(self._frame(observation), self.env.action_space, action))[0]
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None
               ) -> tuple[np.ndarray, dict[str, Any]]:
         """Reset the env and the belief; returns the first frame's features (+ belief)."""
         observation, info = self.env.reset(seed=seed, options=options)
-        return self._observe(observation, None, first=True), info
+        return self._observe(observation, None), info
 
     def step(self, action: Any) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
         """Step the env, encode the new frame and (``belief=True``) update the belief with ``action``."""
         observation, reward, terminated, truncated, info = self.env.step(action)
-        return self._observe(observation, action, first=False), reward, terminated, truncated, info
+        return self._observe(observation, action), reward, terminated, truncated, info
 
     def observation(self, observation: Any) -> np.ndarray:
         """Encode one observation without updating the belief (the current belief is appended as is)."""
-        perception = self.perception
-        if self.belief and perception.state is None:
+        if self.belief and self.perception.state is None:
             raise RuntimeError("KeypointObservation: call reset() before using the belief")
-        with perception.running():
-            features = perception.encode(self._frame(observation)[None])
-            return perception.output(features, perception.state if self.belief else None)[0]
+        with self.perception.running():
+            return self._output(self.perception.encode(self._frame(observation)[None]))[0]
 
 
 # ------------------------------------------------------------------------------------------ world model
@@ -218,16 +201,17 @@ class WorldModel(gym.Wrapper, gym.utils.RecordConstructorArgs):
         gym.utils.RecordConstructorArgs.__init__(self, model=model, replace_reward=replace_reward,
                                                  device=str(device), num_threads=num_threads)
         gym.Wrapper.__init__(self, env)
-        inner = _find_wrapper(env, KeypointObservation)
-        shared = inner is not None and env.observation_space == inner.observation_space and (
-            model is None or model is inner.model
-            or (isinstance(model, (str, Path)) and str(model) == inner.perception.model_path))
-        if shared:
-            self.perception = inner.perception
-            if self.perception.model.dynamics is None:
+        inner = env
+        while isinstance(inner, gym.Wrapper) and not isinstance(inner, KeypointObservation):
+            inner = inner.env
+        inner = inner if isinstance(inner, KeypointObservation) else None
+        if inner is not None and env.observation_space == inner.observation_space and (
+                model is None or model is inner.model
+                or (isinstance(model, (str, Path)) and str(model) == inner.perception.model_path)):
+            self.perception, self._frame = inner.perception, None
+            if self.model.dynamics is None:
                 raise ValueError("WorldModel needs a model with dynamics (a trained VRNN); the KeypointObservation "
                                  "below has only an autoencoder")
-            self._frame = None
         elif model is None:
             raise ValueError("WorldModel: pass a model, or wrap a KeypointObservation whose model it shares")
         else:
@@ -262,25 +246,23 @@ class WorldModel(gym.Wrapper, gym.utils.RecordConstructorArgs):
         if self.perception.state is None:
             raise RuntimeError("WorldModel: call reset() first")
 
-    def _observe(self, observation: Any, action: Any, first: bool) -> None:
+    def _observe(self, observation: Any, action: Any) -> None:
         """Own frames: encode and update the belief (a shared perception was updated by the inner wrapper)."""
         if self._frame is not None:
-            perception = self.perception
-            with perception.running():
-                actions = None if first else perception.actions(self.env.action_space, action)
-                perception.observe(self._frame(observation), actions, first)
+            with self.perception.running():
+                self.perception.observe(self._frame(observation), self.env.action_space, action)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
         """Reset the env and the VRNN state; ``info["predicted_features"]`` is the first frame's ``x̂_0``."""
         observation, info = self.env.reset(seed=seed, options=options)
-        self._observe(observation, None, first=True)
+        self._observe(observation, None)
         return observation, {**info, "predicted_features": self.perception.last_output.features[0].cpu().numpy()}
 
     def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
         """Step the env and the VRNN; adds ``predicted_reward`` and ``predicted_features`` to ``info``."""
         self._check_reset()
         observation, reward, terminated, truncated, info = self.env.step(action)
-        self._observe(observation, action, first=False)
+        self._observe(observation, action)
         out = self.perception.last_output
         predicted = torch.cat([out.reward, out.features[0]]).cpu().numpy()  # one device -> host copy
         info = {**info, "predicted_reward": float(predicted[0]), "predicted_features": predicted[1:]}
@@ -318,7 +300,7 @@ class WorldModel(gym.Wrapper, gym.utils.RecordConstructorArgs):
 # ---------------------------------------------------------------------------------------- vector envs
 
 
-class VecKeypointObservation(VecEnvWrapper):
+class VecKeypointObservation(_Perceiving, VecEnvWrapper):
     """:class:`KeypointObservation` for an SB3 ``VecEnv``: every sub-env's frame encoded in one batch.
 
     The sub-envs must return uint8 ``(H, W, 3)`` pixel observations (wrap envs that only render with
@@ -350,21 +332,13 @@ class VecKeypointObservation(VecEnvWrapper):
 
     def __init__(self, venv: VecEnv, model: ModelLike, belief: bool = False, device: str | torch.device = "cpu",
                  num_threads: int | None = 1) -> None:
-        self.perception = Perception(model, device, need_dynamics=belief, who="VecKeypointObservation",
-                                     num_threads=num_threads)
-        self.perception.check_vector_frames(venv.observation_space)
-        if belief:
-            self.perception.check_action_space(venv.action_space)
-        self.belief = bool(belief)
-        super().__init__(venv, observation_space=self.perception.observation_space(self.belief))
+        perception = self._perceive(model, belief, device, num_threads, venv.action_space)
+        perception.check_vector_frames(venv.observation_space)
+        super().__init__(venv, observation_space=perception.observation_space(self.belief))
         self._actions: np.ndarray | None = None
         # the raw frames of the last reset / step, and of the episodes that just ended (online perception reads them)
         self.last_frames: np.ndarray | None = None
         self.last_terminal_frames: dict[int, np.ndarray] = {}
-
-    @property
-    def model(self) -> PerceptionModel:
-        return self.perception.model
 
     def reset(self) -> VecEnvObs:
         observations = self.venv.reset()
@@ -374,7 +348,7 @@ class VecKeypointObservation(VecEnvWrapper):
             features = perception.encode(observations)
             if self.belief:
                 perception.state = perception.advance(None, features, None)
-            return perception.output(features, perception.state if self.belief else None)
+            return self._output(features)
 
     def step_async(self, actions: np.ndarray) -> None:
         self._actions = actions
@@ -389,7 +363,7 @@ class VecKeypointObservation(VecEnvWrapper):
         self.last_terminal_frames = {i: infos[i]["terminal_observation"] for i in terminal}
         frames = observations
         if terminal:  # one batch: current frames, then the terminal frames
-            frames = np.concatenate([observations, np.stack([infos[i]["terminal_observation"] for i in terminal])])
+            frames = np.concatenate([observations, np.stack(list(self.last_terminal_frames.values()))])
         with perception.running():
             features = perception.encode(frames)
             state = None
@@ -409,7 +383,7 @@ class VecKeypointObservation(VecEnvWrapper):
         return out[:n], rewards, dones, infos
 
 
-class VectorKeypointObservation(gym.vector.VectorWrapper):
+class VectorKeypointObservation(_Perceiving, gym.vector.VectorWrapper):
     """The observation wrapper for a Gymnasium ``VectorEnv`` (``SyncVectorEnv``, ``AsyncVectorEnv``, CleanRL-style
     scripts): all sub-envs' frames are encoded in one batch, in the main process.
 
@@ -447,23 +421,15 @@ class VectorKeypointObservation(gym.vector.VectorWrapper):
     def __init__(self, env: gym.vector.VectorEnv, model: ModelLike, belief: bool = False,
                  device: str | torch.device = "cpu", num_threads: int | None = 1) -> None:
         super().__init__(env)
-        who = "VectorKeypointObservation"
-        self.perception = Perception(model, device, need_dynamics=belief, who=who, num_threads=num_threads)
-        self.perception.check_vector_frames(env.single_observation_space)
+        perception = self._perceive(model, belief, device, num_threads, env.single_action_space)
+        perception.check_vector_frames(env.single_observation_space)
         self._mode = gym.vector.AutoresetMode(env.metadata.get("autoreset_mode", gym.vector.AutoresetMode.NEXT_STEP))
         if self._mode == gym.vector.AutoresetMode.SAME_STEP:
-            raise ValueError(f"{who} supports the NEXT_STEP and DISABLED autoreset modes, got SAME_STEP (its final "
-                             f"observations would stay pixels in info)")
-        if belief:
-            self.perception.check_action_space(env.single_action_space)
-        self.belief = bool(belief)
-        self.single_observation_space = self.perception.observation_space(self.belief)
+            raise ValueError("VectorKeypointObservation supports the NEXT_STEP and DISABLED autoreset modes, got "
+                             "SAME_STEP (its final observations would stay pixels in info)")
+        self.single_observation_space = perception.observation_space(self.belief)
         self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, self.num_envs)
         self._restart = np.zeros(self.num_envs, bool)  # sub-envs whose next frame is a reset frame (NEXT_STEP)
-
-    @property
-    def model(self) -> PerceptionModel:
-        return self.perception.model
 
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None
               ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -475,19 +441,14 @@ class VectorKeypointObservation(gym.vector.VectorWrapper):
         with perception.running():
             features = perception.encode(observations)
             if self.belief:  # a fresh belief from each reset frame; sub-envs outside the mask keep theirs
-                zeros = torch.zeros(self.num_envs, self.model.action_dim, device=features.device)
-                perception.state = self._masked(perception.advance(perception.state, features, zeros, restart),
-                                                perception.state, restart)
-            out = perception.output(features, perception.state if self.belief else None)
+                state = perception.advance(perception.state, features, None, restart)
+                if not restart.all():
+                    rows = torch.from_numpy(restart).to(features.device)[:, None]
+                    state = VRNNState(*(torch.where(rows, new, old) for new, old in zip(state, perception.state)))
+                perception.state = state
+            out = self._output(features)
         self._restart[restart] = False
         return out, infos
-
-    @staticmethod
-    def _masked(new: VRNNState, old: VRNNState | None, rows: np.ndarray) -> VRNNState:
-        if old is None or rows.all():
-            return new
-        reset_rows = torch.from_numpy(rows).to(new.h.device)[:, None]
-        return VRNNState(*(torch.where(reset_rows, a, b) for a, b in zip(new, old)))
 
     def step(self, actions: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Step the sub-envs, encode their frames and (``belief=True``) update the beliefs with ``actions``."""
@@ -501,7 +462,7 @@ class VectorKeypointObservation(gym.vector.VectorWrapper):
                 perception.state = perception.advance(
                     perception.state, features, perception.actions(self.single_action_space, actions, self.num_envs),
                     self._restart)
-            out = perception.output(features, perception.state if self.belief else None)
+            out = self._output(features)
         if self._mode == gym.vector.AutoresetMode.NEXT_STEP:
             self._restart = np.logical_or(terminations, truncations)
         return out, rewards, terminations, truncations, infos
@@ -531,19 +492,11 @@ class StateObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
             raise ValueError(f"StateObservation needs an env with a state_space whose info carries 'state' "
                              f"(kp_rl envs do); {env.spec.id if env.spec else env} has none")
         self.observation_space = space
-        self._state: np.ndarray | None = None
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        obs, info = self.env.reset(seed=seed, options=options)
-        self._state = np.asarray(info["state"], np.float32)
-        return self.observation(obs), info
+        _, info = self.env.reset(seed=seed, options=options)
+        return np.array(info["state"], np.float32), info
 
     def step(self, action: Any):
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        self._state = np.asarray(info["state"], np.float32)
-        return self.observation(obs), reward, terminated, truncated, info
-
-    def observation(self, observation: Any) -> np.ndarray:
-        if self._state is None:
-            raise RuntimeError("StateObservation: call reset() first")
-        return self._state.copy()
+        _, reward, terminated, truncated, info = self.env.step(action)
+        return np.array(info["state"], np.float32), reward, terminated, truncated, info
