@@ -21,7 +21,7 @@ and the compute each agent used. :func:`kp_rl.ray_grid.run_experiment_ray` runs 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -68,19 +68,17 @@ class ExperimentSpec:
         required = {"tasks", "agents", "seeds"}
         if not isinstance(data, dict) or not required <= set(data) or ("steps" in data) == ("env_steps" in data):
             raise ValueError(f"{path}: an experiment spec needs {sorted(required)} and one of steps / env_steps")
-        unknown = set(data) - {"name", "tasks", "agents", "seeds", "steps", "env_steps", "eval_every", "eval_episodes",
-                               "perception", "resources", "final_evaluations", "random_episodes", "compare",
-                               "shared_prefix", "exclude"}
+        unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"{path}: unknown field(s) {sorted(unknown)}")
-        spec = cls(name=data.get("name", path.stem), tasks=list(data["tasks"]), agents=list(data["agents"]),
-                   seeds=[int(s) for s in data["seeds"]], steps=data.get("steps"), env_steps=data.get("env_steps"),
-                   eval_every=int(data.get("eval_every", 5000)), eval_episodes=int(data.get("eval_episodes", 5)),
-                   perception={**PERCEPTION_DEFAULTS, **(data.get("perception") or {})},
-                   resources=_resources(path, data.get("resources") or {}),
-                   final_evaluations=int(data.get("final_evaluations", 1)),
-                   random_episodes=int(data.get("random_episodes", 10)), compare=data.get("compare"),
-                   shared_prefix=bool(data.get("shared_prefix", False)), exclude=list(data.get("exclude") or []))
+        counts = {k: int(data[k]) for k in ("eval_every", "eval_episodes", "final_evaluations", "random_episodes")
+                  if k in data}
+        spec = cls(**{"name": path.stem, **data, **counts, "tasks": list(data["tasks"]),
+                      "agents": list(data["agents"]), "seeds": [int(s) for s in data["seeds"]],
+                      "perception": {**PERCEPTION_DEFAULTS, **(data.get("perception") or {})},
+                      "resources": _resources(path, data.get("resources") or {}),
+                      "shared_prefix": bool(data.get("shared_prefix", False)),
+                      "exclude": list(data.get("exclude") or [])})
         pairs = {f"{t}/{a}" for t in spec.tasks for a in spec.agents}
         if set(spec.exclude) - pairs:
             raise ValueError(f"{path}: exclude: {sorted(set(spec.exclude) - pairs)} are not task/agent pairs of the grid")
@@ -272,14 +270,10 @@ def iqm_with_ci(scores: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[fl
 
 def perception_minutes(runs_dir: Path, task: str) -> dict[str, float]:
     """Training minutes of each perception model a grid trained for ``task`` (``{}`` when none)."""
-    import json
-
     from kp_rl.train import training_seconds
 
-    minutes = {}
-    for history in sorted((Path(runs_dir) / "models" / task).glob("*/history.json")):
-        minutes[history.parent.name] = training_seconds(json.loads(history.read_text())) / 60.0
-    return minutes
+    return {history.parent.name: training_seconds(read_json(history)) / 60.0
+            for history in sorted((Path(runs_dir) / "models" / task).glob("*/history.json"))}
 
 
 def probability_of_improvement(x: np.ndarray, y: np.ndarray, reps: int = 2000,
