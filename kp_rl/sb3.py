@@ -1,21 +1,8 @@
-"""Stable-Baselines3 pieces: features extractors over a trained perception model, and a TensorBoard callback.
-
-* :class:`KeypointExtractor` / :class:`CNNExtractor` — ``BaseFeaturesExtractor`` s for pixel observations
-  that run the keypoint encoder (or the CNN baseline's encoder) inside the policy: frozen by default, or
-  fine-tuned with the agent's loss (``fine_tune=True``). Frame-stacked observations (``VecFrameStack``) are
-  encoded frame by frame and concatenated.
-* :class:`RandomShiftReplayBuffer` — DrQ-style random shifts of the sampled pixel observations (the augmented
-  pixel baseline, ``agents/sac-pixels-drq.yaml``).
-* :class:`KeypointOverlayCallback` — logs keypoints drawn on frames (and, with :class:`kp_rl.wrappers.WorldModel`
-  envs, the reward-prediction error) to TensorBoard.
+"""Stable-Baselines3 pieces: features extractors over a trained perception model, DrQ-style random shifts of
+replay-buffer samples, and a TensorBoard callback.
 
 A frozen encoder is cheaper as a wrapper (:class:`kp_rl.wrappers.KeypointObservation`: encoded once per env
 step, not again for every replay-buffer sample); the extractor is the way to train it with the agent.
-
-What the extractor receives: SB3 transposes channels-last image observations to channels-first
-(``VecTransposeImage``) and, with the policy's ``normalize_images=True`` (default), divides by 255, so
-``forward`` gets float ``(B, 3 * n_stack, H, W)`` in [0, 1] and maps it to the model's [-0.5, 0.5]. Pass
-``images_normalized=False`` if the policy uses ``normalize_images=False`` (values in [0, 255]).
 
 Example:
     >>> import gymnasium as gym, kp_rl, tempfile, os
@@ -34,7 +21,7 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -59,7 +46,11 @@ __all__ = ["CNNExtractor", "KeypointExtractor", "KeypointOverlayCallback", "Rand
 
 
 class _PerceptionExtractor(BaseFeaturesExtractor):
-    """Shared by :class:`KeypointExtractor` and :class:`CNNExtractor` (they differ only in ``representation``)."""
+    """Shared by :class:`KeypointExtractor` and :class:`CNNExtractor` (they differ only in ``representation``).
+
+    SB3 hands image observations channels-first and, with the policy's ``normalize_images=True``, divided by 255:
+    ``forward`` maps them to the model's [-0.5, 0.5]. Frame-stacked observations are encoded frame by frame.
+    """
 
     representation: str = ""
 
@@ -231,18 +222,13 @@ class KeypointOverlayCallback(BaseCallback):
         big = frames.repeat(self.scale, axis=1).repeat(self.scale, axis=2)
         return np.concatenate([draw_keypoints(f, k) for f, k in zip(big, keypoints)], axis=1)
 
-    def _collect_reward_error(self) -> None:
-        infos: Sequence[dict[str, Any]] = self.locals.get("infos") or ()
-        rewards = self.locals.get("rewards")
-        for i, info in enumerate(infos):
-            if "predicted_reward" in info:
-                true = info.get("true_reward", rewards[i] if rewards is not None else None)
-                if true is not None:
-                    self._error_sum += abs(float(info["predicted_reward"]) - float(true))
-                    self._error_count += 1
-
     def _on_step(self) -> bool:
-        self._collect_reward_error()
+        rewards = self.locals.get("rewards")
+        for i, info in enumerate(self.locals.get("infos") or ()):
+            true = info.get("true_reward", rewards[i] if rewards is not None else None)
+            if "predicted_reward" in info and true is not None:
+                self._error_sum += abs(float(info["predicted_reward"]) - float(true))
+                self._error_count += 1
         if self.n_calls % self.log_every == 0:
             self.logger.record("kp/overlay", Image(self.overlay(), "HWC"), exclude=("stdout", "log", "json", "csv"))
             if self._error_count:
