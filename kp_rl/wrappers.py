@@ -7,19 +7,35 @@ the belief after that step has seen ``a_t`` and ``x_t``. ``reset()`` observes th
 
 Example:
     >>> import gymnasium as gym, kp_rl
+    >>> from stable_baselines3.common.vec_env import DummyVecEnv
     >>> cfg = kp_rl.get_preset("cpu").replace(keypoints={"image_size": 32, "num_keypoints": 4, "base_filters": 4})
     >>> model = kp_rl.PerceptionModel(cfg, action_dim=1, with_dynamics=True)
-    >>> env = gym.make("kp_rl/cartpole-swingup-v0", image_size=32)
-    >>> env = WorldModel(KeypointObservation(env, model))   # shares the inner wrapper's model
+    >>> make = lambda: gym.make("kp_rl/cartpole-swingup-v0", image_size=32)
+    >>> env = KeypointObservation(make(), model, belief=True)
+    >>> env.observation_space.shape              # K * 3 + belief_dim (rnn_units + latent_dim)
+    (148,)
+    >>> env = WorldModel(env, replace_reward=True)   # shares the inner wrapper's model, features and belief
     >>> obs, info = env.reset(seed=0)
+    >>> obs.dtype, bool(env.observation_space.contains(obs))
+    (dtype('float32'), True)
+    >>> obs, reward, *_, info = env.step(env.action_space.sample())
+    >>> reward == info["predicted_reward"], "true_reward" in info, info["predicted_features"].shape
+    (True, True, (12,))
+    >>> out = env.imagine(np.zeros((3, 10, 1), np.float32), num_samples=4)   # N=3 plans of M=10 steps
+    >>> out["features"].shape, out["rewards"].shape
+    ((4, 3, 10, 12), (4, 3, 10))
+    >>> venv = VecKeypointObservation(DummyVecEnv([make] * 2), model)   # an SB3 VecEnv
+    >>> venv.reset().shape
+    (2, 12)
+    >>> envs = VectorKeypointObservation(gym.vector.SyncVectorEnv([make] * 2), model, belief=True)
+    >>> envs.reset(seed=0)[0].shape, envs.single_observation_space.shape
+    ((2, 148), (148,))
+    >>> state_env = StateObservation(make())
+    >>> obs, _ = state_env.reset(seed=0)
     >>> obs.shape, obs.dtype
-    ((12,), dtype('float32'))
-    >>> obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
-    >>> sorted(k for k in info if k.startswith("predicted"))
-    ['predicted_features', 'predicted_reward']
-    >>> env.imagine(np.zeros((5, 1), np.float32), num_samples=2)["features"].shape   # (S, N, M, D)
-    (2, 1, 5, 12)
-    >>> env.close()
+    ((5,), dtype('float32'))
+    >>> for e in (env, venv, envs, state_env):
+    ...     e.close()
 """
 
 from __future__ import annotations
@@ -70,10 +86,9 @@ class _Perceiving:
 class KeypointObservation(_Perceiving, gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
     """Replace observations with the model's flat features (+ the VRNN belief), as float32 ``(D,)``.
 
-    Keypoint models give ``D = K * 3`` values ordered ``(x0, y0, mu0, x1, ...)`` with ``x, y`` in [-1, 1]
-    (x right, y up) and ``mu`` in [0, 1]; CNN-baseline models a latent in [-1, 1]. With ``belief=True`` the
-    VRNN's ``concat(h, z)`` (unbounded) follows: reset on ``reset()`` (zero state, then the first frame with a
-    zero action), updated on every ``step`` with the action taken and the frame it produced.
+    Keypoint models give ``D = K * 3`` values ``(x0, y0, mu0, x1, ...)`` (``x, y`` in [-1, 1], x right, y up;
+    ``mu`` in [0, 1]); CNN-baseline models a latent in [-1, 1]. With ``belief=True`` the VRNN's ``concat(h, z)``
+    follows, reset on ``reset()`` and updated on every ``step`` with the action taken and the frame it produced.
 
     Args:
         env: the environment.
@@ -84,24 +99,9 @@ class KeypointObservation(_Perceiving, gym.ObservationWrapper, gym.utils.RecordC
             torch's global setting). One is fastest for single frames and safe on a loaded machine.
 
     Raises:
-        ValueError: frame size differs from the model's, no frames to be had (non-pixel observations and no
-            ``rgb_array`` rendering), ``belief=True`` without dynamics, action size differs from the
-            dynamics', an unknown/absent device, or a bad ``num_threads``.
+        ValueError: frame size differs from the model's, no frames (neither pixel observations nor ``rgb_array``
+            rendering), ``belief=True`` without dynamics, another action size, a bad device or ``num_threads``.
         kp_rl.model.CheckpointError: the checkpoint is missing, foreign, or lacks the dynamics ``belief`` needs.
-
-    Example:
-        >>> import gymnasium as gym, kp_rl
-        >>> from kp_rl.wrappers import KeypointObservation
-        >>> cfg = kp_rl.get_preset("cpu").replace(keypoints={"image_size": 32, "num_keypoints": 4,
-        ...                                                  "base_filters": 4})
-        >>> model = kp_rl.PerceptionModel(cfg, action_dim=1, with_dynamics=True)
-        >>> env = KeypointObservation(gym.make("kp_rl/cartpole-swingup-v0", image_size=32), model, belief=True)
-        >>> env.observation_space.shape              # K * 3 + belief_dim (rnn_units + latent_dim)
-        (148,)
-        >>> obs, info = env.reset(seed=0)
-        >>> obs.dtype, bool(env.observation_space.contains(obs))
-        (dtype('float32'), True)
-        >>> env.close()
     """
 
     def __init__(self, env: gym.Env, model: ModelLike, belief: bool = False, device: str | torch.device = "cpu",
@@ -147,23 +147,12 @@ class KeypointObservation(_Perceiving, gym.ObservationWrapper, gym.utils.RecordC
 class WorldModel(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Run the model's VRNN alongside the env: reward/feature estimates in ``info`` and imagined rollouts.
 
-    Observations pass through unchanged. The VRNN state is reset on ``reset()`` (zero state, first frame with
-    a zero action) and updated on every ``step(a_t)`` with ``a_t`` and the new frame ``x_t``. Each step's
-    ``info`` gets:
-
-    * ``predicted_reward`` (float): the reward head's estimate ``r̂_t`` of the reward just received, computed
-      from the state *after* observing ``x_t`` (GRU input ``a_t``, posterior mean ``z_t`` given ``x_t``),
-      i.e. ``observe_step(...).reward``. It is a filtered estimate, not a forecast made before seeing ``x_t``
-      (use :meth:`imagine` for forecasts).
-    * ``predicted_features`` (float32 ``(D,)``): the VRNN's reconstruction ``x̂_t`` of the current frame's
-      features (decoded from the same ``(h_t, z_t)``), to compare with the encoder's features of ``x_t``.
-
-    ``reset()`` puts ``predicted_features`` in ``info`` too. With ``replace_reward=True`` ``step`` returns
-    ``predicted_reward`` as the reward and keeps the env's in ``info["true_reward"]``.
-
-    Over a :class:`KeypointObservation` of the same model (``model=None``, the same object or the same
-    checkpoint path) it shares that wrapper's perception: the features and belief it computes are reused, not
-    computed again. Otherwise frames come from pixel observations or ``env.render()`` (``rgb_array``).
+    Observations pass through unchanged; the VRNN state follows the env as :class:`KeypointObservation`'s belief
+    does. ``info`` gets ``predicted_reward`` (float: the reward head's estimate of the reward just received, from
+    the state after observing ``x_t``, not a forecast: see :meth:`imagine`) and ``predicted_features`` (float32
+    ``(D,)``: the VRNN's reconstruction of ``x_t``'s features; on ``reset()`` too). ``replace_reward=True``
+    returns the predicted reward and keeps the env's in ``info["true_reward"]``. Over a
+    :class:`KeypointObservation` of the same model it shares that wrapper's perception (nothing computed twice).
 
     Args:
         env: the environment (pixels, a :class:`KeypointObservation` of it, or one that renders ``rgb_array``).
@@ -176,24 +165,6 @@ class WorldModel(gym.Wrapper, gym.utils.RecordConstructorArgs):
     Raises:
         ValueError: the model has no dynamics, action size or frame size mismatch, no frames, bad device.
         kp_rl.model.CheckpointError: the checkpoint is missing, foreign, or has no dynamics.
-
-    Example:
-        >>> import gymnasium as gym, kp_rl
-        >>> from kp_rl.wrappers import WorldModel
-        >>> cfg = kp_rl.get_preset("cpu").replace(keypoints={"image_size": 32, "num_keypoints": 4,
-        ...                                                  "base_filters": 4})
-        >>> model = kp_rl.PerceptionModel(cfg, action_dim=1, with_dynamics=True)
-        >>> env = WorldModel(gym.make("kp_rl/cartpole-swingup-v0", image_size=32), model, replace_reward=True)
-        >>> obs, info = env.reset(seed=0)
-        >>> obs.shape                                  # pixels, unchanged
-        (32, 32, 3)
-        >>> obs, reward, *_, info = env.step(env.action_space.sample())
-        >>> reward == info["predicted_reward"], "true_reward" in info
-        (True, True)
-        >>> out = env.imagine(np.zeros((3, 10, 1), np.float32), num_samples=4)   # N=3 plans of M=10 steps
-        >>> out["features"].shape, out["rewards"].shape
-        ((4, 3, 10, 12), (4, 3, 10))
-        >>> env.close()
     """
 
     def __init__(self, env: gym.Env, model: ModelLike | None = None, replace_reward: bool = False,
@@ -301,13 +272,11 @@ class WorldModel(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
 
 class VecKeypointObservation(_Perceiving, VecEnvWrapper):
-    """:class:`KeypointObservation` for an SB3 ``VecEnv``: every sub-env's frame encoded in one batch.
+    """:class:`KeypointObservation` for an SB3 ``VecEnv`` of uint8 pixel envs: all frames encoded in one batch.
 
-    The sub-envs must return uint8 ``(H, W, 3)`` pixel observations (wrap envs that only render with
-    ``gymnasium.wrappers.AddRenderObservation(env, render_only=True)``). The model stays in this (the main)
-    process, so ``SubprocVecEnv`` workers only step and render. ``infos[i]["terminal_observation"]`` is
-    encoded in the same batch; with ``belief=True`` it carries the belief after the terminal frame, and the
-    sub-env's belief restarts on the frame the auto-reset returned.
+    The model stays in this process (``SubprocVecEnv`` workers only step and render).
+    ``infos[i]["terminal_observation"]`` is encoded in the same batch, with the belief after the terminal frame;
+    the sub-env's belief restarts on the frame the auto-reset returned.
 
     Args:
         venv: the vectorised env (pixels).
@@ -315,19 +284,6 @@ class VecKeypointObservation(_Perceiving, VecEnvWrapper):
         belief: append the VRNN belief (the model needs dynamics).
         device: where the model runs.
         num_threads: torch CPU threads while the wrapper runs the model (see :class:`KeypointObservation`).
-
-    Example:
-        >>> import gymnasium as gym, kp_rl
-        >>> from stable_baselines3.common.vec_env import DummyVecEnv
-        >>> from kp_rl.wrappers import VecKeypointObservation
-        >>> cfg = kp_rl.get_preset("cpu").replace(keypoints={"image_size": 32, "num_keypoints": 4,
-        ...                                                  "base_filters": 4})
-        >>> model = kp_rl.PerceptionModel(cfg, action_dim=1)
-        >>> venv = DummyVecEnv([lambda: gym.make("kp_rl/cartpole-swingup-v0", image_size=32)] * 2)
-        >>> venv = VecKeypointObservation(venv, model)
-        >>> venv.reset().shape
-        (2, 12)
-        >>> venv.close()
     """
 
     def __init__(self, venv: VecEnv, model: ModelLike, belief: bool = False, device: str | torch.device = "cpu",
@@ -384,14 +340,11 @@ class VecKeypointObservation(_Perceiving, VecEnvWrapper):
 
 
 class VectorKeypointObservation(_Perceiving, gym.vector.VectorWrapper):
-    """The observation wrapper for a Gymnasium ``VectorEnv`` (``SyncVectorEnv``, ``AsyncVectorEnv``, CleanRL-style
-    scripts): all sub-envs' frames are encoded in one batch, in the main process.
+    """:class:`KeypointObservation` for a Gymnasium ``VectorEnv``: all sub-envs' frames encoded in one batch.
 
-    Observations are float32 ``(num_envs, D [+ belief_dim])``, each row as :class:`KeypointObservation` gives it.
-    Autoreset modes: ``NEXT_STEP`` (Gymnasium's default: the step after an episode ends returns the reset frame,
-    whose belief starts over) and ``DISABLED`` (``reset(options={"reset_mask": mask})`` restarts the masked
-    sub-envs' beliefs; the others keep theirs). ``SAME_STEP`` is refused, as Gymnasium's own observation
-    wrappers do: its final observations stay pixels in ``info``.
+    Autoreset modes: ``NEXT_STEP`` (the reset frame's belief starts over) and ``DISABLED``
+    (``reset(options={"reset_mask": mask})`` restarts the masked sub-envs' beliefs). ``SAME_STEP`` is refused, as
+    Gymnasium's own observation wrappers do: its final observations would stay pixels in ``info``.
 
     Args:
         env: the vector env, with uint8 ``(H, W, 3)`` image observations per sub-env.
@@ -401,21 +354,7 @@ class VectorKeypointObservation(_Perceiving, gym.vector.VectorWrapper):
         num_threads: torch CPU threads while the wrapper runs the model (see :class:`KeypointObservation`).
 
     Raises:
-        ValueError: no image observations, another frame size than the model's, ``SAME_STEP`` autoreset, and
-            the errors of :class:`KeypointObservation`.
-
-    Example:
-        >>> import gymnasium as gym, kp_rl
-        >>> from kp_rl.wrappers import VectorKeypointObservation
-        >>> cfg = kp_rl.get_preset("cpu").replace(keypoints={"image_size": 32, "num_keypoints": 4,
-        ...                                                  "base_filters": 4})
-        >>> model = kp_rl.PerceptionModel(cfg, action_dim=1, with_dynamics=True)
-        >>> envs = gym.vector.SyncVectorEnv([lambda: gym.make("kp_rl/cartpole-swingup-v0", image_size=32)] * 2)
-        >>> envs = VectorKeypointObservation(envs, model, belief=True)
-        >>> obs, info = envs.reset(seed=0)
-        >>> obs.shape, envs.single_observation_space.shape
-        ((2, 148), (148,))
-        >>> envs.close()
+        ValueError: ``SAME_STEP`` autoreset, and the errors of :class:`KeypointObservation`.
     """
 
     def __init__(self, env: gym.vector.VectorEnv, model: ModelLike, belief: bool = False,
@@ -474,14 +413,6 @@ class StateObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
     Args:
         env: a ``kp_rl/<domain>-<task>-v0`` env (any env whose unwrapped env has a ``state_space`` and whose
             ``reset``/``step`` infos carry ``state``).
-
-    Example:
-        >>> import gymnasium as gym, kp_rl
-        >>> env = StateObservation(gym.make("kp_rl/cartpole-swingup-v0", image_size=16))
-        >>> obs, _ = env.reset(seed=0)
-        >>> obs.shape, obs.dtype
-        ((5,), dtype('float32'))
-        >>> env.close()
     """
 
     def __init__(self, env: gym.Env) -> None:
