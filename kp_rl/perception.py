@@ -39,7 +39,7 @@ def feature_bounds(model: PerceptionModel) -> tuple[np.ndarray, np.ndarray]:
     """Bounds of :meth:`PerceptionModel.encode`'s output.
 
     Keypoints: ``x, y`` in [-1, 1] and ``mu`` in [0, 1], ordered ``(x0, y0, mu0, x1, ...)``; the CNN
-    baseline's latent is tanh-bounded to [-1, 1].
+    baseline's latent is in [-1, 1].
 
     Returns:
         ``(low, high)``, float32 arrays of shape ``(feature_dim,)``.
@@ -68,9 +68,8 @@ class Perception:
         who: the caller's name, for error messages.
         num_threads: torch intra-op threads while the model runs on the CPU (``None``: torch's global setting).
         action_space: with ``need_dynamics``, the env's (single) action space, checked against the dynamics'.
-        channels_last: on the CPU, put the autoencoder's weights in the channels-last memory format (in place:
-            the same values, convolved by oneDNN without reordering; 2x faster at a batch of 8). ``False`` for
-            callers that train the model with code that views weights as contiguous (SB3's orthogonal init).
+        channels_last: on the CPU, put the autoencoder's weights in the channels-last memory format (in place;
+            oneDNN convolves it without reordering). ``False`` for callers that train the model (SB3's init).
 
     Attributes:
         tracks_belief: whether :meth:`observe` updates :attr:`state` (set by the wrappers that need it).
@@ -106,10 +105,8 @@ class Perception:
         self.model: PerceptionModel = model
         if need_dynamics and action_space is not None:
             self.check_action_space(action_space)
-        self.feature_dim = model.feature_dim
-        self.belief_dim = model.dynamics.belief_dim if model.dynamics is not None else 0
         low, high = feature_bounds(model)
-        inf = np.full(self.belief_dim, np.inf, np.float32)
+        inf = np.full(model.dynamics.belief_dim if model.dynamics is not None else 0, np.inf, np.float32)
         # (low, high) of the output without / with the belief
         self.bounds = {False: (low, high), True: (np.concatenate([low, -inf]), np.concatenate([high, inf]))}
         self.tracks_belief = False
