@@ -1,10 +1,8 @@
 """SB3 agents from the ``agents/*.yaml`` catalog, for every observation kind, with evaluation and resume.
 
-Observation kinds: ``keypoints`` (frozen keypoint model in a vector wrapper, stacked), ``keypoints+belief``
-(keypoints + VRNN belief), ``cnn-vrnn`` (the unstructured baseline's latent + belief), ``pixels`` (SB3
-CnnPolicy on stacked frames), ``state`` (oracle). :func:`train_agent` writes to its run directory:
-``agent.zip`` (+ ``replay_buffer.pkl`` for off-policy agents, so a run resumes), ``curve.json`` (evaluation
-returns against env steps *and* wall-clock seconds) and TensorBoard logs.
+Observation kinds: ``keypoints``, ``keypoints+belief`` (+ VRNN belief), ``cnn-vrnn`` (the unstructured
+baseline's latent + belief), ``pixels`` and ``state`` (oracle). :func:`train_agent` writes ``agent.zip`` (+
+``replay_buffer.pkl`` for off-policy agents), ``curve.json`` and TensorBoard logs to its run directory.
 
 Example:
     >>> spec = get_agent("sac-state")
@@ -59,7 +57,7 @@ class AgentSpec:
     # (kp_rl.online.PerceptionSchedule fields)
     perception: dict[str, Any] | None = None
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.algo not in ALGOS:
             raise ValueError(f"agent {self.name}: algo must be one of {ALGOS}, got {self.algo!r}")
         if self.observation not in OBSERVATION_KINDS:
@@ -119,9 +117,7 @@ def _spec(path: Path, data: Any, shared: dict[str, dict[str, Any]]) -> AgentSpec
             raise ValueError(f"{path}: {section} {changed} differ from the {data['algo']} values every agent shares "
                              f"({path.parent / DEFAULTS_FILE}); change them there, for all agents")
         data[section] = {**common, **own}
-    spec = AgentSpec(name=path.stem, **data)
-    spec.validate()
-    return spec
+    return AgentSpec(name=path.stem, **data)
 
 
 def load_agent_catalog() -> dict[str, AgentSpec]:
