@@ -173,10 +173,7 @@ def pixels_to_unit(pixels: np.ndarray, image_size: int) -> np.ndarray:
 
 
 class DMCPixelEnv(gym.Env, gym.utils.EzPickle):
-    """A dm_control task with uint8 RGB frames ``(H, W, 3)`` as observations.
-
-    Pickling rebuilds the env from its constructor arguments (``gym.utils.EzPickle``, as Gymnasium's MuJoCo
-    envs do): the copy starts fresh and needs a ``reset()``.
+    """A dm_control task with uint8 RGB frames ``(H, W, 3)`` as observations (a pickled copy needs a ``reset()``).
 
     Args:
         spec: the catalog entry (or pass ``domain``/``task`` and friends through :func:`make_env`).
@@ -209,9 +206,9 @@ class DMCPixelEnv(gym.Env, gym.utils.EzPickle):
         if not 0 <= spec.camera < self._model.ncam:
             raise ValueError(f"{spec.name}: camera {spec.camera} out of range (model has {self._model.ncam})")
         self._renderer: Any = None  # made on the first frame (see _render_frame)
-        self.body_names = list(_tracked_names(physics, spec)[:self._model.nbody - 1])
-        self._objects = [_find_object(physics, name, spec.name) for name in spec.objects]  # (kind, id)
         self.object_names = _tracked_names(physics, spec)
+        self.body_names = list(self.object_names[:self._model.nbody - 1])
+        self._objects = [_find_object(physics, name, spec.name) for name in spec.objects]  # (kind, id)
 
         action_spec = self._env.action_spec()
         self._action_low = action_spec.minimum.astype(np.float64)
@@ -359,7 +356,6 @@ def register_envs() -> list[str]:
     ids = []
     for env_id, spec in load_catalog().items():
         if env_id not in gym.registry:
-            gym.register(env_id, entry_point="kp_rl.envs:make_env", kwargs={"name": spec.name},
-                         max_episode_steps=None, disable_env_checker=False)
+            gym.register(env_id, entry_point="kp_rl.envs:make_env", kwargs={"name": spec.name})
         ids.append(env_id)
     return ids
