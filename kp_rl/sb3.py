@@ -83,7 +83,6 @@ class _PerceptionExtractor(BaseFeaturesExtractor):
         self.channels_first = channels_first
         self.fine_tune = bool(fine_tune)
         self.scale = 1.0 if images_normalized else 1.0 / 255.0
-        self.model_path = str(model_path)
         if not self.fine_tune:
             self.autoencoder.requires_grad_(False)
             self.autoencoder.eval()

@@ -279,11 +279,7 @@ class VecKeypointObservation(_Perceiving, VecEnvWrapper):
     the sub-env's belief restarts on the frame the auto-reset returned.
 
     Args:
-        venv: the vectorised env (pixels).
-        model: a :class:`~kp_rl.model.PerceptionModel` or a checkpoint path.
-        belief: append the VRNN belief (the model needs dynamics).
-        device: where the model runs.
-        num_threads: torch CPU threads while the wrapper runs the model (see :class:`KeypointObservation`).
+        venv: the vectorised env (pixels); the other arguments are those of :class:`KeypointObservation`.
     """
 
     def __init__(self, venv: VecEnv, model: ModelLike, belief: bool = False, device: str | torch.device = "cpu",
@@ -347,11 +343,8 @@ class VectorKeypointObservation(_Perceiving, gym.vector.VectorWrapper):
     Gymnasium's own observation wrappers do: its final observations would stay pixels in ``info``.
 
     Args:
-        env: the vector env, with uint8 ``(H, W, 3)`` image observations per sub-env.
-        model: a :class:`~kp_rl.model.PerceptionModel` or a checkpoint path.
-        belief: append the VRNN belief (the model needs dynamics).
-        device: where the model runs.
-        num_threads: torch CPU threads while the wrapper runs the model (see :class:`KeypointObservation`).
+        env: the vector env, with uint8 ``(H, W, 3)`` image observations per sub-env; the other arguments are
+            those of :class:`KeypointObservation`.
 
     Raises:
         ValueError: ``SAME_STEP`` autoreset, and the errors of :class:`KeypointObservation`.
