@@ -156,8 +156,13 @@ def make_vec_env(env_id: str, spec: AgentSpec, model: Any = None, n_envs: int | 
         spec: the agent spec (observation kind, frame stack, n_envs).
         model: PerceptionModel or checkpoint path, for the keypoint and cnn-vrnn kinds.
     """
+    from kp_rl.model import load
+
     if spec.needs_model and model is None:
         raise ValueError(f"agent {spec.name} ({spec.observation}) needs --model: a trained kp-rl run")
+    if isinstance(model, (str, Path)):
+        model = load(model, device=device, representation="cnn" if spec.observation == "cnn-vrnn" else "keypoints",
+                     require_dynamics=spec.observation != "keypoints")
     return _perceiving(_monitored_envs(env_id, spec, n_envs or spec.n_envs, seed, env_kwargs), spec, model, device)
 
 
@@ -183,15 +188,11 @@ def _monitored_envs(env_id: str, spec: AgentSpec, n_envs: int, seed: int, env_kw
 
 
 def _perceiving(venv: Any, spec: AgentSpec, model: Any, device: str):
-    """``venv`` seen through the perception model (keypoint and cnn-vrnn kinds), frame-stacked as ``spec`` says."""
+    """``venv`` seen through ``model`` (keypoint and cnn-vrnn kinds), frame-stacked as ``spec`` says."""
     from stable_baselines3.common.vec_env import VecFrameStack
 
-    from kp_rl.model import load
     from kp_rl.wrappers import VecKeypointObservation
 
-    if isinstance(model, (str, Path)):
-        model = load(model, device=device, representation="cnn" if spec.observation == "cnn-vrnn" else "keypoints",
-                     require_dynamics=spec.observation != "keypoints")
     if spec.needs_model:
         venv = VecKeypointObservation(venv, model, belief=spec.observation != "keypoints", device=device)
     return VecFrameStack(venv, spec.frame_stack) if spec.frame_stack > 1 else venv
