@@ -1,10 +1,8 @@
 """SB3 agents from the ``agents/*.yaml`` catalog, for every observation kind, with evaluation and resume.
 
-Observation kinds: ``keypoints`` (frozen keypoint model in a vector wrapper, stacked), ``keypoints+belief``
-(keypoints + VRNN belief), ``cnn-vrnn`` (the unstructured baseline's latent + belief), ``pixels`` (SB3
-CnnPolicy on stacked frames), ``state`` (oracle). :func:`train_agent` writes to its run directory:
-``agent.zip`` (+ ``replay_buffer.pkl`` for off-policy agents, so a run resumes), ``curve.json`` (evaluation
-returns against env steps *and* wall-clock seconds) and TensorBoard logs.
+Observation kinds: ``keypoints``, ``keypoints+belief`` (+ VRNN belief), ``cnn-vrnn`` (the unstructured
+baseline's latent + belief), ``pixels`` and ``state`` (oracle). :func:`train_agent` writes ``agent.zip`` (+
+``replay_buffer.pkl`` for off-policy agents), ``curve.json`` and TensorBoard logs to its run directory.
 
 Example:
     >>> spec = get_agent("sac-state")
@@ -15,8 +13,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +22,8 @@ import gymnasium as gym
 import numpy as np
 import yaml
 
-from kp_rl.files import write_json
+from kp_rl.envs import catalog_dir
+from kp_rl.files import read_json, write_json
 from kp_rl.runs import check_output_dir, check_run, checkpoint_hash, start_run
 
 if TYPE_CHECKING:
@@ -60,7 +57,7 @@ class AgentSpec:
     # (kp_rl.online.PerceptionSchedule fields)
     perception: dict[str, Any] | None = None
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.algo not in ALGOS:
             raise ValueError(f"agent {self.name}: algo must be one of {ALGOS}, got {self.algo!r}")
         if self.observation not in OBSERVATION_KINDS:
@@ -94,12 +91,7 @@ class AgentSpec:
 
 def agents_dir() -> Path:
     """``$KP_RL_AGENTS``, the source tree's ``agents/`` or the installed copy."""
-    candidates = [Path(os.environ["KP_RL_AGENTS"]) if "KP_RL_AGENTS" in os.environ else None,
-                  Path(__file__).resolve().parent.parent / "agents", Path(sys.prefix) / "share" / "kp_rl" / "agents"]
-    for path in candidates:
-        if path is not None and path.is_dir() and any(path.glob("*.yaml")):
-            return path
-    raise FileNotFoundError(f"kp_rl agent catalog not found; looked in {[str(p) for p in candidates if p]}")
+    return catalog_dir("agents")
 
 
 def _shared(folder: Path) -> dict[str, dict[str, Any]]:
@@ -125,9 +117,7 @@ def _spec(path: Path, data: Any, shared: dict[str, dict[str, Any]]) -> AgentSpec
             raise ValueError(f"{path}: {section} {changed} differ from the {data['algo']} values every agent shares "
                              f"({path.parent / DEFAULTS_FILE}); change them there, for all agents")
         data[section] = {**common, **own}
-    spec = AgentSpec(name=path.stem, **data)
-    spec.validate()
-    return spec
+    return AgentSpec(name=path.stem, **data)
 
 
 def load_agent_catalog() -> dict[str, AgentSpec]:
@@ -166,10 +156,6 @@ def make_vec_env(env_id: str, spec: AgentSpec, model: Any = None, n_envs: int | 
         spec: the agent spec (observation kind, frame stack, n_envs).
         model: PerceptionModel or checkpoint path, for the keypoint and cnn-vrnn kinds.
     """
-    from stable_baselines3.common.monitor import Monitor
-    from stable_baselines3.common.vec_env import DummyVecEnv, VecFrameStack
-
-    from kp_rl import wrappers
     from kp_rl.model import load
 
     if spec.needs_model and model is None:
@@ -177,25 +163,39 @@ def make_vec_env(env_id: str, spec: AgentSpec, model: Any = None, n_envs: int | 
     if isinstance(model, (str, Path)):
         model = load(model, device=device, representation="cnn" if spec.observation == "cnn-vrnn" else "keypoints",
                      require_dynamics=spec.observation != "keypoints")
+    return _perceiving(_monitored_envs(env_id, spec, n_envs or spec.n_envs, seed, env_kwargs), spec, model, device)
+
+
+def _monitored_envs(env_id: str, spec: AgentSpec, n_envs: int, seed: int, env_kwargs: dict[str, Any] | None):
+    """Monitor-wrapped envs seeded ``seed``, ``seed + 1``, ...; the oracle's observe their state."""
+    from stable_baselines3.common.monitor import Monitor
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from kp_rl.wrappers import StateObservation
 
     def factory(rank: int) -> Callable[[], gym.Env]:
         def make() -> gym.Env:
             env = gym.make(env_id, **(env_kwargs or {}))
-            if spec.observation == "state":
-                env = wrappers.StateObservation(env)
-            env = Monitor(env)
+            env = Monitor(StateObservation(env) if spec.observation == "state" else env)
             env.reset(seed=seed + rank)
             return env
 
         return make
 
-    venv = DummyVecEnv([factory(i) for i in range(n_envs or spec.n_envs)])
+    venv = DummyVecEnv([factory(i) for i in range(n_envs)])
     venv.seed(seed)
-    if spec.needs_model:
-        venv = wrappers.VecKeypointObservation(venv, model, belief=spec.observation != "keypoints", device=device)
-    if spec.frame_stack > 1:
-        venv = VecFrameStack(venv, spec.frame_stack)
     return venv
+
+
+def _perceiving(venv: Any, spec: AgentSpec, model: Any, device: str):
+    """``venv`` seen through ``model`` (keypoint and cnn-vrnn kinds), frame-stacked as ``spec`` says."""
+    from stable_baselines3.common.vec_env import VecFrameStack
+
+    from kp_rl.wrappers import VecKeypointObservation
+
+    if spec.needs_model:
+        venv = VecKeypointObservation(venv, model, belief=spec.observation != "keypoints", device=device)
+    return VecFrameStack(venv, spec.frame_stack) if spec.frame_stack > 1 else venv
 
 
 def build_agent(spec: AgentSpec, venv: Any, seed: int = 0, tensorboard_log: str | None = None,
@@ -216,10 +216,8 @@ def build_agent(spec: AgentSpec, venv: Any, seed: int = 0, tensorboard_log: str 
 
 
 def _read_curve(out: Path) -> dict[str, Any] | None:
-    import json
-
     try:
-        curve = json.loads((out / "curve.json").read_text())
+        curve = read_json(out / "curve.json")
     except (FileNotFoundError, NotADirectoryError, ValueError):
         return None
     return curve if isinstance(curve, dict) else None
@@ -252,32 +250,29 @@ def finished_curve(out: str | Path, steps: int) -> dict[str, Any] | None:
 
 def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path, seed: int | None = None,
                 model: Any = None, eval_every: int | None = None, eval_episodes: int | None = None,
-                device: str = "cpu",
-                checkpoint_every: int = 10_000, env_kwargs: dict[str, Any] | None = None,
+                device: str = "cpu", checkpoint_every: int = 10_000, env_kwargs: dict[str, Any] | None = None,
                 progress: bool = True, perception_prefix: str | Path | None = None) -> dict[str, Any]:
     """Train an agent for ``steps`` agent steps with periodic evaluation; resumes the run in ``out``.
 
-    ``out/run.json`` records what the run is (:mod:`kp_rl.runs`: agent, algorithm, observation kind, env id,
-    seed, perception model path and checkpoint hash); a folder that holds another run is refused before anything
-    is written. A finished run returns its curve; a bigger ``steps`` extends it, a smaller one than it trained is
-    refused. ``seed`` None: the run's recorded seed (0 for a new run); ``model`` None on a resume: the recorded one;
-    ``eval_every`` None: the run's (5000 for a new run); ``eval_episodes`` None: the run's (5 for a new run; a
-    resume cannot change it: SB3's record keeps one count).
+    ``out/run.json`` records what the run is (:mod:`kp_rl.runs`); a folder that holds another run is refused
+    before anything is written. A finished run returns its curve; a bigger ``steps`` extends it, a smaller one
+    than it trained is refused. Evaluation is SB3's ``EvalCallback`` (deterministic policy, separate env): it
+    writes ``out/evaluations.npz`` and ``out/best_model.zip`` and logs ``eval/*`` to TensorBoard (``out/tb``).
 
-    Evaluation is SB3's ``EvalCallback`` (deterministic policy, ``eval_episodes`` episodes on a separate env),
-    run every ``eval_every`` agent steps (env steps / the task's action repeat: ``steps``' unit) and at the end
-    of the budget: it writes ``out/evaluations.npz`` (SB3's
-    format: timesteps, per-episode returns and lengths) and ``out/best_model.zip``, and logs ``eval/*`` to
-    TensorBoard (``out/tb``). The agent, its replay buffer and the curve are checkpointed every
-    ``checkpoint_every`` steps (temporary file, then rename).
+    Args:
+        seed: None: the run's recorded seed (0 for a new run).
+        model: the perception model or checkpoint of keypoint / cnn-vrnn agents; None on a resume: the recorded
+            one; None for an agent with a perception schedule: learned from its own steps (:mod:`kp_rl.online`).
+        eval_every: agent steps between evaluations (and one at the budget); None: the run's (5000 for a new run).
+        eval_episodes: episodes per evaluation; None: the run's (5 for a new run; a resume cannot change it).
+        checkpoint_every: agent steps between checkpoints of the agent, its replay buffer and the curve.
+        perception_prefix: a :func:`kp_rl.online.shared_prefix` folder an online agent starts after (its steps
+            count in the budget).
 
-    An agent with a perception schedule given no ``model`` learns its perception from its own steps
-    (:mod:`kp_rl.online`); ``perception_prefix`` (a :func:`kp_rl.online.shared_prefix` folder) starts it after a
-    random-action prefix shared with other runs, whose steps count in its budget.
-
-    Returns the learning curve (also in ``out/curve.json``): ``steps``, ``seconds`` (wall-clock spent
-    training, evaluation excluded, summed over resumed sessions), ``returns`` (mean eval return),
-    ``returns_std``, ``budget`` (the ``steps`` asked for), ``agent_steps`` (trained at the last checkpoint), ``done``.
+    Returns:
+        The learning curve (also in ``out/curve.json``): ``steps``, ``seconds`` (wall-clock spent training,
+        evaluation excluded, summed over resumed sessions), ``returns`` (mean eval return), ``returns_std``,
+        ``budget`` (the ``steps`` asked for), ``agent_steps`` (trained at the last checkpoint), ``done``.
     """
     from kp_rl.model import checkpoint_file, resolve_device
 
@@ -306,8 +301,6 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
         model, schedule = recorded["model"], None
         identity.update(model=model, model_sha256=checkpoint_hash(model), perception=None)
         check_run(out, identity, found)
-    if schedule is not None:
-        model = _online_model(env_id, spec, schedule, out, env_kwargs)
     evaluated = _eval_episodes(out, previous)
     if eval_episodes is not None and evaluated is not None and eval_episodes != evaluated:
         raise ValueError(f"{out} evaluates with {evaluated} episodes, not {eval_episodes}; resume it with its own "
@@ -325,7 +318,12 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
                          f"ask for {trained} or more to extend it")
     venv = eval_env = None
     try:
-        venv = make_vec_env(env_id, spec, model, seed=seed, device=device, env_kwargs=env_kwargs)
+        if schedule is not None:  # the model an online agent starts from is shaped by its env
+            venv = _monitored_envs(env_id, spec, spec.n_envs, seed, env_kwargs)
+            model = _online_model(env_id, spec, schedule, out, venv)
+            venv = _perceiving(venv, spec, model, device)
+        else:
+            venv = make_vec_env(env_id, spec, model, seed=seed, device=device, env_kwargs=env_kwargs)
         eval_env = make_vec_env(env_id, spec, model, n_envs=1, seed=seed + 10_000, device=device,
                                 env_kwargs=env_kwargs)
         online = None
@@ -342,17 +340,11 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
                 env.close()
 
 
-def _online_model(env_id: str, spec: AgentSpec, schedule: "PerceptionSchedule", out: Path,
-                  env_kwargs: dict[str, Any] | None) -> Any:
-    """The perception model an online agent starts from (its latest fit on a resume)."""
+def _online_model(env_id: str, spec: AgentSpec, schedule: "PerceptionSchedule", out: Path, venv: Any) -> Any:
+    """The perception model an online agent on ``venv`` starts from (its latest fit on a resume)."""
     from kp_rl.online import initial_model
 
-    probe = gym.make(env_id, **(env_kwargs or {}))
-    try:
-        action_dim = gym.spaces.flatdim(probe.action_space)
-        shape = list(probe.observation_space.shape)
-    finally:
-        probe.close()
+    action_dim, shape = gym.spaces.flatdim(venv.action_space), list(venv.observation_space.shape)
     size = schedule.model_config().keypoints.image_size
     if shape[:2] != [size, size]:
         raise ValueError(f"agent {spec.name}: {env_id} gives {shape[0]}x{shape[1]} frames, its perception preset "
@@ -406,23 +398,28 @@ def _train(spec: AgentSpec, venv: Any, eval_env: Any, steps: int, out: Path, ide
         write_json(curve_path, curve)
 
     clock = {"start": time.perf_counter(), "spent": curve["seconds"][-1] if curve["seconds"] else 0.0}
+    bar = tqdm(total=steps, initial=algo.num_timesteps, unit="step", desc=f"rl {spec.name}", disable=not progress)
 
     class Evaluation(EvalCallback):
-        """SB3's EvalCallback on an agent-step schedule (every ``eval_every`` steps and at the budget)."""
+        """SB3's EvalCallback on an agent-step schedule (every ``eval_every`` steps and at the budget), with the
+        progress bar and the checkpoints."""
 
         def _on_step(self) -> bool:
-            n = self.num_timesteps
-            if not (n % eval_every < self.training_env.num_envs or n >= steps):
-                return True
-            clock["spent"] += time.perf_counter() - clock["start"]  # evaluation is not training time
-            super()._on_step()  # eval_freq=1: evaluates on every call it gets
-            episodes = self.evaluations_results[-1]
-            curve["steps"].append(int(n))
-            curve["seconds"].append(round(clock["spent"], 2))
-            curve["returns"].append(float(np.mean(episodes)))
-            curve["returns_std"].append(float(np.std(episodes)))
-            clock["start"] = time.perf_counter()
-            return True
+            n, num_envs = self.num_timesteps, self.training_env.num_envs
+            bar.update(num_envs)
+            if n % eval_every < num_envs or n >= steps:
+                clock["spent"] += time.perf_counter() - clock["start"]  # evaluation is not training time
+                super()._on_step()  # eval_freq=1: evaluates on every call it gets
+                episodes = self.evaluations_results[-1]
+                curve["steps"].append(int(n))
+                curve["seconds"].append(round(clock["spent"], 2))
+                curve["returns"].append(float(np.mean(episodes)))
+                curve["returns_std"].append(float(np.std(episodes)))
+                bar.set_postfix(ret=f"{curve['returns'][-1]:.1f}")
+                clock["start"] = time.perf_counter()
+            if n % checkpoint_every < num_envs:
+                save()
+            return n < steps  # on-policy algorithms would otherwise finish their rollout past the budget
 
     evaluation = Evaluation(eval_env, n_eval_episodes=eval_episodes, eval_freq=1, log_path=str(out),
                             best_model_save_path=str(out), deterministic=True, verbose=0)
@@ -433,24 +430,6 @@ def _train(spec: AgentSpec, venv: Any, eval_env: Any, steps: int, out: Path, ide
             evaluation.evaluations_results = record["results"][kept].tolist()
             evaluation.evaluations_length = record["ep_lengths"][kept].tolist()
         evaluation.best_mean_reward = max(curve["returns"])
-
-    class Progress(BaseCallback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bar = tqdm(total=steps, initial=algo.num_timesteps, unit="step", desc=f"rl {spec.name}",
-                            disable=not progress)
-
-        def _on_step(self) -> bool:
-            self.bar.update(self.training_env.num_envs)
-            n = self.num_timesteps
-            if curve["returns"] and curve["steps"][-1] == n:
-                self.bar.set_postfix(ret=f"{curve['returns'][-1]:.1f}")
-            if n % checkpoint_every < self.training_env.num_envs:
-                save()
-            return n < steps  # on-policy algorithms would otherwise finish their rollout past the budget
-
-        def _on_training_end(self) -> None:
-            self.bar.close()
 
     class Online(BaseCallback):
         """Every step to the online perception; its fits when the schedule says (the step's transition stored)."""
@@ -471,9 +450,10 @@ def _train(spec: AgentSpec, venv: Any, eval_env: Any, steps: int, out: Path, ide
     from kp_rl.train import STAGE_THREADS, torch_threads
 
     remaining = steps - algo.num_timesteps
-    callbacks = ([Online()] if online is not None else []) + [evaluation, Progress()]
+    callbacks = ([Online()] if online is not None else []) + [evaluation]
     with torch_threads(STAGE_THREADS["agent"]):
         algo.learn(remaining, callback=CallbackList(callbacks), reset_num_timesteps=False, tb_log_name="sb3")
+    bar.close()
     curve["done"] = True
     save()
     return curve

@@ -3,14 +3,10 @@
 One YAML file per task (domain, task, camera, image size, action repeat, episode length, render switches);
 each becomes the Gymnasium id ``kp_rl/<domain>-<task>-v0`` when ``kp_rl`` is imported.
 
-The environment follows the usual pixel-DMC setup: ``visualize_reward=False`` (bodies are not coloured by
-reward, so pixels do not leak it), actions rescaled to [-1, 1], rewards summed over the repeated steps.
-Frames come from one reused ``mujoco.Renderer`` (shadows and reflections are switches), released on
-``close()``, when the env is garbage-collected, or at interpreter exit (before MuJoCo tears EGL down), so an
-env that is never closed exits silently. Every step's ``info`` carries the low-dimensional state and the 2-D
-pixel coordinates of the tracked objects, projected through the camera: every body, then the task's objects
-that are not bodies (the catalog's ``objects:``, e.g. reacher's target, a geom of the world body). They are the
-ground truth of the tracking evaluation.
+The usual pixel-DMC setup: ``visualize_reward=False`` (pixels do not leak the reward), actions rescaled to
+[-1, 1], rewards summed over the repeated steps. Every step's ``info`` carries the low-dimensional state and the
+pixel coordinates of the tracked objects (every body, then the catalog's ``objects:``), the ground truth of the
+tracking evaluation.
 
 Example:
     >>> import gymnasium as gym, kp_rl
@@ -99,13 +95,11 @@ class TaskSpec:
         return -(-self.episode_steps // self.action_repeat)
 
     def replace(self, **changes: Any) -> "TaskSpec":
-        if isinstance(changes.get("objects"), list):
-            changes["objects"] = tuple(changes["objects"])
-        spec = dataclasses.replace(self, **changes)
-        spec.validate()
-        return spec
+        return dataclasses.replace(self, **changes)
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
+        if isinstance(self.objects, list):
+            object.__setattr__(self, "objects", tuple(self.objects))
         if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or not 8 <= self.image_size <= 1024:
             raise ValueError(f"image_size must be an integer in [8, 1024], got {self.image_size!r}")
         if not isinstance(self.action_repeat, int) or self.action_repeat < 1:
@@ -124,24 +118,18 @@ class TaskSpec:
         fields = {f.name for f in dataclasses.fields(cls)}
         if not isinstance(data, dict) or not {"domain", "task"} <= set(data) or set(data) - fields:
             raise ValueError(f"{path}: expected a mapping with domain, task and some of {sorted(fields)}")
-        if isinstance(data.get("objects"), list):
-            data["objects"] = tuple(data["objects"])
-        spec = cls(**data)
-        spec.validate()
-        return spec
+        return cls(**data)
 
 
-def catalog_dir() -> Path:
-    """Where the ``envs/*.yaml`` catalog lives: ``$KP_RL_ENVS``, the source tree, or the installed copy."""
-    candidates = [
-        Path(os.environ["KP_RL_ENVS"]) if "KP_RL_ENVS" in os.environ else None,
-        Path(__file__).resolve().parent.parent / "envs",
-        Path(sys.prefix) / "share" / "kp_rl" / "envs",
-    ]
+def catalog_dir(name: str = "envs") -> Path:
+    """Where the ``<name>/*.yaml`` catalog lives: ``$KP_RL_<NAME>``, the source tree, or the installed copy."""
+    variable = f"KP_RL_{name.upper()}"
+    candidates = [Path(os.environ[variable]) if variable in os.environ else None,
+                  Path(__file__).resolve().parent.parent / name, Path(sys.prefix) / "share" / "kp_rl" / name]
     for path in candidates:
         if path is not None and path.is_dir() and any(path.glob("*.yaml")):
             return path
-    raise FileNotFoundError(f"kp_rl env catalog not found; looked in {[str(p) for p in candidates if p]}")
+    raise FileNotFoundError(f"kp_rl {name} catalog not found; looked in {[str(p) for p in candidates if p]}")
 
 
 def load_catalog() -> dict[str, TaskSpec]:
@@ -185,10 +173,7 @@ def pixels_to_unit(pixels: np.ndarray, image_size: int) -> np.ndarray:
 
 
 class DMCPixelEnv(gym.Env, gym.utils.EzPickle):
-    """A dm_control task with uint8 RGB frames ``(H, W, 3)`` as observations.
-
-    Pickling rebuilds the env from its constructor arguments (``gym.utils.EzPickle``, as Gymnasium's MuJoCo
-    envs do): the copy starts fresh and needs a ``reset()``.
+    """A dm_control task with uint8 RGB frames ``(H, W, 3)`` as observations (a pickled copy needs a ``reset()``).
 
     Args:
         spec: the catalog entry (or pass ``domain``/``task`` and friends through :func:`make_env`).
@@ -208,7 +193,6 @@ class DMCPixelEnv(gym.Env, gym.utils.EzPickle):
         from dm_control import suite
 
         gym.utils.EzPickle.__init__(self, spec, render_mode)
-        spec.validate()
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.task_spec = spec
@@ -222,9 +206,9 @@ class DMCPixelEnv(gym.Env, gym.utils.EzPickle):
         if not 0 <= spec.camera < self._model.ncam:
             raise ValueError(f"{spec.name}: camera {spec.camera} out of range (model has {self._model.ncam})")
         self._renderer: Any = None  # made on the first frame (see _render_frame)
-        self.body_names = list(_tracked_names(physics, spec)[:self._model.nbody - 1])
-        self._objects = [_find_object(physics, name, spec.name) for name in spec.objects]  # (kind, id)
         self.object_names = _tracked_names(physics, spec)
+        self.body_names = list(self.object_names[:self._model.nbody - 1])
+        self._objects = [_find_object(physics, name, spec.name) for name in spec.objects]  # (kind, id)
 
         action_spec = self._env.action_spec()
         self._action_low = action_spec.minimum.astype(np.float64)
@@ -372,7 +356,6 @@ def register_envs() -> list[str]:
     ids = []
     for env_id, spec in load_catalog().items():
         if env_id not in gym.registry:
-            gym.register(env_id, entry_point="kp_rl.envs:make_env", kwargs={"name": spec.name},
-                         max_episode_steps=None, disable_env_checker=False)
+            gym.register(env_id, entry_point="kp_rl.envs:make_env", kwargs={"name": spec.name})
         ids.append(env_id)
     return ids

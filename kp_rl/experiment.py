@@ -12,16 +12,14 @@ A spec (see ``experiments/structured_vs_unstructured_cpu.yaml``)::
     perception: {preset: cpu, episodes: 100, autoencoder_steps: 1000, dynamics_steps: 2000}
     resources: {perception: {cpus: 2}, default: {cpus: 1}, sac-pixels: {cpus: 1, gpus: 1}}   # Ray only
 
-:func:`run_experiment` collects data and trains the keypoint / CNN models a task's agents need (once per
-task, resumable), trains every (task, agent, seed) cell (skipping finished ones, resuming unfinished
-ones), then writes ``results/<name>/results.json`` and plots via :func:`summarise`: final returns with IQM
-and bootstrap confidence intervals (rliable), learning curves against env steps and against wall-clock,
-and the compute each agent used. :func:`kp_rl.ray_grid.run_experiment_ray` runs the same cells as Ray tasks.
+:func:`run_experiment` trains the perception models a task's agents need (once per task), then every
+(task, agent, seed) cell (finished ones skipped, unfinished ones resumed), and :func:`summarise` writes
+``results/<name>/results.json`` and plots. :func:`kp_rl.ray_grid.run_experiment_ray` runs the cells on Ray.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ import numpy as np
 import yaml
 
 from kp_rl.agents import get_agent
-from kp_rl.files import read_json, write_json
+from kp_rl.files import read_json, save_figure, write_json
 
 PERCEPTION_DEFAULTS = {"preset": "cpu", "episodes": 100, "autoencoder_steps": 1000, "dynamics_steps": 2000}
 # Observation kind -> the perception models it needs (run folders under models/<task>/; the last one is loaded)
@@ -68,19 +66,17 @@ class ExperimentSpec:
         required = {"tasks", "agents", "seeds"}
         if not isinstance(data, dict) or not required <= set(data) or ("steps" in data) == ("env_steps" in data):
             raise ValueError(f"{path}: an experiment spec needs {sorted(required)} and one of steps / env_steps")
-        unknown = set(data) - {"name", "tasks", "agents", "seeds", "steps", "env_steps", "eval_every", "eval_episodes",
-                               "perception", "resources", "final_evaluations", "random_episodes", "compare",
-                               "shared_prefix", "exclude"}
+        unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"{path}: unknown field(s) {sorted(unknown)}")
-        spec = cls(name=data.get("name", path.stem), tasks=list(data["tasks"]), agents=list(data["agents"]),
-                   seeds=[int(s) for s in data["seeds"]], steps=data.get("steps"), env_steps=data.get("env_steps"),
-                   eval_every=int(data.get("eval_every", 5000)), eval_episodes=int(data.get("eval_episodes", 5)),
-                   perception={**PERCEPTION_DEFAULTS, **(data.get("perception") or {})},
-                   resources=_resources(path, data.get("resources") or {}),
-                   final_evaluations=int(data.get("final_evaluations", 1)),
-                   random_episodes=int(data.get("random_episodes", 10)), compare=data.get("compare"),
-                   shared_prefix=bool(data.get("shared_prefix", False)), exclude=list(data.get("exclude") or []))
+        counts = {k: int(data[k]) for k in ("eval_every", "eval_episodes", "final_evaluations", "random_episodes")
+                  if k in data}
+        spec = cls(**{"name": path.stem, **data, **counts, "tasks": list(data["tasks"]),
+                      "agents": list(data["agents"]), "seeds": [int(s) for s in data["seeds"]],
+                      "perception": {**PERCEPTION_DEFAULTS, **(data.get("perception") or {})},
+                      "resources": _resources(path, data.get("resources") or {}),
+                      "shared_prefix": bool(data.get("shared_prefix", False)),
+                      "exclude": list(data.get("exclude") or [])})
         pairs = {f"{t}/{a}" for t in spec.tasks for a in spec.agents}
         if set(spec.exclude) - pairs:
             raise ValueError(f"{path}: exclude: {sorted(set(spec.exclude) - pairs)} are not task/agent pairs of the grid")
@@ -272,14 +268,10 @@ def iqm_with_ci(scores: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[fl
 
 def perception_minutes(runs_dir: Path, task: str) -> dict[str, float]:
     """Training minutes of each perception model a grid trained for ``task`` (``{}`` when none)."""
-    import json
-
     from kp_rl.train import training_seconds
 
-    minutes = {}
-    for history in sorted((Path(runs_dir) / "models" / task).glob("*/history.json")):
-        minutes[history.parent.name] = training_seconds(json.loads(history.read_text())) / 60.0
-    return minutes
+    return {history.parent.name: training_seconds(read_json(history)) / 60.0
+            for history in sorted((Path(runs_dir) / "models" / task).glob("*/history.json"))}
 
 
 def probability_of_improvement(x: np.ndarray, y: np.ndarray, reps: int = 2000,
@@ -305,14 +297,10 @@ def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str,
     With ``runs_dir`` (the grid's run folder) each task also gets the training minutes of the perception models
     trained before the agents (``perception_minutes``), added to the wall-clock of the agents that use them.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from kp_rl.bench import machine
     from kp_rl.envs import get_spec
-    from kp_rl.files import save_figure
 
     summary: dict[str, Any] = {}
     finals: dict[str, dict[str, list[float]]] = {}
@@ -367,10 +355,10 @@ def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str,
         print(f"P({pair}) = {row['point']:.2f} [{row['ci'][0]:.2f}, {row['ci'][1]:.2f}]")
     summary = {"spec": spec.__dict__, "summary": summary, "perception_minutes": perception, "machine": machine(),
                "curves": {f"{t}/{a}/seed{s}": c for (t, a, s), c in curves.items()}}
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", summary)
     for axis in ("steps", "seconds"):
-        fig, axes = plt.subplots(1, len(spec.tasks), figsize=(4.5 * len(spec.tasks), 3.2), squeeze=False)
+        fig = Figure(figsize=(4.5 * len(spec.tasks), 3.2))
+        axes = fig.subplots(1, len(spec.tasks), squeeze=False)
         for ax, task in zip(axes[0], spec.tasks):
             for i, agent in enumerate(spec.agents):
                 if agent not in spec.agents_for(task):

@@ -1,17 +1,12 @@
 """Perception learned from the agent's own steps: every frame it trains on is an env step the agent took.
 
 An online keypoint (or ``cnn-vrnn``) agent starts from an untrained perception model. SAC's random-action
-warm-up (``learning_starts`` = the schedule's ``prefix`` agent steps) is the random-action prefix: its frames
-are the perception model's first data. When the prefix ends, the autoencoder and the VRNN train on them, the
-replay buffer is re-encoded with the new model, and the agent starts learning; every ``refit_every`` agent
-steps after that both are fine-tuned on all frames seen so far and the buffer is re-encoded again, so what the
-policy discovers reaches the keypoints. The schedule is the ``perception:`` field of an agent's catalog entry
-(:class:`PerceptionSchedule`); :func:`kp_rl.agents.train_agent` runs it for an agent given no ``--model``.
+warm-up (the schedule's ``prefix``) gives its first data; when it ends the autoencoder and the VRNN train on it
+and the replay buffer is re-encoded, and again every ``refit_every`` agent steps on all frames seen so far. The
+schedule is the ``perception:`` field of an agent's catalog entry (:class:`PerceptionSchedule`).
 
-The run folder keeps what a resume needs: ``perception/episodes/`` (every finished episode, and the one in
-progress at the last agent checkpoint), ``perception/state.json`` (the replay buffer's map to episode steps,
-fits done) and the perception training runs ``perception/autoencoder/`` and ``perception/dynamics/`` (their
-checkpoints, histories and TensorBoard logs; each fit extends their step budgets).
+The run folder keeps what a resume needs: ``perception/episodes/``, ``perception/state.json`` (the replay
+buffer's map to episode steps, fits done) and the training runs ``perception/autoencoder/`` and ``dynamics/``.
 """
 
 from __future__ import annotations
@@ -34,6 +29,7 @@ from kp_rl.keypoints import preprocess_frames
 from kp_rl.model import PerceptionModel, load
 from kp_rl.train import MODEL_FILE, fit
 
+_KEYS = ("image", "action", "reward")  # what an online run keeps of each episode
 __all__ = ["OnlinePerception", "PerceptionSchedule", "fit_perception", "initial_model", "shared_prefix"]
 
 
@@ -101,38 +97,32 @@ def fit_perception(model: PerceptionModel, episodes: list[dict[str, np.ndarray]]
     """Fit ``index`` of the schedule: the autoencoder, then (if the model has one) the VRNN on its features, trained
     to their cumulative budgets in ``root/autoencoder`` and ``root/dynamics`` (which they resume). The fits draw
     from their own random stream (restored from their checkpoints): the caller's (the agent's) is left as it was."""
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        _fit_perception(model, episodes, schedule, index, root, progress)
-
-
-def _fit_perception(model: PerceptionModel, episodes: list[dict[str, np.ndarray]], schedule: PerceptionSchedule,
-                    index: int, root: Path, progress: bool) -> None:
-    config = model.config
+    device, config = next(model.parameters()).device, model.config
     ae_steps, dyn_steps = schedule.budgets(index)
-    length = config.train.sequence_length
-    frames = FrameWindows([e for e in episodes if len(e["image"]) >= length], length)
-    autoencoder = model.autoencoder
-    model.config = config.replace(train={"steps": ae_steps})
-    model.train()
-    fit(model, list(autoencoder.parameters()), lambda batch, step: autoencoder.loss(preprocess_frames(batch["image"])),
-        frames, None, root / "autoencoder", steps=ae_steps, batch_size=config.train.batch_size,
-        stage="autoencoder", l2_parameters=list(autoencoder.l2_parameters()), progress=progress)
-    model.eval()
-    if model.dynamics is not None:
-        dynamics = model.dynamics
-        with torch.inference_mode():
-            features = encode_episodes(model, episodes)
-        data = FeatureSequences([{**e, "features": f} for e, f in zip(episodes, features)],
-                                config.dynamics.sequence_length)
-        if index == 0:
-            dynamics.set_reward_normalisation(*data.reward_statistics())
-        model.config = config.replace(train={"dynamics_steps": dyn_steps})
-        dynamics.train()
-        fit(model, list(dynamics.parameters()),
-            lambda batch, step: dynamics.loss(batch["features"], batch["action"], batch["reward"], step, dyn_steps),
-            data, None, root / "dynamics", steps=dyn_steps, batch_size=config.train.dynamics_batch_size,
-            stage="dynamics", progress=progress)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        length = config.train.sequence_length
+        frames = FrameWindows([e for e in episodes if len(e["image"]) >= length], length)
+        ae = model.autoencoder
+        model.config = config.replace(train={"steps": ae_steps})
+        model.train()
+        fit(model, list(ae.parameters()), lambda batch, step: ae.loss(preprocess_frames(batch["image"])), frames,
+            None, root / "autoencoder", steps=ae_steps, batch_size=config.train.batch_size, stage="autoencoder",
+            l2_parameters=list(ae.l2_parameters()), progress=progress)
+        model.eval()
+        if model.dynamics is not None:
+            dynamics = model.dynamics
+            with torch.inference_mode():
+                features = encode_episodes(model, episodes)
+            data = FeatureSequences([{**e, "features": f} for e, f in zip(episodes, features)],
+                                    config.dynamics.sequence_length)
+            if index == 0:
+                dynamics.set_reward_normalisation(*data.reward_statistics())
+            model.config = config.replace(train={"dynamics_steps": dyn_steps})
+            dynamics.train()
+            fit(model, list(dynamics.parameters()),
+                lambda batch, step: dynamics.loss(batch["features"], batch["action"], batch["reward"], step, dyn_steps),
+                data, None, root / "dynamics", steps=dyn_steps, batch_size=config.train.dynamics_batch_size,
+                stage="dynamics", progress=progress)
     model.config = config
     model.eval()
 
@@ -151,7 +141,7 @@ def shared_prefix(schedule: PerceptionSchedule, task: str, representation: str, 
     collect(task, out / "episodes", episodes, seed=0, progress=progress, env_kwargs=env_kwargs)
     if (out / "fit.json").exists():
         return out
-    data = [load_episode(path, keys=("image", "action", "reward")) for path in episode_files(out / "episodes")]
+    data = [load_episode(path, keys=_KEYS) for path in episode_files(out / "episodes")]
     action_dim = data[0]["action"].shape[-1]
     model = PerceptionModel(schedule.model_config(), representation, action_dim, with_dynamics=belief,
                             data_spec={"env_id": spec.env_id, "action_dim": action_dim, "online": True})
@@ -208,8 +198,7 @@ class OnlinePerception:
         self.buffer_map: dict[int, tuple[int, int]] = {int(k): tuple(v) for k, v in state.get("buffer_map", {}).items()}
         # episodes as the dataset convention stores them: action[t] led to image[t]; zeros at t = 0
         self.episodes: list[dict[str, np.ndarray]] = [
-            load_episode(self.root / "episodes" / f"episode-{i:06d}.npz", keys=("image", "action", "reward"))
-            for i in range(state.get("episodes", 0))]
+            load_episode(self._episode_file(i), keys=_KEYS) for i in range(state.get("episodes", 0))]
         self.current: dict[str, list] | None = None
         self.prefix = prefix  # a shared_prefix folder a fresh run starts from
 
@@ -228,9 +217,9 @@ class OnlinePerception:
         self.fits = [read_json(prefix / "fit.json")]
         buffer = algo.replay_buffer
         for path in episode_files(prefix / "episodes"):
-            episode = load_episode(path, keys=("image", "action", "reward"))
+            episode = load_episode(path, keys=_KEYS)
             self.episodes.append(episode)
-            save_episode(self.root / "episodes" / f"episode-{len(self.episodes) - 1:06d}.npz", episode)
+            save_episode(self._episode_file(len(self.episodes) - 1), episode)
             observations, _ = self.observations(episode)
             last = len(episode["image"]) - 1
             for t in range(last):
@@ -240,7 +229,9 @@ class OnlinePerception:
                            [{"TimeLimit.truncated": t + 1 == last}])
         algo.num_timesteps = sum(len(e["image"]) - 1 for e in self.episodes)
 
-    # -- recording -----------------------------------------------------------------------------------------
+    def _episode_file(self, index: int) -> Path:
+        return self.root / "episodes" / f"episode-{index:06d}.npz"
+
     def start(self, frame: np.ndarray) -> None:
         """The first frame of an episode (after a reset)."""
         self.current = {"image": [frame], "action": [np.zeros(self.model.action_dim, np.float32)], "reward": [0.0]}
@@ -256,7 +247,7 @@ class OnlinePerception:
         self.current["reward"].append(float(reward))
         if done:
             self.episodes.append(self._finish(self.current))
-            save_episode(self.root / "episodes" / f"episode-{len(self.episodes) - 1:06d}.npz", self.episodes[-1])
+            save_episode(self._episode_file(len(self.episodes) - 1), self.episodes[-1])
             self.start(reset_frame)
 
     @staticmethod
@@ -269,12 +260,11 @@ class OnlinePerception:
         finished one (a resumed agent starts a new episode), with the replay buffer's map to episode steps."""
         episodes = len(self.episodes)
         if self.current is not None and len(self.current["image"]) > 1:
-            save_episode(self.root / "episodes" / f"episode-{episodes:06d}.npz", self._finish(self.current))
+            save_episode(self._episode_file(episodes), self._finish(self.current))
             episodes += 1
         write_json(self.root / "state.json", {"episodes": episodes, "fits": self.fits,
                                               "buffer_map": {str(k): list(v) for k, v in self.buffer_map.items()}})
 
-    # -- fitting -------------------------------------------------------------------------------------------
     def due(self, agent_steps: int) -> bool:
         n = len(self.fits)
         return agent_steps >= self.schedule.fit_at(n) and (n == 0 or self.schedule.refit_every > 0)
@@ -284,18 +274,15 @@ class OnlinePerception:
         if not self.due(agent_steps):
             return False
         tick = time.perf_counter()
-        episodes = self.episodes + ([self._finish(self.current)] if self.current and len(self.current["image"]) > 1
-                                    else [])
-        self.fit(episodes, len(self.fits))
+        current = self._finish(self.current)
+        episodes = self.episodes + ([current] if len(current["image"]) > 1 else [])
+        fit_perception(self.model, episodes, self.schedule, len(self.fits), self.root, self.progress)
         fitted = time.perf_counter()
-        self.reencode(algo, episodes)
+        self.reencode(algo, current)
         self.fits.append({"agent_steps": agent_steps, "frames": int(sum(len(e["image"]) for e in episodes)),
                           "seconds": round(time.perf_counter() - tick, 1),
                           "reencode_seconds": round(time.perf_counter() - fitted, 1)})
         return True
-
-    def fit(self, episodes: list[dict[str, np.ndarray]], index: int) -> None:
-        fit_perception(self.model, episodes, self.schedule, index, self.root, self.progress)
 
     def observations(self, episode: dict[str, np.ndarray]) -> tuple[np.ndarray, Any]:
         """Every step's observation as the wrapper gives it (features, + the belief when the agent has one), and
@@ -312,18 +299,16 @@ class OnlinePerception:
                 rows.append(perception.output(features[t:t + 1], state))
         return np.concatenate(rows), state
 
-    def reencode(self, algo: Any, episodes: list[dict[str, np.ndarray]]) -> None:
+    def reencode(self, algo: Any, current: dict[str, np.ndarray]) -> None:
         """Replace the replay buffer's observations, the agent's last observation and the wrapper's belief with
-        the new model's."""
-        observations = [self.observations(e)[0] for e in episodes[:len(self.episodes)]]
-        current = self._finish(self.current) if self.current is not None else None
-        if current is not None:
-            latest, state = self.observations(current)
-            observations.append(latest)
-            # SB3 keeps the observation the next action is chosen from in _last_obs (no public setter)
-            algo._last_obs = latest[-1:].copy()  # noqa: SLF001
-            if self.belief:
-                self.wrapper.perception.state = state
+        the new model's (``current``: the episode in progress, stacked)."""
+        observations = [self.observations(e)[0] for e in self.episodes]
+        latest, state = self.observations(current)
+        observations.append(latest)
+        # SB3 keeps the observation the next action is chosen from in _last_obs (no public setter)
+        algo._last_obs = latest[-1:].copy()  # noqa: SLF001
+        if self.belief:
+            self.wrapper.perception.state = state
         buffer = algo.replay_buffer
         for row, (e, t) in self.buffer_map.items():
             buffer.observations[row, 0] = observations[e][t]

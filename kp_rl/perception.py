@@ -1,13 +1,8 @@
 """The one front door between a trained :class:`~kp_rl.model.PerceptionModel` and the code that uses it.
 
 :class:`Perception` is what every wrapper (:mod:`kp_rl.wrappers`), SB3 features extractor and callback
-(:mod:`kp_rl.sb3`) holds: it resolves a model object or checkpoint path, decides where an env's frames come
-from (its pixel observations or ``env.render()``), checks frame sizes against the model's config (the one
-source of truth for the image size), encodes frames with the model's own :meth:`~PerceptionModel.encode`
-under ``torch.inference_mode`` (on the CPU with the autoencoder's weights in the channels-last memory format,
-which oneDNN convolves without reordering), and owns the VRNN belief. Wrappers stacked on one env share one object:
-:class:`~kp_rl.wrappers.WorldModel` over a :class:`~kp_rl.wrappers.KeypointObservation` reads the features
-and belief the inner wrapper computed instead of computing them again.
+(:mod:`kp_rl.sb3`) holds: the model on its device, where an env's frames come from, frame-size checks, encoding
+under ``torch.inference_mode`` and the VRNN belief.
 
 Example:
     >>> import numpy as np, kp_rl
@@ -44,7 +39,7 @@ def feature_bounds(model: PerceptionModel) -> tuple[np.ndarray, np.ndarray]:
     """Bounds of :meth:`PerceptionModel.encode`'s output.
 
     Keypoints: ``x, y`` in [-1, 1] and ``mu`` in [0, 1], ordered ``(x0, y0, mu0, x1, ...)``; the CNN
-    baseline's latent is tanh-bounded to [-1, 1].
+    baseline's latent is in [-1, 1].
 
     Returns:
         ``(low, high)``, float32 arrays of shape ``(feature_dim,)``.
@@ -71,11 +66,10 @@ class Perception:
         need_dynamics: the caller uses the VRNN (a belief or a world model).
         representation: the representation the caller needs (``keypoints`` or ``cnn``), if any.
         who: the caller's name, for error messages.
-        num_threads: torch intra-op threads while the model runs on the CPU (``None``: torch's global
-            setting). One is the fastest for a handful of frames and the safe choice on a loaded machine.
-        channels_last: on the CPU, put the autoencoder's weights in the channels-last memory format (in place:
-            the same values, convolved by oneDNN without reordering; 2x faster at a batch of 8). ``False`` for
-            callers that train the model with code that views weights as contiguous (SB3's orthogonal init).
+        num_threads: torch intra-op threads while the model runs on the CPU (``None``: torch's global setting).
+        action_space: with ``need_dynamics``, the env's (single) action space, checked against the dynamics'.
+        channels_last: on the CPU, put the autoencoder's weights in the channels-last memory format (in place;
+            oneDNN convolves it without reordering). ``False`` for callers that train the model (SB3's init).
 
     Attributes:
         tracks_belief: whether :meth:`observe` updates :attr:`state` (set by the wrappers that need it).
@@ -86,7 +80,7 @@ class Perception:
 
     def __init__(self, model: ModelLike, device: str | torch.device = "cpu", need_dynamics: bool = False,
                  representation: str | None = None, who: str = "kp_rl", num_threads: int | None = 1,
-                 channels_last: bool = True) -> None:
+                 action_space: spaces.Space | None = None, channels_last: bool = True) -> None:
         if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
                                         or num_threads < 1):
             raise ValueError(f"{who}: num_threads must be a positive integer or None, got {num_threads!r}")
@@ -109,10 +103,10 @@ class Perception:
         if channels_last and self.device.type == "cpu":
             model.autoencoder.to(memory_format=torch.channels_last)
         self.model: PerceptionModel = model
-        self.feature_dim = model.feature_dim
-        self.belief_dim = model.dynamics.belief_dim if model.dynamics is not None else 0
+        if need_dynamics and action_space is not None:
+            self.check_action_space(action_space)
         low, high = feature_bounds(model)
-        inf = np.full(self.belief_dim, np.inf, np.float32)
+        inf = np.full(model.dynamics.belief_dim if model.dynamics is not None else 0, np.inf, np.float32)
         # (low, high) of the output without / with the belief
         self.bounds = {False: (low, high), True: (np.concatenate([low, -inf]), np.concatenate([high, inf]))}
         self.tracks_belief = False
@@ -158,20 +152,16 @@ class Perception:
     # -- computation (callers hold running()) --------------------------------------------------------------
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
-        """``torch.inference_mode`` with torch's CPU thread count set to ``num_threads`` (restored on exit).
-
-        A handful of small frames gains nothing from intra-op threads, and on a loaded machine each parallel
-        region waits for a descheduled thread.
-        """
-        threads = self.num_threads if self.device.type == "cpu" else None
+        """``torch.inference_mode`` with torch's CPU thread count set to ``num_threads`` (restored on exit)."""
         previous = torch.get_num_threads()
-        if threads is not None and threads != previous:
+        threads = self.num_threads if self.num_threads and self.device.type == "cpu" else previous
+        if threads != previous:
             torch.set_num_threads(threads)
         try:
             with torch.inference_mode():
                 yield
         finally:
-            if threads is not None and threads != previous:
+            if threads != previous:
                 torch.set_num_threads(previous)
 
     def encode(self, frames: np.ndarray) -> torch.Tensor:
@@ -216,25 +206,21 @@ class Perception:
             return state
         return dynamics.update_belief(state, features, actions)
 
-    def observe(self, frame: np.ndarray, action: torch.Tensor | None, first: bool) -> torch.Tensor:
-        """One env's frame -> features ``(1, D)``; updates :attr:`state` when :attr:`tracks_belief`.
-
-        Args:
-            frame: uint8 ``(H, W, 3)``.
-            action: the action that led to it (``(1, A)``), ``None`` with ``first``.
-            first: the first frame of an episode (the belief starts over).
-        """
+    def observe(self, frame: np.ndarray, space: spaces.Space, action: Any) -> torch.Tensor:
+        """One env's uint8 ``(H, W, 3)`` frame -> features ``(1, D)``; updates :attr:`state` when
+        :attr:`tracks_belief` with ``action`` of ``space`` that led to it (``None``: an episode's first frame)."""
         features = self.encode(frame[None])
         if self.tracks_belief:
-            self.state = self.advance(None if first else self.state, features, None if first else action)
+            first = action is None
+            self.state = self.advance(None if first else self.state, features,
+                                      None if first else self.actions(space, action))
         return features
 
     def output(self, features: torch.Tensor, state: VRNNState | None) -> np.ndarray:
         """``(B, D [+ belief_dim])`` float32 numpy within the feature bounds (one device -> host copy)."""
         if state is not None:
             features = torch.cat([features, self.model.dynamics.belief(state)], dim=-1)
-        low, high = self.bounds[state is not None]
-        # float rounding can leave x = 1 + 1e-7
+        low, high = self.bounds[state is not None]  # float rounding can leave x = 1 + 1e-7
         return np.clip(features.cpu().numpy(), low, high)
 
     def observation_space(self, belief: bool) -> spaces.Box:

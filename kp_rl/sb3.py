@@ -1,40 +1,35 @@
-"""Stable-Baselines3 pieces: features extractors over a trained perception model, and a TensorBoard callback.
-
-* :class:`KeypointExtractor` / :class:`CNNExtractor` — ``BaseFeaturesExtractor`` s for pixel observations
-  that run the keypoint encoder (or the CNN baseline's encoder) inside the policy: frozen by default, or
-  fine-tuned with the agent's loss (``fine_tune=True``). Frame-stacked observations (``VecFrameStack``) are
-  encoded frame by frame and concatenated.
-* :class:`RandomShiftReplayBuffer` — DrQ-style random shifts of the sampled pixel observations (the augmented
-  pixel baseline, ``agents/sac-pixels-drq.yaml``).
-* :class:`KeypointOverlayCallback` — logs keypoints drawn on frames (and, with :class:`kp_rl.wrappers.WorldModel`
-  envs, the reward-prediction error) to TensorBoard.
+"""Stable-Baselines3 pieces: features extractors over a trained perception model, DrQ-style random shifts of
+replay-buffer samples, and a TensorBoard callback.
 
 A frozen encoder is cheaper as a wrapper (:class:`kp_rl.wrappers.KeypointObservation`: encoded once per env
 step, not again for every replay-buffer sample); the extractor is the way to train it with the agent.
 
-What the extractor receives: SB3 transposes channels-last image observations to channels-first
-(``VecTransposeImage``) and, with the policy's ``normalize_images=True`` (default), divides by 255, so
-``forward`` gets float ``(B, 3 * n_stack, H, W)`` in [0, 1] and maps it to the model's [-0.5, 0.5]. Pass
-``images_normalized=False`` if the policy uses ``normalize_images=False`` (values in [0, 255]).
-
 Example:
-    >>> import gymnasium as gym, kp_rl, tempfile, os
+    >>> import gymnasium as gym, kp_rl, tempfile, os, torch
+    >>> from gymnasium import spaces
     >>> from stable_baselines3 import PPO
-    >>> from kp_rl.sb3 import KeypointExtractor
-    >>> cfg = kp_rl.get_preset("cpu").replace(keypoints={"image_size": 32, "num_keypoints": 4, "base_filters": 4})
-    >>> path = os.path.join(tempfile.mkdtemp(), "model.pt")
+    >>> from kp_rl.sb3 import CNNExtractor, KeypointExtractor
+    >>> cfg = kp_rl.get_preset("cpu").replace(keypoints={"image_size": 32, "num_keypoints": 4, "base_filters": 4},
+    ...                                       cnn={"latent_dim": 8})
+    >>> path, cnn_path = (os.path.join(tempfile.mkdtemp(), name) for name in ("model.pt", "cnn.pt"))
     >>> kp_rl.PerceptionModel(cfg, action_dim=1).save(path)
+    >>> kp_rl.PerceptionModel(cfg, representation="cnn").save(cnn_path)
     >>> agent = PPO("CnnPolicy", gym.make("kp_rl/cartpole-swingup-v0", image_size=32), n_steps=16, batch_size=16,
     ...             policy_kwargs=dict(features_extractor_class=KeypointExtractor,
     ...                                features_extractor_kwargs=dict(model_path=path)))
     >>> agent.policy.features_extractor.features_dim
     12
+    >>> extractor = KeypointExtractor(spaces.Box(0, 255, (6, 32, 32), "uint8"), path)   # 2 stacked frames
+    >>> extractor.features_dim, extractor(torch.rand(5, 6, 32, 32)).shape
+    (24, torch.Size([5, 24]))
+    >>> CNNExtractor(spaces.Box(0, 255, (3, 32, 32), "uint8"), cnn_path, fine_tune=True).features_dim
+    8
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -59,7 +54,11 @@ __all__ = ["CNNExtractor", "KeypointExtractor", "KeypointOverlayCallback", "Rand
 
 
 class _PerceptionExtractor(BaseFeaturesExtractor):
-    """Shared by :class:`KeypointExtractor` and :class:`CNNExtractor` (they differ only in ``representation``)."""
+    """Shared by :class:`KeypointExtractor` and :class:`CNNExtractor` (they differ only in ``representation``).
+
+    SB3 hands image observations channels-first and, with the policy's ``normalize_images=True``, divided by 255:
+    ``forward`` maps them to the model's [-0.5, 0.5]. Frame-stacked observations are encoded frame by frame.
+    """
 
     representation: str = ""
 
@@ -84,7 +83,6 @@ class _PerceptionExtractor(BaseFeaturesExtractor):
         self.channels_first = channels_first
         self.fine_tune = bool(fine_tune)
         self.scale = 1.0 if images_normalized else 1.0 / 255.0
-        self.model_path = str(model_path)
         if not self.fine_tune:
             self.autoencoder.requires_grad_(False)
             self.autoencoder.eval()
@@ -119,40 +117,14 @@ class KeypointExtractor(_PerceptionExtractor):
     Raises:
         ValueError: not an image space, channels not a multiple of 3, or a frame size the model does not take.
         kp_rl.model.CheckpointError: missing or foreign checkpoint, or a ``cnn`` model.
-
-    Example:
-        >>> import kp_rl, tempfile, os, torch
-        >>> from gymnasium import spaces
-        >>> cfg = kp_rl.get_preset("cpu").replace(keypoints={"image_size": 32, "num_keypoints": 4,
-        ...                                                  "base_filters": 4})
-        >>> path = os.path.join(tempfile.mkdtemp(), "model.pt")
-        >>> kp_rl.PerceptionModel(cfg).save(path)
-        >>> extractor = KeypointExtractor(spaces.Box(0, 255, (6, 32, 32), "uint8"), path)   # 2 stacked frames
-        >>> extractor.features_dim
-        24
-        >>> extractor(torch.rand(5, 6, 32, 32)).shape
-        torch.Size([5, 24])
     """
 
     representation = "keypoints"
 
 
 class CNNExtractor(_PerceptionExtractor):
-    """Pixels -> the CNN baseline's flat latent per frame (the unstructured CNN-VRNN agent's perception).
-
-    Same arguments and behaviour as :class:`KeypointExtractor`, for a ``cnn`` checkpoint
-    (``features_dim = n_stack * latent_dim``).
-
-    Example:
-        >>> import kp_rl, tempfile, os, torch
-        >>> from gymnasium import spaces
-        >>> cfg = kp_rl.get_preset("cpu").replace(keypoints={"image_size": 32, "base_filters": 4},
-        ...                                       cnn={"latent_dim": 8})
-        >>> path = os.path.join(tempfile.mkdtemp(), "model.pt")
-        >>> kp_rl.PerceptionModel(cfg, representation="cnn").save(path)
-        >>> CNNExtractor(spaces.Box(0, 255, (3, 32, 32), "uint8"), path, fine_tune=True).features_dim
-        8
-    """
+    """Pixels -> the CNN baseline's flat latent per frame (``features_dim = n_stack * latent_dim``), for a ``cnn``
+    checkpoint; the arguments of :class:`KeypointExtractor`."""
 
     representation = "cnn"
 
@@ -163,12 +135,10 @@ class CNNExtractor(_PerceptionExtractor):
 class KeypointOverlayCallback(BaseCallback):
     """Log keypoints drawn on frames (``kp/overlay``) and the reward-prediction error to TensorBoard.
 
-    Every ``log_every`` calls it takes ``num_frames`` frames (a fixed array, or a short random-action clip from
-    ``source`` reset with ``seed``: use an env other than the training one), encodes them, draws the keypoints
-    (:func:`draw_keypoints`, frames upscaled ``scale`` times) side by side and records the image, excluded
-    from stdout/log/json/csv. On every step it also collects ``|info["predicted_reward"] - r|`` from the
-    training envs' infos when present (:class:`kp_rl.wrappers.WorldModel`; ``r`` is ``info["true_reward"]``
-    when the reward was replaced) and records the mean since the last log as ``kp/reward_abs_error``.
+    Every ``log_every`` calls it draws the keypoints on ``num_frames`` frames (a fixed array, or a random-action
+    clip from ``source``: use an env other than the training one). The mean ``|info["predicted_reward"] - r|``
+    of the training envs (:class:`kp_rl.wrappers.WorldModel`; ``r`` is ``info["true_reward"]`` when the reward
+    was replaced) since the last log is recorded as ``kp/reward_abs_error``.
 
     Args:
         source: an env with uint8 image observations or ``rgb_array`` rendering, or uint8 frames ``(N, H, W, 3)``.
@@ -231,18 +201,13 @@ class KeypointOverlayCallback(BaseCallback):
         big = frames.repeat(self.scale, axis=1).repeat(self.scale, axis=2)
         return np.concatenate([draw_keypoints(f, k) for f, k in zip(big, keypoints)], axis=1)
 
-    def _collect_reward_error(self) -> None:
-        infos: Sequence[dict[str, Any]] = self.locals.get("infos") or ()
-        rewards = self.locals.get("rewards")
-        for i, info in enumerate(infos):
-            if "predicted_reward" in info:
-                true = info.get("true_reward", rewards[i] if rewards is not None else None)
-                if true is not None:
-                    self._error_sum += abs(float(info["predicted_reward"]) - float(true))
-                    self._error_count += 1
-
     def _on_step(self) -> bool:
-        self._collect_reward_error()
+        rewards = self.locals.get("rewards")
+        for i, info in enumerate(self.locals.get("infos") or ()):
+            true = info.get("true_reward", rewards[i] if rewards is not None else None)
+            if "predicted_reward" in info and true is not None:
+                self._error_sum += abs(float(info["predicted_reward"]) - float(true))
+                self._error_count += 1
         if self.n_calls % self.log_every == 0:
             self.logger.record("kp/overlay", Image(self.overlay(), "HWC"), exclude=("stdout", "log", "json", "csv"))
             if self._error_count:
@@ -287,12 +252,8 @@ def random_shift(images: Tensor, pad: int = 4, generator: torch.Generator | None
 
 
 class RandomShiftReplayBuffer(ReplayBuffer):
-    """SB3's replay buffer whose sampled observations and next observations are randomly shifted (DrQ).
-
-    Each sampled transition gets its own shift for ``observations`` and another for ``next_observations``, so
-    the critic's targets and estimates see augmented frames, as in DrQ. Observations must be images
-    ``(C, H, W)`` (SB3 transposes channels-last frames before storing them). Pass it to an off-policy algorithm:
-    ``SAC("CnnPolicy", env, replay_buffer_class=RandomShiftReplayBuffer)`` (``kp-rl rl --agent sac-pixels-drq``).
+    """SB3's replay buffer whose sampled ``observations`` and ``next_observations`` (images ``(C, H, W)``) each get
+    their own random shift per transition (DrQ): ``SAC("CnnPolicy", env, replay_buffer_class=RandomShiftReplayBuffer)``.
 
     Args:
         pad: the largest shift in pixels (default 4, DrQ's for 84x84 and 64x64 frames); other arguments are

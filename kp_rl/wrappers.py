@@ -1,38 +1,41 @@
 """Gymnasium and SB3 wrappers that put a trained :class:`~kp_rl.model.PerceptionModel` between pixels and an agent.
 
-* :class:`KeypointObservation` — observation wrapper: pixels -> flat float32 keypoints ``(K*3,)`` (or the
-  CNN baseline's latent), optionally followed by the VRNN belief ``concat(h, z)``.
-* :class:`WorldModel` — adds the VRNN's reward and feature estimates to ``info``, can replace the reward with
-  the predicted one, and imagines rollouts from the current belief (:meth:`WorldModel.imagine`).
-* :class:`VecKeypointObservation` — the observation wrapper for an SB3 ``VecEnv``: all sub-envs' frames are
-  encoded in one batch, in the main process.
-* :class:`VectorKeypointObservation` — the same for a Gymnasium ``VectorEnv`` (``SyncVectorEnv``, ``AsyncVectorEnv``).
-
-Frames come from the observation when it is a uint8 image ``(H, W, 3)`` (the ``kp_rl/<domain>-<task>-v0``
-envs), otherwise from ``env.render()`` (``render_mode="rgb_array"``, e.g. Shimmy's
-``dm_control/cartpole-swingup-v0`` with ``render_kwargs={"width": 64, "height": 64}``). The model runs in eval
-mode under ``torch.inference_mode`` on the chosen device, through one :class:`~kp_rl.perception.Perception`
-per env (wrappers stacked on one env share it).
-
-Time convention (that of :mod:`kp_rl.dynamics`): ``step(a_t)`` returns observation ``x_t`` and reward
-``r_t``; the belief after that step has seen ``a_t`` and ``x_t``. ``reset()`` observes the first frame with
-a zero action.
+Frames come from the observation when it is a uint8 image ``(H, W, 3)``, otherwise from ``env.render()``
+(``render_mode="rgb_array"``). Wrappers stacked on one env share one :class:`~kp_rl.perception.Perception`.
+Time convention (that of :mod:`kp_rl.dynamics`): ``step(a_t)`` returns observation ``x_t`` and reward ``r_t``;
+the belief after that step has seen ``a_t`` and ``x_t``. ``reset()`` observes the first frame with a zero action.
 
 Example:
     >>> import gymnasium as gym, kp_rl
+    >>> from stable_baselines3.common.vec_env import DummyVecEnv
     >>> cfg = kp_rl.get_preset("cpu").replace(keypoints={"image_size": 32, "num_keypoints": 4, "base_filters": 4})
     >>> model = kp_rl.PerceptionModel(cfg, action_dim=1, with_dynamics=True)
-    >>> env = gym.make("kp_rl/cartpole-swingup-v0", image_size=32)
-    >>> env = WorldModel(KeypointObservation(env, model))   # shares the inner wrapper's model
+    >>> make = lambda: gym.make("kp_rl/cartpole-swingup-v0", image_size=32)
+    >>> env = KeypointObservation(make(), model, belief=True)
+    >>> env.observation_space.shape              # K * 3 + belief_dim (rnn_units + latent_dim)
+    (148,)
+    >>> env = WorldModel(env, replace_reward=True)   # shares the inner wrapper's model, features and belief
     >>> obs, info = env.reset(seed=0)
+    >>> obs.dtype, bool(env.observation_space.contains(obs))
+    (dtype('float32'), True)
+    >>> obs, reward, *_, info = env.step(env.action_space.sample())
+    >>> reward == info["predicted_reward"], "true_reward" in info, info["predicted_features"].shape
+    (True, True, (12,))
+    >>> out = env.imagine(np.zeros((3, 10, 1), np.float32), num_samples=4)   # N=3 plans of M=10 steps
+    >>> out["features"].shape, out["rewards"].shape
+    ((4, 3, 10, 12), (4, 3, 10))
+    >>> venv = VecKeypointObservation(DummyVecEnv([make] * 2), model)   # an SB3 VecEnv
+    >>> venv.reset().shape
+    (2, 12)
+    >>> envs = VectorKeypointObservation(gym.vector.SyncVectorEnv([make] * 2), model, belief=True)
+    >>> envs.reset(seed=0)[0].shape, envs.single_observation_space.shape
+    ((2, 148), (148,))
+    >>> state_env = StateObservation(make())
+    >>> obs, _ = state_env.reset(seed=0)
     >>> obs.shape, obs.dtype
-    ((12,), dtype('float32'))
-    >>> obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
-    >>> sorted(k for k in info if k.startswith("predicted"))
-    ['predicted_features', 'predicted_reward']
-    >>> env.imagine(np.zeros((5, 1), np.float32), num_samples=2)["features"].shape   # (S, N, M, D)
-    (2, 1, 5, 12)
-    >>> env.close()
+    ((5,), dtype('float32'))
+    >>> for e in (env, venv, envs, state_env):
+    ...     e.close()
 """
 
 from __future__ import annotations
@@ -55,27 +58,37 @@ __all__ = ["KeypointObservation", "StateObservation", "VecKeypointObservation", 
            "WorldModel", "feature_bounds"]
 
 
-def _find_wrapper(env: gym.Env, kind: type) -> Any:
-    while isinstance(env, gym.Wrapper):
-        if isinstance(env, kind):
-            return env
-        env = env.env
-    return None
+class _Perceiving:
+    """What the keypoint observation wrappers share: a :class:`Perception` of their model, with or without belief."""
+
+    perception: Perception
+    belief: bool
+
+    def _perceive(self, model: ModelLike, belief: bool, device: str | torch.device, num_threads: int | None,
+                  action_space: spaces.Space) -> Perception:
+        self.belief = bool(belief)
+        self.perception = Perception(model, device, need_dynamics=belief, who=type(self).__name__,
+                                     num_threads=num_threads, action_space=action_space)
+        return self.perception
+
+    @property
+    def model(self) -> PerceptionModel:
+        """The perception model (on its device, eval mode)."""
+        return self.perception.model
+
+    def _output(self, features: torch.Tensor) -> np.ndarray:
+        return self.perception.output(features, self.perception.state if self.belief else None)
 
 
 # ------------------------------------------------------------------------------- single-env observation
 
 
-class KeypointObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
+class KeypointObservation(_Perceiving, gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
     """Replace observations with the model's flat features (+ the VRNN belief), as float32 ``(D,)``.
 
-    Keypoint models give ``D = K * 3`` values ordered ``(x0, y0, mu0, x1, ...)`` with ``x, y`` in [-1, 1]
-    (x right, y up) and ``mu`` in [0, 1]; CNN-baseline models a latent in [-1, 1]. With ``belief=True`` the
-    VRNN's ``concat(h, z)`` (unbounded) follows: reset on ``reset()`` (zero state, then the first frame with a
-    zero action), updated on every ``step`` with the action taken and the frame it produced.
-
-    Frames: the observation when it is a uint8 ``(H, W, 3)`` image, else ``env.render()`` (needs
-    ``render_mode="rgb_array"``; the frame size is then checked on the first ``reset``).
+    Keypoint models give ``D = K * 3`` values ``(x0, y0, mu0, x1, ...)`` (``x, y`` in [-1, 1], x right, y up;
+    ``mu`` in [0, 1]); CNN-baseline models a latent in [-1, 1]. With ``belief=True`` the VRNN's ``concat(h, z)``
+    follows, reset on ``reset()`` and updated on every ``step`` with the action taken and the frame it produced.
 
     Args:
         env: the environment.
@@ -86,24 +99,9 @@ class KeypointObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArg
             torch's global setting). One is fastest for single frames and safe on a loaded machine.
 
     Raises:
-        ValueError: frame size differs from the model's, no frames to be had (non-pixel observations and no
-            ``rgb_array`` rendering), ``belief=True`` without dynamics, action size differs from the
-            dynamics', an unknown/absent device, or a bad ``num_threads``.
+        ValueError: frame size differs from the model's, no frames (neither pixel observations nor ``rgb_array``
+            rendering), ``belief=True`` without dynamics, another action size, a bad device or ``num_threads``.
         kp_rl.model.CheckpointError: the checkpoint is missing, foreign, or lacks the dynamics ``belief`` needs.
-
-    Example:
-        >>> import gymnasium as gym, kp_rl
-        >>> from kp_rl.wrappers import KeypointObservation
-        >>> cfg = kp_rl.get_preset("cpu").replace(keypoints={"image_size": 32, "num_keypoints": 4,
-        ...                                                  "base_filters": 4})
-        >>> model = kp_rl.PerceptionModel(cfg, action_dim=1, with_dynamics=True)
-        >>> env = KeypointObservation(gym.make("kp_rl/cartpole-swingup-v0", image_size=32), model, belief=True)
-        >>> env.observation_space.shape              # K * 3 + belief_dim (rnn_units + latent_dim)
-        (148,)
-        >>> obs, info = env.reset(seed=0)
-        >>> obs.dtype, bool(env.observation_space.contains(obs))
-        (dtype('float32'), True)
-        >>> env.close()
     """
 
     def __init__(self, env: gym.Env, model: ModelLike, belief: bool = False, device: str | torch.device = "cpu",
@@ -111,51 +109,36 @@ class KeypointObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArg
         gym.utils.RecordConstructorArgs.__init__(self, model=model, belief=belief, device=str(device),
                                                  num_threads=num_threads)
         gym.ObservationWrapper.__init__(self, env)
-        self.perception = Perception(model, device, need_dynamics=belief, who="KeypointObservation",
-                                     num_threads=num_threads)
-        self._frame = self.perception.frame_source(env)
-        if belief:
-            self.perception.check_action_space(env.action_space)
-            self.perception.tracks_belief = True
-        self.belief = bool(belief)
-        self.observation_space = self.perception.observation_space(self.belief)
-
-    @property
-    def model(self) -> PerceptionModel:
-        """The perception model (on :attr:`device`, eval mode)."""
-        return self.perception.model
+        perception = self._perceive(model, belief, device, num_threads, env.action_space)
+        self._frame = perception.frame_source(env)
+        perception.tracks_belief = self.belief
+        self.observation_space = perception.observation_space(self.belief)
 
     @property
     def device(self) -> torch.device:
         return self.perception.device
 
-    def _observe(self, observation: Any, action: Any, first: bool) -> np.ndarray:
-        perception = self.perception
-        with perception.running():
-            actions = None if first or not perception.tracks_belief else \
-                perception.actions(self.env.action_space, action)
-            features = perception.observe(self._frame(observation), actions, first)
-            return perception.output(features, perception.state if self.belief else None)[0]
+    def _observe(self, observation: Any, action: Any) -> np.ndarray:
+        with self.perception.running():
+            return self._output(self.perception.observe(self._frame(observation), self.env.action_space, action))[0]
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None
               ) -> tuple[np.ndarray, dict[str, Any]]:
         """Reset the env and the belief; returns the first frame's features (+ belief)."""
         observation, info = self.env.reset(seed=seed, options=options)
-        return self._observe(observation, None, first=True), info
+        return self._observe(observation, None), info
 
     def step(self, action: Any) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
         """Step the env, encode the new frame and (``belief=True``) update the belief with ``action``."""
         observation, reward, terminated, truncated, info = self.env.step(action)
-        return self._observe(observation, action, first=False), reward, terminated, truncated, info
+        return self._observe(observation, action), reward, terminated, truncated, info
 
     def observation(self, observation: Any) -> np.ndarray:
         """Encode one observation without updating the belief (the current belief is appended as is)."""
-        perception = self.perception
-        if self.belief and perception.state is None:
+        if self.belief and self.perception.state is None:
             raise RuntimeError("KeypointObservation: call reset() before using the belief")
-        with perception.running():
-            features = perception.encode(self._frame(observation)[None])
-            return perception.output(features, perception.state if self.belief else None)[0]
+        with self.perception.running():
+            return self._output(self.perception.encode(self._frame(observation)[None]))[0]
 
 
 # ------------------------------------------------------------------------------------------ world model
@@ -164,23 +147,12 @@ class KeypointObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArg
 class WorldModel(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Run the model's VRNN alongside the env: reward/feature estimates in ``info`` and imagined rollouts.
 
-    Observations pass through unchanged. The VRNN state is reset on ``reset()`` (zero state, first frame with
-    a zero action) and updated on every ``step(a_t)`` with ``a_t`` and the new frame ``x_t``. Each step's
-    ``info`` gets:
-
-    * ``predicted_reward`` (float): the reward head's estimate ``r̂_t`` of the reward just received, computed
-      from the state *after* observing ``x_t`` (GRU input ``a_t``, posterior mean ``z_t`` given ``x_t``),
-      i.e. ``observe_step(...).reward``. It is a filtered estimate, not a forecast made before seeing ``x_t``
-      (use :meth:`imagine` for forecasts).
-    * ``predicted_features`` (float32 ``(D,)``): the VRNN's reconstruction ``x̂_t`` of the current frame's
-      features (decoded from the same ``(h_t, z_t)``), to compare with the encoder's features of ``x_t``.
-
-    ``reset()`` puts ``predicted_features`` in ``info`` too. With ``replace_reward=True`` ``step`` returns
-    ``predicted_reward`` as the reward and keeps the env's in ``info["true_reward"]``.
-
-    Over a :class:`KeypointObservation` of the same model (``model=None``, the same object or the same
-    checkpoint path) it shares that wrapper's perception: the features and belief it computes are reused, not
-    computed again. Otherwise frames come from pixel observations or ``env.render()`` (``rgb_array``).
+    Observations pass through unchanged; the VRNN state follows the env as :class:`KeypointObservation`'s belief
+    does. ``info`` gets ``predicted_reward`` (float: the reward head's estimate of the reward just received, from
+    the state after observing ``x_t``, not a forecast: see :meth:`imagine`) and ``predicted_features`` (float32
+    ``(D,)``: the VRNN's reconstruction of ``x_t``'s features; on ``reset()`` too). ``replace_reward=True``
+    returns the predicted reward and keeps the env's in ``info["true_reward"]``. Over a
+    :class:`KeypointObservation` of the same model it shares that wrapper's perception (nothing computed twice).
 
     Args:
         env: the environment (pixels, a :class:`KeypointObservation` of it, or one that renders ``rgb_array``).
@@ -193,24 +165,6 @@ class WorldModel(gym.Wrapper, gym.utils.RecordConstructorArgs):
     Raises:
         ValueError: the model has no dynamics, action size or frame size mismatch, no frames, bad device.
         kp_rl.model.CheckpointError: the checkpoint is missing, foreign, or has no dynamics.
-
-    Example:
-        >>> import gymnasium as gym, kp_rl
-        >>> from kp_rl.wrappers import WorldModel
-        >>> cfg = kp_rl.get_preset("cpu").replace(keypoints={"image_size": 32, "num_keypoints": 4,
-        ...                                                  "base_filters": 4})
-        >>> model = kp_rl.PerceptionModel(cfg, action_dim=1, with_dynamics=True)
-        >>> env = WorldModel(gym.make("kp_rl/cartpole-swingup-v0", image_size=32), model, replace_reward=True)
-        >>> obs, info = env.reset(seed=0)
-        >>> obs.shape                                  # pixels, unchanged
-        (32, 32, 3)
-        >>> obs, reward, *_, info = env.step(env.action_space.sample())
-        >>> reward == info["predicted_reward"], "true_reward" in info
-        (True, True)
-        >>> out = env.imagine(np.zeros((3, 10, 1), np.float32), num_samples=4)   # N=3 plans of M=10 steps
-        >>> out["features"].shape, out["rewards"].shape
-        ((4, 3, 10, 12), (4, 3, 10))
-        >>> env.close()
     """
 
     def __init__(self, env: gym.Env, model: ModelLike | None = None, replace_reward: bool = False,
@@ -218,16 +172,17 @@ class WorldModel(gym.Wrapper, gym.utils.RecordConstructorArgs):
         gym.utils.RecordConstructorArgs.__init__(self, model=model, replace_reward=replace_reward,
                                                  device=str(device), num_threads=num_threads)
         gym.Wrapper.__init__(self, env)
-        inner = _find_wrapper(env, KeypointObservation)
-        shared = inner is not None and env.observation_space == inner.observation_space and (
-            model is None or model is inner.model
-            or (isinstance(model, (str, Path)) and str(model) == inner.perception.model_path))
-        if shared:
-            self.perception = inner.perception
-            if self.perception.model.dynamics is None:
+        inner = env
+        while isinstance(inner, gym.Wrapper) and not isinstance(inner, KeypointObservation):
+            inner = inner.env
+        inner = inner if isinstance(inner, KeypointObservation) else None
+        if inner is not None and env.observation_space == inner.observation_space and (
+                model is None or model is inner.model
+                or (isinstance(model, (str, Path)) and str(model) == inner.perception.model_path)):
+            self.perception, self._frame = inner.perception, None
+            if self.model.dynamics is None:
                 raise ValueError("WorldModel needs a model with dynamics (a trained VRNN); the KeypointObservation "
                                  "below has only an autoencoder")
-            self._frame = None
         elif model is None:
             raise ValueError("WorldModel: pass a model, or wrap a KeypointObservation whose model it shares")
         else:
@@ -262,25 +217,23 @@ class WorldModel(gym.Wrapper, gym.utils.RecordConstructorArgs):
         if self.perception.state is None:
             raise RuntimeError("WorldModel: call reset() first")
 
-    def _observe(self, observation: Any, action: Any, first: bool) -> None:
+    def _observe(self, observation: Any, action: Any) -> None:
         """Own frames: encode and update the belief (a shared perception was updated by the inner wrapper)."""
         if self._frame is not None:
-            perception = self.perception
-            with perception.running():
-                actions = None if first else perception.actions(self.env.action_space, action)
-                perception.observe(self._frame(observation), actions, first)
+            with self.perception.running():
+                self.perception.observe(self._frame(observation), self.env.action_space, action)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
         """Reset the env and the VRNN state; ``info["predicted_features"]`` is the first frame's ``x̂_0``."""
         observation, info = self.env.reset(seed=seed, options=options)
-        self._observe(observation, None, first=True)
+        self._observe(observation, None)
         return observation, {**info, "predicted_features": self.perception.last_output.features[0].cpu().numpy()}
 
     def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
         """Step the env and the VRNN; adds ``predicted_reward`` and ``predicted_features`` to ``info``."""
         self._check_reset()
         observation, reward, terminated, truncated, info = self.env.step(action)
-        self._observe(observation, action, first=False)
+        self._observe(observation, action)
         out = self.perception.last_output
         predicted = torch.cat([out.reward, out.features[0]]).cpu().numpy()  # one device -> host copy
         info = {**info, "predicted_reward": float(predicted[0]), "predicted_features": predicted[1:]}
@@ -318,53 +271,26 @@ class WorldModel(gym.Wrapper, gym.utils.RecordConstructorArgs):
 # ---------------------------------------------------------------------------------------- vector envs
 
 
-class VecKeypointObservation(VecEnvWrapper):
-    """:class:`KeypointObservation` for an SB3 ``VecEnv``: every sub-env's frame encoded in one batch.
+class VecKeypointObservation(_Perceiving, VecEnvWrapper):
+    """:class:`KeypointObservation` for an SB3 ``VecEnv`` of uint8 pixel envs: all frames encoded in one batch.
 
-    The sub-envs must return uint8 ``(H, W, 3)`` pixel observations (wrap envs that only render with
-    ``gymnasium.wrappers.AddRenderObservation(env, render_only=True)``). The model stays in this (the main)
-    process, so ``SubprocVecEnv`` workers only step and render. ``infos[i]["terminal_observation"]`` is
-    encoded in the same batch; with ``belief=True`` it carries the belief after the terminal frame, and the
-    sub-env's belief restarts on the frame the auto-reset returned.
+    The model stays in this process (``SubprocVecEnv`` workers only step and render).
+    ``infos[i]["terminal_observation"]`` is encoded in the same batch, with the belief after the terminal frame;
+    the sub-env's belief restarts on the frame the auto-reset returned.
 
     Args:
-        venv: the vectorised env (pixels).
-        model: a :class:`~kp_rl.model.PerceptionModel` or a checkpoint path.
-        belief: append the VRNN belief (the model needs dynamics).
-        device: where the model runs.
-        num_threads: torch CPU threads while the wrapper runs the model (see :class:`KeypointObservation`).
-
-    Example:
-        >>> import gymnasium as gym, kp_rl
-        >>> from stable_baselines3.common.vec_env import DummyVecEnv
-        >>> from kp_rl.wrappers import VecKeypointObservation
-        >>> cfg = kp_rl.get_preset("cpu").replace(keypoints={"image_size": 32, "num_keypoints": 4,
-        ...                                                  "base_filters": 4})
-        >>> model = kp_rl.PerceptionModel(cfg, action_dim=1)
-        >>> venv = DummyVecEnv([lambda: gym.make("kp_rl/cartpole-swingup-v0", image_size=32)] * 2)
-        >>> venv = VecKeypointObservation(venv, model)
-        >>> venv.reset().shape
-        (2, 12)
-        >>> venv.close()
+        venv: the vectorised env (pixels); the other arguments are those of :class:`KeypointObservation`.
     """
 
     def __init__(self, venv: VecEnv, model: ModelLike, belief: bool = False, device: str | torch.device = "cpu",
                  num_threads: int | None = 1) -> None:
-        self.perception = Perception(model, device, need_dynamics=belief, who="VecKeypointObservation",
-                                     num_threads=num_threads)
-        self.perception.check_vector_frames(venv.observation_space)
-        if belief:
-            self.perception.check_action_space(venv.action_space)
-        self.belief = bool(belief)
-        super().__init__(venv, observation_space=self.perception.observation_space(self.belief))
+        perception = self._perceive(model, belief, device, num_threads, venv.action_space)
+        perception.check_vector_frames(venv.observation_space)
+        super().__init__(venv, observation_space=perception.observation_space(self.belief))
         self._actions: np.ndarray | None = None
         # the raw frames of the last reset / step, and of the episodes that just ended (online perception reads them)
         self.last_frames: np.ndarray | None = None
         self.last_terminal_frames: dict[int, np.ndarray] = {}
-
-    @property
-    def model(self) -> PerceptionModel:
-        return self.perception.model
 
     def reset(self) -> VecEnvObs:
         observations = self.venv.reset()
@@ -374,7 +300,7 @@ class VecKeypointObservation(VecEnvWrapper):
             features = perception.encode(observations)
             if self.belief:
                 perception.state = perception.advance(None, features, None)
-            return perception.output(features, perception.state if self.belief else None)
+            return self._output(features)
 
     def step_async(self, actions: np.ndarray) -> None:
         self._actions = actions
@@ -389,7 +315,7 @@ class VecKeypointObservation(VecEnvWrapper):
         self.last_terminal_frames = {i: infos[i]["terminal_observation"] for i in terminal}
         frames = observations
         if terminal:  # one batch: current frames, then the terminal frames
-            frames = np.concatenate([observations, np.stack([infos[i]["terminal_observation"] for i in terminal])])
+            frames = np.concatenate([observations, np.stack(list(self.last_terminal_frames.values()))])
         with perception.running():
             features = perception.encode(frames)
             state = None
@@ -409,61 +335,33 @@ class VecKeypointObservation(VecEnvWrapper):
         return out[:n], rewards, dones, infos
 
 
-class VectorKeypointObservation(gym.vector.VectorWrapper):
-    """The observation wrapper for a Gymnasium ``VectorEnv`` (``SyncVectorEnv``, ``AsyncVectorEnv``, CleanRL-style
-    scripts): all sub-envs' frames are encoded in one batch, in the main process.
+class VectorKeypointObservation(_Perceiving, gym.vector.VectorWrapper):
+    """:class:`KeypointObservation` for a Gymnasium ``VectorEnv``: all sub-envs' frames encoded in one batch.
 
-    Observations are float32 ``(num_envs, D [+ belief_dim])``, each row as :class:`KeypointObservation` gives it.
-    Autoreset modes: ``NEXT_STEP`` (Gymnasium's default: the step after an episode ends returns the reset frame,
-    whose belief starts over) and ``DISABLED`` (``reset(options={"reset_mask": mask})`` restarts the masked
-    sub-envs' beliefs; the others keep theirs). ``SAME_STEP`` is refused, as Gymnasium's own observation
-    wrappers do: its final observations stay pixels in ``info``.
+    Autoreset modes: ``NEXT_STEP`` (the reset frame's belief starts over) and ``DISABLED``
+    (``reset(options={"reset_mask": mask})`` restarts the masked sub-envs' beliefs). ``SAME_STEP`` is refused, as
+    Gymnasium's own observation wrappers do: its final observations would stay pixels in ``info``.
 
     Args:
-        env: the vector env, with uint8 ``(H, W, 3)`` image observations per sub-env.
-        model: a :class:`~kp_rl.model.PerceptionModel` or a checkpoint path.
-        belief: append the VRNN belief (the model needs dynamics).
-        device: where the model runs.
-        num_threads: torch CPU threads while the wrapper runs the model (see :class:`KeypointObservation`).
+        env: the vector env, with uint8 ``(H, W, 3)`` image observations per sub-env; the other arguments are
+            those of :class:`KeypointObservation`.
 
     Raises:
-        ValueError: no image observations, another frame size than the model's, ``SAME_STEP`` autoreset, and
-            the errors of :class:`KeypointObservation`.
-
-    Example:
-        >>> import gymnasium as gym, kp_rl
-        >>> from kp_rl.wrappers import VectorKeypointObservation
-        >>> cfg = kp_rl.get_preset("cpu").replace(keypoints={"image_size": 32, "num_keypoints": 4,
-        ...                                                  "base_filters": 4})
-        >>> model = kp_rl.PerceptionModel(cfg, action_dim=1, with_dynamics=True)
-        >>> envs = gym.vector.SyncVectorEnv([lambda: gym.make("kp_rl/cartpole-swingup-v0", image_size=32)] * 2)
-        >>> envs = VectorKeypointObservation(envs, model, belief=True)
-        >>> obs, info = envs.reset(seed=0)
-        >>> obs.shape, envs.single_observation_space.shape
-        ((2, 148), (148,))
-        >>> envs.close()
+        ValueError: ``SAME_STEP`` autoreset, and the errors of :class:`KeypointObservation`.
     """
 
     def __init__(self, env: gym.vector.VectorEnv, model: ModelLike, belief: bool = False,
                  device: str | torch.device = "cpu", num_threads: int | None = 1) -> None:
         super().__init__(env)
-        who = "VectorKeypointObservation"
-        self.perception = Perception(model, device, need_dynamics=belief, who=who, num_threads=num_threads)
-        self.perception.check_vector_frames(env.single_observation_space)
+        perception = self._perceive(model, belief, device, num_threads, env.single_action_space)
+        perception.check_vector_frames(env.single_observation_space)
         self._mode = gym.vector.AutoresetMode(env.metadata.get("autoreset_mode", gym.vector.AutoresetMode.NEXT_STEP))
         if self._mode == gym.vector.AutoresetMode.SAME_STEP:
-            raise ValueError(f"{who} supports the NEXT_STEP and DISABLED autoreset modes, got SAME_STEP (its final "
-                             f"observations would stay pixels in info)")
-        if belief:
-            self.perception.check_action_space(env.single_action_space)
-        self.belief = bool(belief)
-        self.single_observation_space = self.perception.observation_space(self.belief)
+            raise ValueError("VectorKeypointObservation supports the NEXT_STEP and DISABLED autoreset modes, got "
+                             "SAME_STEP (its final observations would stay pixels in info)")
+        self.single_observation_space = perception.observation_space(self.belief)
         self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, self.num_envs)
         self._restart = np.zeros(self.num_envs, bool)  # sub-envs whose next frame is a reset frame (NEXT_STEP)
-
-    @property
-    def model(self) -> PerceptionModel:
-        return self.perception.model
 
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None
               ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -475,19 +373,14 @@ class VectorKeypointObservation(gym.vector.VectorWrapper):
         with perception.running():
             features = perception.encode(observations)
             if self.belief:  # a fresh belief from each reset frame; sub-envs outside the mask keep theirs
-                zeros = torch.zeros(self.num_envs, self.model.action_dim, device=features.device)
-                perception.state = self._masked(perception.advance(perception.state, features, zeros, restart),
-                                                perception.state, restart)
-            out = perception.output(features, perception.state if self.belief else None)
+                state = perception.advance(perception.state, features, None, restart)
+                if not restart.all():
+                    rows = torch.from_numpy(restart).to(features.device)[:, None]
+                    state = VRNNState(*(torch.where(rows, new, old) for new, old in zip(state, perception.state)))
+                perception.state = state
+            out = self._output(features)
         self._restart[restart] = False
         return out, infos
-
-    @staticmethod
-    def _masked(new: VRNNState, old: VRNNState | None, rows: np.ndarray) -> VRNNState:
-        if old is None or rows.all():
-            return new
-        reset_rows = torch.from_numpy(rows).to(new.h.device)[:, None]
-        return VRNNState(*(torch.where(reset_rows, a, b) for a, b in zip(new, old)))
 
     def step(self, actions: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Step the sub-envs, encode their frames and (``belief=True``) update the beliefs with ``actions``."""
@@ -501,7 +394,7 @@ class VectorKeypointObservation(gym.vector.VectorWrapper):
                 perception.state = perception.advance(
                     perception.state, features, perception.actions(self.single_action_space, actions, self.num_envs),
                     self._restart)
-            out = perception.output(features, perception.state if self.belief else None)
+            out = self._output(features)
         if self._mode == gym.vector.AutoresetMode.NEXT_STEP:
             self._restart = np.logical_or(terminations, truncations)
         return out, rewards, terminations, truncations, infos
@@ -513,14 +406,6 @@ class StateObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
     Args:
         env: a ``kp_rl/<domain>-<task>-v0`` env (any env whose unwrapped env has a ``state_space`` and whose
             ``reset``/``step`` infos carry ``state``).
-
-    Example:
-        >>> import gymnasium as gym, kp_rl
-        >>> env = StateObservation(gym.make("kp_rl/cartpole-swingup-v0", image_size=16))
-        >>> obs, _ = env.reset(seed=0)
-        >>> obs.shape, obs.dtype
-        ((5,), dtype('float32'))
-        >>> env.close()
     """
 
     def __init__(self, env: gym.Env) -> None:
@@ -531,19 +416,11 @@ class StateObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
             raise ValueError(f"StateObservation needs an env with a state_space whose info carries 'state' "
                              f"(kp_rl envs do); {env.spec.id if env.spec else env} has none")
         self.observation_space = space
-        self._state: np.ndarray | None = None
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        obs, info = self.env.reset(seed=seed, options=options)
-        self._state = np.asarray(info["state"], np.float32)
-        return self.observation(obs), info
+        _, info = self.env.reset(seed=seed, options=options)
+        return np.array(info["state"], np.float32), info
 
     def step(self, action: Any):
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        self._state = np.asarray(info["state"], np.float32)
-        return self.observation(obs), reward, terminated, truncated, info
-
-    def observation(self, observation: Any) -> np.ndarray:
-        if self._state is None:
-            raise RuntimeError("StateObservation: call reset() first")
-        return self._state.copy()
+        _, reward, terminated, truncated, info = self.env.step(action)
+        return np.array(info["state"], np.float32), reward, terminated, truncated, info
