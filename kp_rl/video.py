@@ -50,13 +50,8 @@ def to_uint8(frames: Tensor) -> np.ndarray:
     return pixels.movedim(-3, -1).cpu().numpy()
 
 
-def predict_frames(
-    model: PerceptionModel,
-    frames: np.ndarray | Tensor,
-    actions: np.ndarray | Tensor,
-    num_samples: int = 1,
-    sample: bool = True,
-) -> dict[str, np.ndarray]:
+def predict_frames(model: PerceptionModel, frames: np.ndarray | Tensor, actions: np.ndarray | Tensor,
+                   num_samples: int = 1, sample: bool = True) -> dict[str, np.ndarray]:
     """Observe ``T_obs`` frames, predict ``M`` more open loop, and render every step.
 
     Args:
@@ -81,16 +76,10 @@ def predict_frames(
     if frames.dtype != torch.uint8 or frames.dim() != 5 or tuple(frames.shape[2:]) != (size, size, 3):
         raise ValueError(f"frames: expected uint8 (B, T_obs, {size}, {size}, 3), got {frames.dtype} of shape "
                          f"{tuple(frames.shape)}")
-    batch, observed = frames.shape[:2]
-    if observed < 1:
+    if frames.shape[1] < 1:
         raise ValueError("frames: need at least one observed frame (T_obs >= 1)")
     device = model.device
-    actions = torch.as_tensor(actions, dtype=torch.float32, device=device)
-    if actions.dim() != 3 or actions.shape[0] != batch or actions.shape[1] < observed:
-        raise ValueError(f"actions: expected ({batch}, >= {observed}, {model.action_dim}) for frames of shape "
-                         f"{tuple(frames.shape)}, got {tuple(actions.shape)}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    actions = torch.as_tensor(actions, dtype=torch.float32, device=device)  # its shape: checked by the dynamics
     with torch.inference_mode():
         pixels = preprocess_frames(frames, device=device)  # (B, T_obs, 3, H, W)
         observed_features = model.autoencoder.features(pixels).float()  # (B, T_obs, D)
@@ -102,7 +91,6 @@ def predict_frames(
             "frames": np.stack(rendered)}
 
 
-# ---------------------------------------------------------------------------------------------------- writing
 def _label(tile_width: int, text: str, height: int = 11) -> np.ndarray:
     """A white band ``(height, tile_width, 3)`` with ``text`` in black (PIL's default bitmap font)."""
     from PIL import Image, ImageDraw
@@ -131,23 +119,16 @@ def _comparison_frames(rows: dict[str, np.ndarray], observed: int, scale: int, l
                 tile = np.concatenate([_label(width, names[i]), tile])
             tiles += [tile, np.full((tile.shape[0], 2, 3), 255, np.uint8)] if i < len(videos) - 1 else [tile]
         frame = np.concatenate(tiles, axis=1)
-        bar = np.full((4, frame.shape[1], 3), 255, np.uint8)
+        bar = np.full((4, frame.shape[1], 3), 255, np.uint8)  # also keeps GIF encoders from merging equal frames
         colour = OBSERVED_COLOUR if t < observed else PREDICTION_COLOUR
         bar[:, : max(1, round(frame.shape[1] * (t + 1) / steps))] = colour
         out.append(np.concatenate([frame, bar]))
     return np.stack(out)
 
 
-def write_comparison(
-    rows: dict[str, np.ndarray],
-    path_stem: str | Path,
-    observed: int,
-    fps: int = 8,
-    labels: bool = True,
-    scale: int = 2,
-    title: str | None = None,
-) -> None:
-    """Write ``<stem>.gif`` (rows side by side, one GIF frame per step) and ``<stem>.png`` (a strip).
+def write_comparison(rows: dict[str, np.ndarray], path_stem: str | Path, observed: int, fps: int = 8,
+                     labels: bool = True, scale: int = 2, title: str | None = None) -> None:
+    """Write ``<stem>.gif`` (rows side by side, one GIF frame per step) and ``<stem>.png`` (a strip), atomically.
 
     Args:
         rows: name -> uint8 video ``(T, H, W, 3)``, all of one shape; the first is the ground truth, e.g.
@@ -159,9 +140,6 @@ def write_comparison(
         labels: GIF: print the row names above the tiles.
         scale: GIF: pixel up-scaling factor (64 px frames are small on screen).
         title: PNG title (default: names the observed and predicted steps).
-
-    Both files are written atomically (temporary file + rename). Note that GIF encoders merge identical
-    consecutive frames; the timeline bar keeps every step distinct.
     """
     import imageio.v3 as iio
     import matplotlib
@@ -207,7 +185,6 @@ def write_comparison(
     save_figure(fig, stem.with_name(stem.name + ".png"))
 
 
-# ---------------------------------------------------------------------------------------------------- metrics
 def video_metrics(pred: np.ndarray | Tensor, truth: np.ndarray | Tensor) -> dict[str, Any]:
     """Per-step PSNR and SSIM of predicted videos against the truth (mean over the batch).
 
