@@ -177,26 +177,24 @@ class KeypointVRNN(nn.Module):
         _check("action", action, state.h.shape[0], self.action_dim)
         _check("features", features, state.h.shape[0], self.feature_dim)
 
-    def observe_step(self, state: VRNNState, features_t: Tensor, action_t: Tensor,
-                     sample: bool = False) -> tuple[VRNNState, StepOutput]:
+    def observe_step(self, state: VRNNState, features_t: Tensor, action_t: Tensor) -> tuple[VRNNState, StepOutput]:
         """One posterior step: update the belief with the action taken and the observation it produced.
 
         Args:
             state: state after step ``t-1`` (:meth:`initial_state` at the start of an episode).
             features_t: ``(B, D)`` observation ``x_t`` (detached).
             action_t: ``(B, A)`` the action taken before ``x_t`` (zeros at the episode's first step).
-            sample: sample ``z_t`` from the posterior instead of taking its mean.
         Returns:
-            ``(new_state, StepOutput)``; ``new_state.x`` is the true ``x_t``, the output holds ``x̂_t`` and ``r̂_t``.
+            ``(new_state, StepOutput)``: ``new_state`` has the true ``x_t`` and the posterior mean ``z_t``, the output
+            holds ``x̂_t`` and ``r̂_t``.
         """
         self._check_step(state, action_t, features_t)
         h = self._transition(state, action_t)
         prior_mean, prior_std = self._prior(h)
-        post_mean, post_std = self._posterior(h, features_t)
-        z = post_mean + post_std * torch.randn_like(post_std) if sample else post_mean
+        z, post_std = self._posterior(h, features_t)
         x_hat, r_hat = self._decode(h, z)
-        return VRNNState(h, z, features_t), StepOutput(x_hat, self._env_reward(r_hat), prior_mean, prior_std,
-                                                       post_mean, post_std)
+        return VRNNState(h, z, features_t), StepOutput(x_hat, self._env_reward(r_hat), prior_mean, prior_std, z,
+                                                       post_std)
 
     def update_belief(self, state: VRNNState, features_t: Tensor, action_t: Tensor) -> VRNNState:
         """The state :meth:`observe_step` returns (posterior mean ``z_t``; same arguments), without its prior,

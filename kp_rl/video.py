@@ -100,13 +100,12 @@ def _label(tile_width: int, text: str, height: int = 11) -> np.ndarray:
     return np.asarray(band)
 
 
-def _comparison_frames(rows: dict[str, np.ndarray], observed: int, scale: int, labels: bool) -> np.ndarray:
-    """``(T, H', W', 3)`` uint8: the rows' frames side by side, a timeline bar below (green observed, red predicted).
-
-    Predicted tiles of every row but the first (the truth) get a red border.
+def _comparison_frames(rows: dict[str, np.ndarray], observed: int) -> np.ndarray:
+    """``(T, H', W', 3)`` uint8: the rows' frames side by side (2x up-scaled, names above), a timeline bar below
+    (green observed, red predicted). Predicted tiles of every row but the first (the truth) get a red border.
     """
     names = list(rows)
-    videos = [np.kron(rows[n], np.ones((1, scale, scale, 1), np.uint8)) for n in names]
+    videos = [np.kron(rows[n], np.ones((1, 2, 2, 1), np.uint8)) for n in names]  # 64 px frames are small on screen
     steps, width = videos[0].shape[0], videos[0].shape[2]
     out = []
     for t in range(steps):
@@ -115,8 +114,7 @@ def _comparison_frames(rows: dict[str, np.ndarray], observed: int, scale: int, l
             tile = video[t].copy()
             if t >= observed and i > 0:
                 tile[:2], tile[-2:], tile[:, :2], tile[:, -2:] = (PREDICTION_COLOUR,) * 4
-            if labels:
-                tile = np.concatenate([_label(width, names[i]), tile])
+            tile = np.concatenate([_label(width, names[i]), tile])
             tiles += [tile, np.full((tile.shape[0], 2, 3), 255, np.uint8)] if i < len(videos) - 1 else [tile]
         frame = np.concatenate(tiles, axis=1)
         bar = np.full((4, frame.shape[1], 3), 255, np.uint8)  # also keeps GIF encoders from merging equal frames
@@ -127,7 +125,7 @@ def _comparison_frames(rows: dict[str, np.ndarray], observed: int, scale: int, l
 
 
 def write_comparison(rows: dict[str, np.ndarray], path_stem: str | Path, observed: int, fps: int = 8,
-                     labels: bool = True, scale: int = 2, title: str | None = None) -> None:
+                     title: str | None = None) -> None:
     """Write ``<stem>.gif`` (rows side by side, one GIF frame per step) and ``<stem>.png`` (a strip), atomically.
 
     Args:
@@ -137,8 +135,6 @@ def write_comparison(rows: dict[str, np.ndarray], path_stem: str | Path, observe
         observed: number of observed steps; steps ``>= observed`` are open-loop predictions, marked with a red
             border (GIF: predicted tiles and a red timeline bar; PNG: red frame around predicted tiles).
         fps: GIF frame rate.
-        labels: GIF: print the row names above the tiles.
-        scale: GIF: pixel up-scaling factor (64 px frames are small on screen).
         title: PNG title (default: names the observed and predicted steps).
     """
     import imageio.v3 as iio
@@ -160,7 +156,7 @@ def write_comparison(rows: dict[str, np.ndarray], path_stem: str | Path, observe
     stem = Path(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
 
-    gif = iio.imwrite("<bytes>", _comparison_frames(rows, observed, scale, labels), extension=".gif",
+    gif = iio.imwrite("<bytes>", _comparison_frames(rows, observed), extension=".gif",
                       duration=round(1000 / fps), loop=0)
     write_bytes(stem.with_name(stem.name + ".gif"), gif)
 
