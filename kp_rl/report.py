@@ -131,8 +131,7 @@ def keypoint_strip(models: dict[str, Any], frames: np.ndarray, path: str | Path,
         for col, t in enumerate(steps):
             ax = axes[row, col]
             ax.imshow(draw_keypoints(np.kron(frames[t], np.ones((2, 2, 1), np.uint8)), keypoints[col], radius=2.5))
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
             if col == 0:
                 ax.set_ylabel(name, fontsize=7)
             if row == 0:

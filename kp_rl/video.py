@@ -1,11 +1,7 @@
 """Video prediction with a trained dynamics model: observe a few frames, imagine the rest, render them, score them.
 
-The dynamics model predicts feature vectors (keypoints or a CNN latent); the frame autoencoder renders them
-against the first observed frame (appearance, reference keypoints), so a prediction is a change from that
-frame. The same code serves the structured model (Struct-VRNN) and the unstructured baseline (CNN-VRNN).
-
-Time convention as everywhere in kp_rl: ``actions[:, t]`` is taken before ``frames[:, t]``; the first
-``T_obs`` actions go with the observed frames, the remaining ``M`` drive the open-loop prediction.
+The dynamics model predicts feature vectors (keypoints or a CNN latent, for Struct-VRNN or CNN-VRNN); the frame
+autoencoder renders them against the first observed frame, so a prediction is a change from that frame.
 
 Example (random weights, tiny sizes):
     >>> import numpy as np, kp_rl, tempfile, os
@@ -65,8 +61,6 @@ def predict_frames(model: PerceptionModel, frames: np.ndarray | Tensor, actions:
         observed steps, then its predictions), ``rewards`` float32 ``(S, B, T_obs + M)`` and ``frames`` uint8
         ``(S, B, T_obs + M, H, W, 3)``, all rendered with the first observed frame (and its detected features)
         as the reference.
-    Raises:
-        ValueError: the model has no dynamics, or the shapes do not fit it.
     """
     if not model.has_dynamics:
         raise ValueError("predict_frames needs a model with dynamics; this one is an autoencoder only "
@@ -165,12 +159,10 @@ def write_comparison(rows: dict[str, np.ndarray], path_stem: str | Path, observe
         for t in range(steps):
             ax = axes[r, t]
             ax.imshow(video[t])
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
             predicted = t >= observed
-            for spine in ax.spines.values():
-                spine.set_edgecolor("red" if predicted and r > 0 else "black")
-                spine.set_linewidth(2.0 if predicted and r > 0 else 0.5)
+            ax.spines[:].set(edgecolor="red" if predicted and r > 0 else "black",
+                             linewidth=2.0 if predicted and r > 0 else 0.5)
             if r == 0:
                 ax.set_title(f"t={t}" + ("\npredict" if t == observed else ""), fontsize=6,
                              color="red" if predicted else "black")
