@@ -147,8 +147,7 @@ def evaluate(model_path: str | Path, data: str | Path, out: str | Path | None = 
     if model.has_dynamics:
         report["reward_prediction"] = reward_prediction(model, data)
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = Path(out)  # its folders are made by the atomic writes
         write_text(out / "eval.json", json.dumps(report, indent=2, sort_keys=True,
                                                  default=lambda value: np.asarray(value).tolist()))  # arrays, tensors
         if model.has_dynamics:

@@ -5,7 +5,7 @@ image coordinates run x: -1 (left) .. +1 (right) and y: +1 (top) .. -1 (bottom);
 ``(x, y, mu)`` with ``mu`` in [0, 1] its intensity. Heatmaps and Gaussian maps are ``(..., K, h, w)`` at
 ``1 / 2**(num_scales - 1)`` of the image resolution.
 
-Two autoencoders share one public interface (``feature_dim``, ``features``, ``decode_features``,
+Two autoencoders share one public interface (``feature_dim``, ``encode``, ``features``, ``decode_features``,
 ``forward``, ``loss``, ``l2_parameters``) so the dynamics model and the RL wrappers can swap them:
 :class:`KeypointAutoencoder` (the paper's model) and :class:`CNNAutoencoder` (the unstructured baseline).
 

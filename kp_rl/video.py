@@ -147,8 +147,7 @@ def write_comparison(rows: dict[str, np.ndarray], path_stem: str | Path, observe
         raise ValueError(f"rows must all be uint8 videos (T, H, W, 3) of one shape, got {shapes}")
     rows = {name: np.asarray(video, np.uint8) for name, video in rows.items()}
     steps = first[0]
-    stem = Path(path_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem = Path(path_stem)  # its folder is made by the atomic writes
 
     gif = iio.imwrite("<bytes>", _comparison_frames(rows, observed), extension=".gif",
                       duration=round(1000 / fps), loop=0)
