@@ -13,15 +13,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError, FileExistsError,
-                                                PermissionError, NotADirectoryError, IsADirectoryError)
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """USER_ERRORS plus the Ray runner's (a missing optional dependency, cells that failed after retries), once
-    that module is imported (evaluated when an exception is matched, so ``kp-rl`` never imports Ray itself)."""
+    """The exceptions reported as one-line errors; the Ray runner's (a missing optional dependency, cells that failed
+    after retries) once that module is imported (so ``kp-rl`` never imports Ray itself)."""
     grid = sys.modules.get("kp_rl.ray_grid")
-    return USER_ERRORS + ((grid.MissingDependencyError, grid.CellFailedError) if grid else ())
+    return ((ValueError, KeyError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+             IsADirectoryError) + ((grid.MissingDependencyError, grid.CellFailedError) if grid else ()))
 
 
 def _collect(args: argparse.Namespace) -> None:
@@ -42,25 +39,20 @@ def _inspect(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
-def _stored_config(out: Path):
-    """The config of the training run in ``out`` (None for a new run)."""
-    from kp_rl.config import Config
-    from kp_rl.model import read_checkpoint
-
-    return Config.from_dict(read_checkpoint(out)["config"]) if (out / "model.pt").is_file() else None
-
-
 def _config(args: argparse.Namespace):
     """The autoencoder's config: the explicit --preset / --config, else the resumed run's, else the cpu preset;
     then the explicit --steps / --batch-size / --seed (a resume refuses any of them that the run cannot honour)."""
-    from kp_rl.config import get_preset, load_config
+    from kp_rl.config import Config, get_preset, load_config
+    from kp_rl.model import read_checkpoint
 
     if args.config:
         config = load_config(args.config, base=args.preset)
     elif args.preset:
         config = get_preset(args.preset)
+    elif (Path(args.out) / "model.pt").is_file():
+        config = Config.from_dict(read_checkpoint(Path(args.out))["config"])
     else:
-        config = _stored_config(Path(args.out)) or get_preset("cpu")
+        config = get_preset("cpu")
     train = {k: v for k, v in {"steps": args.steps, "seed": args.seed, "batch_size": args.batch_size}.items()
              if v is not None}
     return config.replace(train=train) if train else config
@@ -162,7 +154,8 @@ def _eval(args: argparse.Namespace) -> None:
 
     report = evaluate(args.model, args.data, args.out, device=args.device)
     rec, track = report["reconstruction"], report["tracking"]
-    print(f"reconstruction error (held-out, per frame): {rec['model']:.3f}  (mean-frame baseline {rec['mean_frame']:.3f})")
+    print(f"reconstruction error (held-out, per frame): {rec['model']:.3f}  "
+          f"(mean-frame baseline {rec['mean_frame']:.3f})")
     print(f"tracking RMSE (held-out, linear from features): {track['keypoint_rmse_px']:.2f} px  "
           f"(mean-position baseline {track['mean_baseline_rmse_px']:.2f} px)")
     if "reward_prediction" in report:
@@ -359,12 +352,6 @@ def _missing_root(path: Path) -> Path | None:
     return path
 
 
-def _remove_if_empty(path: Path) -> None:
-    """Remove a folder tree this command created if it holds no file (a command that failed before its work)."""
-    if path.is_dir() and not any(p.is_file() or p.is_symlink() for p in path.rglob("*")):
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -386,8 +373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         created = [root for root in map(_missing_root, outputs) if root is not None]
         args.func(args)
     except _user_errors() as exc:
-        for root in created:
-            _remove_if_empty(root)
+        for root in created:  # a folder tree this command made and left without a file: it failed before its work
+            if root.is_dir() and not any(p.is_file() or p.is_symlink() for p in root.rglob("*")):
+                shutil.rmtree(root, ignore_errors=True)
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"kp-rl: error: {' '.join(str(message).split())}", file=sys.stderr)
         return 2

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from kp_rl.config import get_preset
-from kp_rl.files import save_figure, write_bytes, write_json
-from kp_rl.data import SequenceDataset, collect
+from kp_rl.files import save_figure, write_json, write_text
+from kp_rl.data import collect
 from kp_rl.report import dataset_summary
 
 TASK = "cartpole-swingup"
@@ -27,27 +27,26 @@ QUICK = {"episodes": 3, "max_steps": 20, "image_size": 32, "autoencoder_steps": 
          "sac_steps": 40, "eval_every": 20}
 
 
-def _config(quick: bool):
-    config = get_preset("tiny").replace(train={"batch_size": 2, "log_every": 2}) if quick else get_preset("cpu")
-    budget = QUICK if quick else FULL
-    return config.replace(train={"steps": budget["autoencoder_steps"], "dynamics_steps": budget["dynamics_steps"]})
-
-
 def run_demo(out: Path, data: Path, quick: bool = False, runs: Path = Path("runs/demo")) -> dict[str, Any]:
     """Run the demo; returns the figures it reports (also in ``out/summary.json``).
 
     ``kp-rl demo`` gives the quick and the full demo folders of their own (``data/demo-cartpole-quick`` ...), so
     neither resumes the other's dataset or runs; pointed at the other's folders, a stage refuses in one line.
     """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     from kp_rl.agents import get_agent, train_agent
     from kp_rl.envs import get_spec
-    from kp_rl.evaluate import reward_prediction
+    from kp_rl.evaluate import reward_prediction, write_video_prediction
     from kp_rl.model import load
     from kp_rl.train import train_autoencoder, train_dynamics
-    from kp_rl.video import predict_frames, write_comparison
 
     budget = QUICK if quick else FULL
-    config = _config(quick)
+    config = get_preset("tiny").replace(train={"batch_size": 2, "log_every": 2}) if quick else get_preset("cpu")
+    config = config.replace(train={"steps": budget["autoencoder_steps"], "dynamics_steps": budget["dynamics_steps"]})
     out.mkdir(parents=True, exist_ok=True)
     clock = {"start": time.perf_counter()}
     summary: dict[str, Any] = {"task": TASK, "budget": budget, "seconds": {}}
@@ -80,23 +79,19 @@ def run_demo(out: Path, data: Path, quick: bool = False, runs: Path = Path("runs
     print(f"\nreward prediction, {scores['Struct-VRNN']['windows']} held-out windows, {dyn.observed_steps} observed "
           f"-> {dyn.predicted_steps} predicted steps (prior mean)")
     print(f"{'model':24s} {'MSE':>8s} {'R^2':>7s}")
+    fig, ax = plt.subplots(figsize=(5, 3))
     for label, row in summary["reward_prediction"].items():
         print(f"{label:24s} {row['mse']:8.4f} {row['r2']:7.3f}")
-    _plot_reward_prediction(summary["reward_prediction"], dyn.observed_steps, out / "reward_prediction.png")
+        steps = np.arange(1, len(row["mse_per_step"]) + 1)
+        ax.plot(steps, row["mse_per_step"], marker="o", label=f"{label} (R^2 {row['r2']:.2f})")
+    ax.set_xlabel(f"prediction step (after {dyn.observed_steps} observed)")
+    ax.set_ylabel("reward MSE (held-out)")
+    ax.legend(fontsize=7)
+    save_figure(fig, out / "reward_prediction.png")
 
     # 4. video prediction: truth | Struct-VRNN samples | CNN-VRNN samples
-    episode = SequenceDataset(data, 1, split="val", keys=("image", "action")).episodes[0]
-    horizon = dyn.observed_steps + 3 * dyn.predicted_steps
-    start = 1
-    frames = episode["image"][None, start:start + horizon]
-    actions = episode["action"][None, start:start + horizon]
-    video_rows = {"truth": frames[0]}
-    for label, model in models.items():
-        predicted = predict_frames(model, frames[:, :dyn.observed_steps], actions, num_samples=2)
-        for s in range(2):
-            video_rows[f"{label} {s + 1}"] = predicted["frames"][s, 0]
-    write_comparison(video_rows, out / "video_prediction", observed=dyn.observed_steps,
-                     title=f"{TASK}: observe {dyn.observed_steps}, predict {horizon - dyn.observed_steps}")
+    write_video_prediction(models, data, out / "video_prediction", num_samples=2,
+                           title=f"{TASK}: observe {dyn.observed_steps}, predict {3 * dyn.predicted_steps}")
     stage("evaluate")
 
     # 5. a short SAC agent on keypoints + VRNN belief
@@ -109,7 +104,12 @@ def run_demo(out: Path, data: Path, quick: bool = False, runs: Path = Path("runs
                         model=runs / "keypoints-dyn" / "model.pt", eval_every=budget["eval_every"],
                         eval_episodes=2 if quick else 5, env_kwargs={"image_size": budget["image_size"]})
     summary["sac"] = curve
-    _plot_curve(curve, out / "sac_curve.png")
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.errorbar(curve["steps"], curve["returns"], yerr=curve["returns_std"], marker="o", capsize=3)
+    ax.set_xlabel("agent steps")
+    ax.set_ylabel("eval return")
+    ax.set_title("SAC on keypoints + VRNN belief", fontsize=9)
+    save_figure(fig, out / "sac_curve.png")
     stage("sac")
 
     from kp_rl.bench import machine
@@ -122,40 +122,11 @@ def run_demo(out: Path, data: Path, quick: bool = False, runs: Path = Path("runs
     return summary
 
 
-def _plot_reward_prediction(rows: dict[str, Any], observed: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3))
-    for label, row in rows.items():
-        steps = np.arange(1, len(row["mse_per_step"]) + 1)
-        ax.plot(steps, row["mse_per_step"], marker="o", label=f"{label} (R^2 {row['r2']:.2f})")
-    ax.set_xlabel(f"prediction step (after {observed} observed)")
-    ax.set_ylabel("reward MSE (held-out)")
-    ax.legend(fontsize=7)
-    save_figure(fig, path)
-
-
-def _plot_curve(curve: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.errorbar(curve["steps"], curve["returns"], yerr=curve["returns_std"], marker="o", capsize=3)
-    ax.set_xlabel("agent steps")
-    ax.set_ylabel("eval return")
-    ax.set_title("SAC on keypoints + VRNN belief", fontsize=9)
-    save_figure(fig, path)
-
-
 def _write_page(summary: dict[str, Any], out: Path) -> None:
     rp = summary["reward_prediction"]
+    data = summary["dataset"]
     lines = [f"# kp_rl demo: {summary['task']}", "",
-             f"Dataset: {summary['dataset']['episodes']} random-policy episodes, {summary['dataset']['frames']} frames.",
+             f"Dataset: {data['episodes']} random-policy episodes, {data['frames']} frames.",
              "", "![frames](frames.png)", "", "## Reward prediction (held-out episodes)", "",
              "| model | reward MSE | R^2 |", "|---|---|---|"]
     lines += [f"| {k} | {v['mse']:.4f} | {v['r2']:.3f} |" for k, v in rp.items()]
@@ -167,10 +138,8 @@ def _write_page(summary: dict[str, Any], out: Path) -> None:
               f"({sac['seconds'][-1] / 60:.1f} min).", "", "![SAC](sac_curve.png)", "", "## Time per stage (s)", "",
               "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary["seconds"].items()]
-    m = summary.get("machine")
-    if m:
-        load = m.get("load_avg_1min")
-        lines += ["", f"Machine: {m['cpu']}, {m['cpu_count']} cores, {m['torch_threads']} torch thread(s), "
-                      f"CUDA: {m['cuda'] or 'none'}" + (f", 1-minute load at the end: {load:.2f}." if load is not None
-                                                        else ".")]
-    write_bytes(out / "README.md", ("\n".join(lines) + "\n").encode())
+    m = summary["machine"]
+    load = "" if m.get("load_avg_1min") is None else f", 1-minute load at the end: {m['load_avg_1min']:.2f}"
+    lines += ["", f"Machine: {m['cpu']}, {m['cpu_count']} cores, {m['torch_threads']} torch thread(s), "
+                  f"CUDA: {m['cuda'] or 'none'}{load}."]
+    write_text(out / "README.md", "\n".join(lines) + "\n")

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from kp_rl.config import DynamicsConfig
 from kp_rl.losses import best_of_many, kl_divergence
 
-__all__ = ["KeypointVRNN", "VRNN", "VRNNState", "StepOutput"]
+__all__ = ["KeypointVRNN", "VRNNState", "StepOutput"]
 
 
 class VRNNState(NamedTuple):
@@ -70,12 +70,16 @@ class StepOutput(NamedTuple):
     posterior_std: Tensor
 
 
+def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+
+
 class _GaussianHead(nn.Module):
     """Dense hidden relu -> (mean, softplus std + min_std) of a diagonal Gaussian."""
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int, min_std: float) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, 2 * out_dim))
+        self.net = _mlp(in_dim, hidden, 2 * out_dim)
         self.min_std = min_std
 
     def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
@@ -83,8 +87,10 @@ class _GaussianHead(nn.Module):
         return mean, F.softplus(raw_std) + self.min_std
 
 
-def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+def _check(name: str, tensor: Tensor, *shape: int | str) -> None:
+    """Raise a ValueError naming the expected and the received shape; a str in ``shape`` matches any size."""
+    if tensor.dim() != len(shape) or any(isinstance(s, int) and s != n for s, n in zip(shape, tensor.shape)):
+        raise ValueError(f"{name}: expected shape ({', '.join(map(str, shape))}), got {tuple(tensor.shape)}")
 
 
 class KeypointVRNN(nn.Module):
@@ -105,15 +111,14 @@ class KeypointVRNN(nn.Module):
         self.feature_dim = feature_dim
         self.action_dim = action_dim
         self.latent_dim = cfg.latent_dim if cfg.stochastic else 0
-        hidden_in = cfg.rnn_units + self.latent_dim  # (h, z): decoder, reward head, belief
-        self.belief_dim = hidden_in
+        self.belief_dim = cfg.rnn_units + self.latent_dim  # (h, z): the input of decoder and reward head
         self.cell = nn.GRUCell(feature_dim + self.latent_dim + action_dim, cfg.rnn_units)
         if cfg.stochastic:
             self.prior = _GaussianHead(cfg.rnn_units, cfg.prior_hidden, self.latent_dim, cfg.min_std)
             self.posterior = _GaussianHead(cfg.rnn_units + feature_dim, cfg.posterior_hidden, self.latent_dim,
                                            cfg.min_std)
-        self.decoder = _mlp(hidden_in, cfg.decoder_hidden, feature_dim)
-        self.reward_head = _mlp(hidden_in, cfg.reward_hidden, 1)
+        self.decoder = _mlp(self.belief_dim, cfg.decoder_hidden, feature_dim)
+        self.reward_head = _mlp(self.belief_dim, cfg.reward_hidden, 1)
         # the reward head predicts (r - reward_mean) / reward_scale; outputs are in env units
         self.register_buffer("reward_mean", torch.zeros(()))
         self.register_buffer("reward_scale", torch.ones(()))
@@ -131,18 +136,10 @@ class KeypointVRNN(nn.Module):
             state_dict.setdefault(prefix + name, torch.tensor(default))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    # ------------------------------------------------------------------ building blocks
     def initial_state(self, batch_size: int, device: torch.device | str | None = None,
                       dtype: torch.dtype | None = None) -> VRNNState:
-        """Zero state (``h``, ``z`` and the fed-back features ``x``).
-
-        Args:
-            batch_size: ``B``.
-            device: defaults to the model's device.
-            dtype: defaults to the model's dtype.
-        Returns:
-            A :class:`VRNNState` of zeros.
-        """
+        """Zero state (``h``, ``z`` and the fed-back features ``x``) of ``batch_size`` examples, by default on the
+        model's device and in its dtype."""
         weight = self.cell.weight_hh
         kwargs = {"device": device or weight.device, "dtype": dtype or weight.dtype}
         return VRNNState(torch.zeros(batch_size, self.cfg.rnn_units, **kwargs),
@@ -164,56 +161,44 @@ class KeypointVRNN(nn.Module):
     def _env_reward(self, normalised: Tensor) -> Tensor:
         return normalised * self.reward_scale + self.reward_mean
 
+    @staticmethod
+    def _no_latent(h: Tensor) -> tuple[Tensor, Tensor]:
+        """The (mean, std) of a deterministic model's empty latent."""
+        empty = h.new_zeros(*h.shape[:-1], 0)
+        return empty, empty
+
     def _prior(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        if not self.cfg.stochastic:
-            empty = h.new_zeros(*h.shape[:-1], 0)
-            return empty, empty
-        return self.prior(h)
+        return self.prior(h) if self.cfg.stochastic else self._no_latent(h)
 
     def _posterior(self, h: Tensor, features: Tensor) -> tuple[Tensor, Tensor]:
-        if not self.cfg.stochastic:
-            empty = h.new_zeros(*h.shape[:-1], 0)
-            return empty, empty
-        return self.posterior(torch.cat([h, features], dim=-1))
+        return self.posterior(torch.cat([h, features], dim=-1)) if self.cfg.stochastic else self._no_latent(h)
 
-    def _check_step(self, state: VRNNState, action: Tensor, features: Tensor | None = None) -> None:
-        batch = state.h.shape[0]
-        if action.shape != (batch, self.action_dim):
-            raise ValueError(f"action: expected shape ({batch}, {self.action_dim}), got {tuple(action.shape)}")
-        if features is not None and features.shape != (batch, self.feature_dim):
-            raise ValueError(f"features: expected shape ({batch}, {self.feature_dim}), got {tuple(features.shape)}")
+    def _check_step(self, state: VRNNState, action: Tensor, features: Tensor) -> None:
+        _check("action", action, state.h.shape[0], self.action_dim)
+        _check("features", features, state.h.shape[0], self.feature_dim)
 
-    # ------------------------------------------------------------------ online use (RL wrappers)
-    def observe_step(self, state: VRNNState, features_t: Tensor, action_t: Tensor,
-                     sample: bool = False) -> tuple[VRNNState, StepOutput]:
+    def observe_step(self, state: VRNNState, features_t: Tensor, action_t: Tensor) -> tuple[VRNNState, StepOutput]:
         """One posterior step: update the belief with the action taken and the observation it produced.
 
         Args:
             state: state after step ``t-1`` (:meth:`initial_state` at the start of an episode).
             features_t: ``(B, D)`` observation ``x_t`` (detached).
             action_t: ``(B, A)`` the action taken before ``x_t`` (zeros at the episode's first step).
-            sample: sample ``z_t`` from the posterior instead of taking its mean.
         Returns:
-            ``(new_state, StepOutput)``; ``new_state.x`` is the true ``x_t``, the output holds ``x̂_t`` and ``r̂_t``.
+            ``(new_state, StepOutput)``: ``new_state`` has the true ``x_t`` and the posterior mean ``z_t``, the output
+            holds ``x̂_t`` and ``r̂_t``.
         """
         self._check_step(state, action_t, features_t)
         h = self._transition(state, action_t)
         prior_mean, prior_std = self._prior(h)
-        post_mean, post_std = self._posterior(h, features_t)
-        z = post_mean + post_std * torch.randn_like(post_std) if sample else post_mean
+        z, post_std = self._posterior(h, features_t)
         x_hat, r_hat = self._decode(h, z)
-        return VRNNState(h, z, features_t), StepOutput(x_hat, self._env_reward(r_hat), prior_mean, prior_std,
-                                                       post_mean, post_std)
+        return VRNNState(h, z, features_t), StepOutput(x_hat, self._env_reward(r_hat), prior_mean, prior_std, z,
+                                                       post_std)
 
     def update_belief(self, state: VRNNState, features_t: Tensor, action_t: Tensor) -> VRNNState:
-        """The state :meth:`observe_step` returns (posterior mean ``z_t``), without its prior, decoder and reward
-        head: what an observation wrapper needs, in about half the time on the CPU.
-
-        Args:
-            state: state after step ``t-1``.
-            features_t: ``(B, D)`` observation ``x_t``.
-            action_t: ``(B, A)`` the action taken before ``x_t``.
-        """
+        """The state :meth:`observe_step` returns (posterior mean ``z_t``; same arguments), without its prior,
+        decoder and reward head: what an observation wrapper needs, in about half the time on the CPU."""
         self._check_step(state, action_t, features_t)
         h = self._transition(state, action_t)
         z, _ = self._posterior(h, features_t)
@@ -229,8 +214,7 @@ class KeypointVRNN(nn.Module):
         mean, std = self._prior(h)
         z = mean + std * torch.randn_like(std) if sample else mean
         x_hat, r_hat = self._decode(h, z)
-        empty = h.new_zeros(*h.shape[:-1], 0)
-        return VRNNState(h, z, x_hat), StepOutput(x_hat, self._env_reward(r_hat), mean, std, empty, empty)
+        return VRNNState(h, z, x_hat), StepOutput(x_hat, self._env_reward(r_hat), mean, std, *self._no_latent(h))
 
     def imagine(self, state: VRNNState, actions: Tensor, num_samples: int = 1,
                 sample: bool = True) -> tuple[Tensor, Tensor]:
@@ -245,8 +229,7 @@ class KeypointVRNN(nn.Module):
             ``(features (S, B, M, D), rewards (S, B, M))``.
         """
         batch = state.h.shape[0]
-        if actions.dim() != 3 or actions.shape[0] != batch or actions.shape[2] != self.action_dim:
-            raise ValueError(f"actions: expected shape ({batch}, M, {self.action_dim}), got {tuple(actions.shape)}")
+        _check("actions", actions, batch, "M", self.action_dim)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         state = VRNNState(*(t.repeat(num_samples, *([1] * (t.dim() - 1))) for t in state))  # (S*B, ...)
@@ -276,13 +259,11 @@ class KeypointVRNN(nn.Module):
             ``(features (S, B, T_obs + M, D), rewards (S, B, T_obs + M))``: the VRNN's reconstructions on the
             observed steps followed by its predictions.
         """
-        if features.dim() != 3 or features.shape[2] != self.feature_dim:
-            raise ValueError(f"features: expected shape (B, T_obs, {self.feature_dim}), got {tuple(features.shape)}")
+        _check("features", features, "B", "T_obs", self.feature_dim)
         batch, observed = features.shape[:2]
-        if (actions.dim() != 3 or actions.shape[0] != batch or actions.shape[1] < observed
-                or actions.shape[2] != self.action_dim):
-            raise ValueError(f"actions: expected shape ({batch}, >= {observed}, {self.action_dim}) for features "
-                             f"{tuple(features.shape)}, got {tuple(actions.shape)}")
+        _check("actions", actions, batch, f">= {observed}", self.action_dim)
+        if actions.shape[1] < observed:
+            raise ValueError(f"actions: expected at least T_obs = {observed} steps, got shape {tuple(actions.shape)}")
         state = self.initial_state(batch, features.device, features.dtype)
         seen_x, seen_r = [], []
         for t in range(observed):
@@ -296,7 +277,6 @@ class KeypointVRNN(nn.Module):
             future_r = torch.cat([torch.stack(seen_r, 1).expand(num_samples, -1, -1), future_r], dim=2)
         return future_x, future_r
 
-    # ------------------------------------------------------------------ training objective
     def schedules(self, step: int | Tensor, total_steps: int) -> tuple[float | Tensor, float | Tensor, float | Tensor]:
         """Annealed KL weight and scheduled-sampling probabilities of feeding the true features.
 
@@ -326,8 +306,8 @@ class KeypointVRNN(nn.Module):
         draw without best-of-many), decodes each and keeps, per example, the sample whose ``x̂_t`` is closest
         to ``x_t``; that ``z`` continues the recurrence. The GRU is fed ``x_{t-1}`` by scheduled sampling
         (one coin per batch and step; true features with the ramped probability, else the prediction).
-        Coordinate and reward losses are squared errors, mean over batch, ``D`` and steps (so their scale does
-        not depend on ``T``; rewards in the head's normalised units); KL(q || p) is summed over latent dims and averaged over batch and observed steps.
+        Coordinate and reward losses are squared errors, mean over batch, ``D`` and steps (rewards in the head's
+        normalised units); KL(q || p) is summed over latent dims and averaged over batch and observed steps.
 
         Args:
             features: ``(B, N + M, D)`` true features, **detached** by the caller.
@@ -342,17 +322,12 @@ class KeypointVRNN(nn.Module):
         """
         cfg = self.cfg
         observed, predicted = cfg.observed_steps, cfg.predicted_steps
-        if features.dim() != 3 or features.shape[2] != self.feature_dim:
-            raise ValueError(f"features: expected shape (B, T, {self.feature_dim}), got {tuple(features.shape)}")
+        _check("features", features, "B", "T", self.feature_dim)
         batch, steps = features.shape[:2]
         if steps != observed + predicted:
             raise ValueError(f"sequence length {steps} != observed_steps {observed} + predicted_steps {predicted}")
-        if actions.shape != (batch, steps, self.action_dim):
-            raise ValueError(f"actions: expected shape ({batch}, {steps}, {self.action_dim}) for features "
-                             f"{tuple(features.shape)}, got {tuple(actions.shape)}")
-        if rewards.shape != (batch, steps):
-            raise ValueError(f"rewards: expected shape ({batch}, {steps}) for features {tuple(features.shape)}, "
-                             f"got {tuple(rewards.shape)}")
+        _check("actions", actions, batch, steps, self.action_dim)
+        _check("rewards", rewards, batch, steps)
         kl_weight, p_observed, p_predicted = self.schedules(step, total_steps)
         rewards = (rewards - self.reward_mean) / self.reward_scale  # the head's units
         num_samples = cfg.num_samples if cfg.best_of_many and cfg.stochastic else 1
@@ -387,20 +362,18 @@ class KeypointVRNN(nn.Module):
         kl = torch.stack(kls).mean() if kls else features.new_zeros(())
         loss = cfg.coord_weight * coord_t.mean() + cfg.reward_weight * reward_t.mean() + kl_weight * kl
         zero = features.new_zeros(())
-        info = {
+
+        def scalar(value: float | Tensor) -> Tensor:  # torch.full: a fill on the device, not a copy from the host
+            return value.detach() if isinstance(value, Tensor) else torch.full((), value, device=features.device)
+
+        return loss, {
             "loss": loss.detach(),
             "kl": kl.detach(),
             "coord_observed": coord_t[:observed].mean().detach(),
             "coord_predicted": coord_t[observed:].mean().detach() if predicted else zero,
             "reward_observed": reward_t[:observed].mean().detach(),
             "reward_predicted": reward_t[observed:].mean().detach() if predicted else zero,
-            # torch.full, not torch.tensor: a fill on the device rather than a copy from the host
-            "kl_weight": torch.full((), kl_weight, device=features.device) if not isinstance(kl_weight, Tensor)
-            else kl_weight.detach(),
-            "teacher_prob_observed": torch.full((), p_observed, device=features.device)
-            if not isinstance(p_observed, Tensor) else p_observed.detach(),
+            "kl_weight": scalar(kl_weight),
+            "teacher_prob_observed": scalar(p_observed),
         }
-        return loss, info
 
-
-VRNN = KeypointVRNN

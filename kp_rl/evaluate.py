@@ -6,6 +6,7 @@ functions, so every reported figure is computed one way.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kp_rl.files import write_json
+from kp_rl.files import write_text
 from kp_rl.data import FeatureSequences, SequenceDataset, encode_episodes
 from kp_rl.envs import pixels_to_unit
 from kp_rl.keypoints import preprocess_frames
@@ -58,14 +59,13 @@ def tracking(model: PerceptionModel, data: str | Path) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def rollout_beliefs(dynamics: torch.nn.Module, features: Tensor, actions: Tensor, observed: int,
-                    sample: bool = False) -> tuple[Tensor, Tensor]:
-    """Observe ``observed`` steps (posterior mean), then roll open loop: the belief and reward at every step.
+def rollout_beliefs(dynamics: torch.nn.Module, features: Tensor, actions: Tensor,
+                    observed: int) -> tuple[Tensor, Tensor]:
+    """Observe ``observed`` steps, then roll open loop (posterior and prior means): the belief and reward at every step.
 
     Args:
         dynamics: a :class:`kp_rl.dynamics.KeypointVRNN`.
         features: ``(B, >= observed, D)``; actions: ``(B, T, A)`` for the whole window.
-        sample: sample the prior while predicting (``False``: its mean).
     Returns:
         ``(beliefs (B, T, belief_dim), rewards (B, T))``.
     """
@@ -75,7 +75,7 @@ def rollout_beliefs(dynamics: torch.nn.Module, features: Tensor, actions: Tensor
         if t < observed:
             state, out = dynamics.observe_step(state, features[:, t], actions[:, t])
         else:
-            state, out = dynamics.imagine_step(state, actions[:, t], sample)
+            state, out = dynamics.imagine_step(state, actions[:, t], sample=False)
         beliefs.append(dynamics.belief(state))
         rewards.append(out.reward)
     return torch.stack(beliefs, 1), torch.stack(rewards, 1)
@@ -147,29 +147,26 @@ def evaluate(model_path: str | Path, data: str | Path, out: str | Path | None = 
     if model.has_dynamics:
         report["reward_prediction"] = reward_prediction(model, data)
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "eval.json", _jsonable(report))
+        out = Path(out)  # its folders are made by the atomic writes
+        write_text(out / "eval.json", json.dumps(report, indent=2, sort_keys=True,
+                                                 default=lambda value: np.asarray(value).tolist()))  # arrays, tensors
         if model.has_dynamics:
-            from kp_rl.video import predict_frames, write_comparison
-
-            dyn = model.config.dynamics
-            episode = SequenceDataset(data, 1, split="val", keys=("image", "action")).episodes[0]
-            horizon = min(len(episode["image"]) - 1, dyn.observed_steps + 3 * dyn.predicted_steps)
-            frames, actions = episode["image"][None, 1:1 + horizon], episode["action"][None, 1:1 + horizon]
-            predicted = predict_frames(model, frames[:, :dyn.observed_steps], actions, num_samples=3)
-            rows = {"truth": frames[0], **{f"sample {s + 1}": predicted["frames"][s, 0] for s in range(3)}}
-            write_comparison(rows, out / "video_prediction", observed=dyn.observed_steps)
+            write_video_prediction({"sample": model}, data, out / "video_prediction", num_samples=3)
     return report
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return np.asarray(value).tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+def write_video_prediction(models: dict[str, PerceptionModel], data: str | Path, path_stem: str | Path,
+                           num_samples: int, title: str | None = None) -> None:
+    """The first held-out episode of ``data`` and ``num_samples`` open-loop predictions of it by each model (label ->
+    model with dynamics, all with one dynamics config), written by :func:`kp_rl.video.write_comparison`."""
+    from kp_rl.video import predict_frames, write_comparison
+
+    dyn = next(iter(models.values())).config.dynamics
+    episode = SequenceDataset(data, 1, split="val", keys=("image", "action")).episodes[0]
+    horizon = min(len(episode["image"]) - 1, dyn.observed_steps + 3 * dyn.predicted_steps)
+    frames, actions = episode["image"][None, 1:1 + horizon], episode["action"][None, 1:1 + horizon]
+    rows = {"truth": frames[0]}
+    for label, model in models.items():
+        predicted = predict_frames(model, frames[:, :dyn.observed_steps], actions, num_samples=num_samples)
+        rows.update({f"{label} {s + 1}": predicted["frames"][s, 0] for s in range(num_samples)})
+    write_comparison(rows, path_stem, observed=dyn.observed_steps, title=title)

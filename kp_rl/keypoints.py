@@ -5,7 +5,7 @@ image coordinates run x: -1 (left) .. +1 (right) and y: +1 (top) .. -1 (bottom);
 ``(x, y, mu)`` with ``mu`` in [0, 1] its intensity. Heatmaps and Gaussian maps are ``(..., K, h, w)`` at
 ``1 / 2**(num_scales - 1)`` of the image resolution.
 
-Two autoencoders share one public interface (``feature_dim``, ``features``, ``decode_features``,
+Two autoencoders share one public interface (``feature_dim``, ``encode``, ``features``, ``decode_features``,
 ``forward``, ``loss``, ``l2_parameters``) so the dynamics model and the RL wrappers can swap them:
 :class:`KeypointAutoencoder` (the paper's model) and :class:`CNNAutoencoder` (the unstructured baseline).
 
@@ -30,7 +30,7 @@ Two autoencoders share one public interface (``feature_dim``, ``features``, ``de
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -41,10 +41,6 @@ from kp_rl.config import CNNConfig, KeypointConfig
 from kp_rl.losses import reconstruction_loss, separation_loss, sparsity_loss
 
 
-
-# ---------------------------------------------------------------------------------------------- pixels
-
-
 def preprocess_frames(frames: np.ndarray | Tensor, device: torch.device | str | None = None) -> Tensor:
     """Turn pixels into network input.
 
@@ -53,9 +49,7 @@ def preprocess_frames(frames: np.ndarray | Tensor, device: torch.device | str | 
             ``(..., 3, H, W)`` in [-0.5, 0.5] (returned as float32, unchanged otherwise).
         device: where the result goes (default: where the input is; CPU for numpy).
     Returns:
-        float32 ``(..., 3, H, W)`` in [-0.5, 0.5].
-    Raises:
-        ValueError: on anything else, naming the shape and dtype received.
+        float32 ``(..., 3, H, W)`` in [-0.5, 0.5]; ValueError (naming shape and dtype) on anything else.
     """
     if isinstance(frames, np.ndarray):
         frames = np.ascontiguousarray(frames)  # dm_control / Shimmy frames can have negative strides
@@ -67,10 +61,8 @@ def preprocess_frames(frames: np.ndarray | Tensor, device: torch.device | str | 
         return frames.movedim(-1, -3).float().div_(255.0).sub_(0.5)
     if dtype.is_floating_point:
         if frames.dim() < 3 or shape[-3] != 3:
-            raise ValueError(
-                f"expected float frames channels-first (..., 3, H, W) in [-0.5, 0.5], got shape {shape} "
-                "(pass channels-last pixels as uint8)"
-            )
+            raise ValueError(f"expected float frames channels-first (..., 3, H, W) in [-0.5, 0.5], got shape {shape} "
+                             "(pass channels-last pixels as uint8)")
         return frames.float()
     raise ValueError(f"expected uint8 (..., H, W, 3) or float (..., 3, H, W) frames, got {dtype} of shape {shape}")
 
@@ -91,9 +83,6 @@ def add_coord_channels(x: Tensor) -> Tensor:
     gx = _grid(width, -1.0, 1.0, x).expand(*lead, 1, height, width)
     gy = _grid(height, 1.0, -1.0, x)[:, None].expand(*lead, 1, height, width)
     return torch.cat([x, gx, gy], dim=-3)
-
-
-# ------------------------------------------------------------------------------------------- keypoints
 
 
 class KeypointOutput(NamedTuple):
@@ -155,12 +144,7 @@ def keypoints_to_maps(keypoints: Tensor, height: int, width: int | None = None, 
     return mu * x_vec * y_vec
 
 
-# ---------------------------------------------------------------------------------------------- trunks
-
-
-def _conv(
-    cfg: KeypointConfig, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1
-) -> nn.Conv2d:
+def _conv(cfg: KeypointConfig, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1) -> nn.Conv2d:
     """Conv with 'same' padding, He-uniform kernel for the leaky ReLU that follows, zero bias (as in Keras)."""
     conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2)
     nn.init.kaiming_uniform_(conv.weight, a=cfg.leaky_relu_slope, nonlinearity="leaky_relu")
@@ -168,10 +152,9 @@ def _conv(
     return conv
 
 
-def _conv_act(
-    cfg: KeypointConfig, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1
-) -> list[nn.Module]:
-    return [_conv(cfg, in_channels, out_channels, kernel_size, stride), nn.LeakyReLU(cfg.leaky_relu_slope)]
+def _conv_act(cfg: KeypointConfig, *conv_args: int, **conv_kwargs: int) -> list[nn.Module]:
+    """:func:`_conv` followed by a leaky ReLU."""
+    return [_conv(cfg, *conv_args, **conv_kwargs), nn.LeakyReLU(cfg.leaky_relu_slope)]
 
 
 def trunk_channels(cfg: KeypointConfig) -> int:
@@ -201,6 +184,11 @@ def build_encoder_trunk(cfg: KeypointConfig, in_channels: int) -> nn.Sequential:
         for _ in range(cfg.layers_per_scale):
             layers += _conv_act(cfg, filters, filters)
     return nn.Sequential(*layers)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 class ImageDecoder(nn.Module):
@@ -241,21 +229,13 @@ class KeypointEncoder(nn.Module):
         return F.softplus(self.heatmaps(self.trunk(add_coord_channels(frames))))
 
 
-def count_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-# -------------------------------------------------------------------------------------- autoencoders
-
-
 class _FrameAutoencoder(nn.Module):
-    """What both autoencoders share: input checks, appearance encoder, decoder, rendering, L2 kernels.
+    """What both autoencoders share: input checks, appearance encoder, decoder, rendering, loss, L2 kernels.
 
-    A subclass encodes each frame to a flat feature vector and turns feature vectors back into
-    ``map_channels`` maps at heatmap resolution; rendering a frame t decodes
-    concat(maps of t, appearance features of the reference frame, maps of the reference frame) plus
-    coordinate channels, and adds the reference frame.
+    A subclass encodes frames to a code (:meth:`encode`), flattens it to per-frame feature vectors (``_flat``)
+    and turns feature vectors back into ``map_channels`` maps at heatmap resolution (``_feature_maps``).
+    Rendering frame t decodes concat(maps of t, appearance features of the reference frame, maps of the
+    reference frame) plus coordinate channels, and adds the reference frame.
     """
 
     def __init__(self, cfg: KeypointConfig, map_channels: int) -> None:
@@ -266,16 +246,12 @@ class _FrameAutoencoder(nn.Module):
         self.map_channels = map_channels
         self.decoder = ImageDecoder(cfg, in_channels=2 * map_channels + trunk_channels(cfg) + 2)
 
-    @property
-    def feature_dim(self) -> int:
-        raise NotImplementedError
-
     def features(self, frames: np.ndarray | Tensor) -> Tensor:
         """Flat per-frame code: ``(..., 3, H, W)`` frames (or uint8 ``(..., H, W, 3)``) -> ``(..., feature_dim)``."""
-        raise NotImplementedError
+        return self._flat(self.encode(frames))
 
     def decode_features(self, features: Tensor, first_frame: Tensor, first_features: Tensor) -> Tensor:
-        """Render frames from flat codes.
+        """Render frames from flat codes; the reference frame's context is computed once per sequence.
 
         Args:
             features: ``(B, T, feature_dim)``, e.g. dynamics predictions.
@@ -286,36 +262,48 @@ class _FrameAutoencoder(nn.Module):
         """
         if features.dim() != 3 or features.shape[-1] != self.feature_dim:
             raise ValueError(f"expected features (B, T, {self.feature_dim}), got shape {tuple(features.shape)}")
-        return self._render(self._feature_maps(features), first_frame, self._feature_maps(first_features))
+        maps, first_maps = self._feature_maps(features), self._feature_maps(first_features)
+        first_frame = self._frames(first_frame)
+        batch, steps = features.shape[:2]
+        context = torch.cat([self.appearance(first_frame), first_maps], dim=1)
+        context = context[:, None].expand(batch, steps, *context.shape[1:])
+        x = add_coord_channels(torch.cat([maps, context], dim=2).flatten(0, 1))
+        change = self.decoder(x).unflatten(0, (batch, steps))
+        return change + first_frame[:, None]
 
-    def _feature_maps(self, features: Tensor) -> Tensor:
-        raise NotImplementedError
+    def forward(self, frames: np.ndarray | Tensor) -> tuple[Tensor, Any]:
+        """Reconstruct ``(B, T, 3, H, W)`` frames from their code (reference: frame 0): ``(reconstruction, code)``."""
+        frames = self._frames(frames, min_dim=5)
+        code = self.encode(frames)
+        first_features = self._flat(code, step=0)  # sliced before flattening: the order autograd sums gradients in
+        return self.decode_features(self._flat(code), frames[:, 0], first_features), code
 
-    @property
-    def _device(self) -> torch.device:
-        return next(self.parameters()).device
+    def loss(self, frames: np.ndarray | Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Reconstruction loss plus the model's weighted regularisers on ``(B, T, 3, H, W)`` frames.
+
+        Returns:
+            ``(total, terms)`` with terms ``loss``, ``reconstruction`` and each regulariser's (detached).
+        """
+        frames = self._frames(frames, min_dim=5)
+        reconstruction, code = self(frames)
+        total = reconstruction_loss(reconstruction, frames)
+        terms = {"reconstruction": total}
+        for name, (weight, value) in self._regularisers(code).items():
+            terms[name] = value
+            total = total + weight * value
+        return total, {"loss": total.detach(), **{k: v.detach() for k, v in terms.items()}}
+
+    def _regularisers(self, code: Any) -> dict[str, tuple[float, Tensor]]:
+        return {}
 
     def _frames(self, frames: np.ndarray | Tensor, min_dim: int = 4) -> Tensor:
         """Preprocess and check ``(..., 3, S, S)`` frames at ``cfg.image_size``; returns them on the model's device."""
-        frames = preprocess_frames(frames).to(self._device)
+        frames = preprocess_frames(frames).to(next(self.parameters()).device)
         size = self.cfg.image_size
         if frames.dim() < min_dim or frames.shape[-2:] != (size, size):
             lead = "(B, T, " if min_dim == 5 else "(..., "
             raise ValueError(f"expected frames {lead}3, {size}, {size}), got shape {tuple(frames.shape)}")
         return frames
-
-    def _render(self, maps: Tensor, first_frame: Tensor, first_maps: Tensor) -> Tensor:
-        """``maps (B, T, C, h, w)``, ``first_frame (B, 3, H, W)``, ``first_maps (B, C, h, w)`` -> ``(B, T, 3, H, W)``.
-
-        The reference frame's context (appearance features, maps) is computed once per sequence.
-        """
-        first_frame = self._frames(first_frame)
-        batch, steps = maps.shape[:2]
-        context = torch.cat([self.appearance(first_frame), first_maps], dim=1)  # once per sequence
-        context = context[:, None].expand(batch, steps, *context.shape[1:])
-        x = add_coord_channels(torch.cat([maps, context], dim=2).flatten(0, 1))
-        change = self.decoder(x).unflatten(0, (batch, steps))
-        return change + first_frame[:, None]
 
     def l2_parameters(self) -> Iterator[nn.Parameter]:
         """Kernels (weights, not biases) of every conv and linear layer, for the trainer's L2 penalty."""
@@ -328,7 +316,8 @@ class KeypointAutoencoder(_FrameAutoencoder):
     """The paper's model: frames -> heatmaps -> keypoints (x, y, mu) -> Gaussian maps -> frames.
 
     The decoder sees only the keypoints of frame t, the keypoints of the reference frame (frame 0 of the
-    sequence) and the appearance features of the reference frame, and predicts the change from it.
+    sequence) and the appearance features of the reference frame, and predicts the change from it. The
+    features (what dynamics and agents see) are the keypoints flattened to ``(..., K * 3)``: x0, y0, mu0, x1, ...
 
     Args:
         cfg: sizes and loss weights.
@@ -337,10 +326,7 @@ class KeypointAutoencoder(_FrameAutoencoder):
     def __init__(self, cfg: KeypointConfig) -> None:
         super().__init__(cfg, map_channels=cfg.num_keypoints)
         self.encoder = KeypointEncoder(cfg)
-
-    @property
-    def feature_dim(self) -> int:
-        return 3 * self.cfg.num_keypoints
+        self.feature_dim = 3 * cfg.num_keypoints
 
     def encode(self, frames: np.ndarray | Tensor) -> KeypointOutput:
         """Detect keypoints, one conv pass over all frames.
@@ -356,10 +342,6 @@ class KeypointAutoencoder(_FrameAutoencoder):
         lead = frames.shape[:-3]
         return KeypointOutput(keypoints.unflatten(0, lead), heatmaps.unflatten(0, lead))
 
-    def features(self, frames: np.ndarray | Tensor) -> Tensor:
-        """Flat keypoint vectors ``(..., K * 3)`` ordered (x0, y0, mu0, x1, ...): what dynamics and agents see."""
-        return self.encode(frames).keypoints.flatten(-2)
-
     def decode(self, keypoints: Tensor, first_frame: Tensor, first_keypoints: Tensor) -> Tensor:
         """Render frames from keypoints.
 
@@ -372,39 +354,18 @@ class KeypointAutoencoder(_FrameAutoencoder):
         """
         return self.decode_features(keypoints.flatten(-2), first_frame, first_keypoints.flatten(-2))
 
+    def _flat(self, code: KeypointOutput, step: int | None = None) -> Tensor:
+        return (code.keypoints if step is None else code.keypoints[:, step]).flatten(-2)
+
     def _feature_maps(self, features: Tensor) -> Tensor:
         size = self.cfg.heatmap_width
         return keypoints_to_maps(features.unflatten(-1, (-1, 3)), size, size, self.cfg.keypoint_sigma)
 
-    def forward(self, frames: np.ndarray | Tensor) -> tuple[Tensor, KeypointOutput]:
-        """Reconstruct ``(B, T, 3, H, W)`` frames from their detected keypoints (reference: frame 0).
-
-        Returns:
-            ``(reconstruction (B, T, 3, H, W), KeypointOutput)``.
-        """
-        frames = self._frames(frames, min_dim=5)
-        out = self.encode(frames)
-        return self.decode(out.keypoints, frames[:, 0], out.keypoints[:, 0]), out
-
-    def loss(self, frames: np.ndarray | Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Reconstruction + sparsity + temporal separation on ``(B, T, 3, H, W)`` frames.
-
-        Returns:
-            ``(total, terms)`` with terms ``loss``, ``reconstruction``, ``sparsity``, ``separation`` (detached).
-        """
-        frames = self._frames(frames, min_dim=5)
-        reconstruction, out = self(frames)
-        terms = {
-            "reconstruction": reconstruction_loss(reconstruction, frames),
-            "sparsity": sparsity_loss(out.heatmaps.float()),  # bf16 under autocast: average in fp32
-            "separation": separation_loss(out.keypoints, self.cfg.separation_sigma),
-        }
-        total = (
-            terms["reconstruction"]
-            + self.cfg.sparsity_weight * terms["sparsity"]
-            + self.cfg.separation_weight * terms["separation"]
-        )
-        return total, {"loss": total.detach(), **{k: v.detach() for k, v in terms.items()}}
+    def _regularisers(self, out: KeypointOutput) -> dict[str, tuple[float, Tensor]]:
+        """The keypoint losses with their weights: sparsity and temporal separation."""
+        cfg = self.cfg
+        return {"sparsity": (cfg.sparsity_weight, sparsity_loss(out.heatmaps.float())),  # fp32 under bf16 autocast
+                "separation": (cfg.separation_weight, separation_loss(out.keypoints, cfg.separation_sigma))}
 
 
 class CNNAutoencoder(_FrameAutoencoder):
@@ -412,7 +373,8 @@ class CNNAutoencoder(_FrameAutoencoder):
 
     Encoder: coordinate channels, encoder trunk, 1x1 conv to ``cnn.map_channels``, flatten, Linear to
     ``latent_dim``, tanh. Decoder: Linear from the latent back to ``cnn.map_channels`` maps at heatmap
-    resolution, which take the place of the Gaussian maps in the keypoint model's decoder.
+    resolution, which take the place of the Gaussian maps in the keypoint model's decoder. Its only loss is
+    the reconstruction.
 
     Args:
         cfg: sizes of the trunks (the keypoint-specific fields are unused).
@@ -422,7 +384,7 @@ class CNNAutoencoder(_FrameAutoencoder):
     def __init__(self, cfg: KeypointConfig, cnn: CNNConfig) -> None:
         super().__init__(cfg, map_channels=cnn.map_channels)
         cnn.validate()
-        self.cnn = cnn
+        self.feature_dim = cnn.latent_dim
         code_size = cnn.map_channels * cfg.heatmap_width**2
         self.encoder = nn.Sequential(
             build_encoder_trunk(cfg, in_channels=3 + 2),
@@ -433,33 +395,15 @@ class CNNAutoencoder(_FrameAutoencoder):
         )
         self.to_maps = nn.Sequential(nn.Linear(cnn.latent_dim, code_size), nn.LeakyReLU(cfg.leaky_relu_slope))
 
-    @property
-    def feature_dim(self) -> int:
-        return self.cnn.latent_dim
-
-    def features(self, frames: np.ndarray | Tensor) -> Tensor:
+    def encode(self, frames: np.ndarray | Tensor) -> Tensor:
         """Flat latents ``(..., latent_dim)`` in [-1, 1] of ``(..., 3, H, W)`` frames."""
         frames = self._frames(frames)
         latents = self.encoder(add_coord_channels(frames.flatten(0, -4)))
         return latents.unflatten(0, frames.shape[:-3])
 
+    def _flat(self, code: Tensor, step: int | None = None) -> Tensor:
+        return code if step is None else code[:, step]
+
     def _feature_maps(self, features: Tensor) -> Tensor:
         size = self.cfg.heatmap_width
         return self.to_maps(features).unflatten(-1, (self.map_channels, size, size))
-
-    def forward(self, frames: np.ndarray | Tensor) -> tuple[Tensor, Tensor]:
-        """Reconstruct ``(B, T, 3, H, W)`` frames from their latents (reference: frame 0).
-
-        Returns:
-            ``(reconstruction (B, T, 3, H, W), latents (B, T, latent_dim))``.
-        """
-        frames = self._frames(frames, min_dim=5)
-        latents = self.features(frames)
-        return self.decode_features(latents, frames[:, 0], latents[:, 0]), latents
-
-    def loss(self, frames: np.ndarray | Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Reconstruction loss only. Returns ``(total, {"loss", "reconstruction"})``."""
-        frames = self._frames(frames, min_dim=5)
-        reconstruction, _ = self(frames)
-        total = reconstruction_loss(reconstruction, frames)
-        return total, {"loss": total.detach(), "reconstruction": total.detach()}

@@ -1,9 +1,7 @@
 """Evaluation metrics: image quality (PSNR, SSIM: torchmetrics), linear probes (coordinate tracking error),
 reward-prediction error, and the Frechet distance between feature sets.
 
-FVD (the Frechet distance between I3D features of real and predicted videos) is not computed: it needs I3D
-weights trained on Kinetics-400, which do not ship with kp_rl and cannot be downloaded at run time. With a local
-copy (e.g. the TorchScript export ``i3d_torchscript.pt`` that StyleGAN-V's FVD code uses), compute the I3D
+FVD is not computed: its I3D weights (Kinetics-400) do not ship with kp_rl. With a local copy, compute the I3D
 features of both sets of videos yourself and call :func:`frechet_distance_from_features`.
 
 Conventions: inputs are numpy arrays or torch tensors (any device; they are copied to CPU); outputs are Python
@@ -35,18 +33,8 @@ import scipy.linalg
 import torch
 from torch import Tensor
 
-__all__ = [
-    "psnr",
-    "ssim",
-    "per_step",
-    "fit_ridge",
-    "predict_ridge",
-    "linear_probe",
-    "tracking_error",
-    "reward_prediction_error",
-    "frechet_distance",
-    "frechet_distance_from_features",
-]
+__all__ = ["psnr", "ssim", "per_step", "fit_ridge", "predict_ridge", "linear_probe", "tracking_error",
+           "reward_prediction_error", "frechet_distance", "frechet_distance_from_features"]
 
 
 def _np(x: np.ndarray | Tensor) -> np.ndarray:
@@ -70,12 +58,8 @@ def _frame_batch(pred: np.ndarray | Tensor, target: np.ndarray | Tensor,
     return p.reshape(-1, *p.shape[-3:]), t.reshape(-1, *t.shape[-3:]), lead
 
 
-# ----------------------------------------------------------------------------------------------- image quality
-
-
-def psnr(
-    pred: np.ndarray | Tensor, target: np.ndarray | Tensor, data_range: float = 1.0, channels_last: bool = True
-) -> np.ndarray:
+def psnr(pred: np.ndarray | Tensor, target: np.ndarray | Tensor, data_range: float = 1.0,
+         channels_last: bool = True) -> np.ndarray:
     """Peak signal-to-noise ratio per frame, ``10 log10(data_range^2 / MSE)`` (torchmetrics), MSE over pixels
     and channels.
 
@@ -98,9 +82,8 @@ def psnr(
 SSIM_CHUNK = 128  # frames per torchmetrics call in ssim (bounds its memory)
 
 
-def ssim(
-    pred: np.ndarray | Tensor, target: np.ndarray | Tensor, data_range: float = 1.0, channels_last: bool = True,
-) -> np.ndarray:
+def ssim(pred: np.ndarray | Tensor, target: np.ndarray | Tensor, data_range: float = 1.0,
+         channels_last: bool = True) -> np.ndarray:
     """Structural similarity (Wang et al. 2004) per frame, from torchmetrics.
 
     Gaussian window 11 x 11 with sigma 1.5, K1 = 0.01, K2 = 0.03, scored over the valid window positions (as in
@@ -118,9 +101,8 @@ def ssim(
 
     p, t, lead = _frame_batch(pred, target, channels_last)
     if min(p.shape[-2:]) < 11:
-        raise ValueError(f"ssim needs H, W >= 11, got H={p.shape[-2]}, W={p.shape[-1]} from shape "
-                         f"{(*lead, *p.shape[1:]) if not channels_last else (*lead, *p.shape[2:], p.shape[1])} "
-                         f"with channels_last={channels_last}: check the layout")
+        raise ValueError(f"ssim needs H, W >= 11, got H={p.shape[-2]}, W={p.shape[-1]} with "
+                         f"channels_last={channels_last}: check the layout")
     # torchmetrics averages over every pixel of a reflect-padded image; keep the windows inside the frame. In
     # chunks of frames: its intermediates take ~15 float64 copies of the batch (a few GB for a thousand frames)
     scores = []
@@ -132,20 +114,15 @@ def ssim(
 
 
 def per_step(metric_values: np.ndarray | Tensor) -> np.ndarray:
-    """Mean over the batch of per-frame values ``(B, T)`` -> ``(T,)`` numpy float64 (per-step curves).
+    """Mean over the batch of per-frame values ``(B, T, ...)`` -> ``(T, ...)`` numpy float64 (per-step curves).
 
     Args:
-        metric_values: ``(B, T)`` or ``(B, T, ...)``, e.g. ``psnr`` / ``ssim`` outputs for videos ``(B, T, ...)``.
-    Returns:
-        numpy array ``(T, ...)``. Infinite PSNR values (identical frames) make the mean infinite.
+        metric_values: e.g. ``psnr`` / ``ssim`` outputs for videos ``(B, T, ...)`` (an infinite PSNR stays infinite).
     """
     v = _np(metric_values)
     if v.ndim < 2:
         raise ValueError(f"expected (B, T) values, got shape {v.shape}")
     return v.mean(axis=0)
-
-
-# ----------------------------------------------------------------------------------------------- linear probes
 
 
 def _flat(x: np.ndarray | Tensor, name: str) -> np.ndarray:
@@ -155,9 +132,8 @@ def _flat(x: np.ndarray | Tensor, name: str) -> np.ndarray:
     return a.reshape(a.shape[0], -1)
 
 
-def fit_ridge(
-    features: np.ndarray | Tensor, targets: np.ndarray | Tensor, ridge: float = 1e-3
-) -> tuple[np.ndarray, np.ndarray]:
+def fit_ridge(features: np.ndarray | Tensor, targets: np.ndarray | Tensor,
+              ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
     """Ridge regression with an unpenalised bias: minimises ``||X W + b - Y||^2 + ridge ||W||^2``.
 
     Args:
@@ -191,13 +167,8 @@ def _rmse(pred: np.ndarray, target: np.ndarray) -> float:
     return float(np.sqrt(np.mean((pred - target) ** 2)))
 
 
-def linear_probe(
-    features_train: np.ndarray | Tensor,
-    targets_train: np.ndarray | Tensor,
-    features_test: np.ndarray | Tensor,
-    targets_test: np.ndarray | Tensor,
-    ridge: float = 1e-3,
-) -> float:
+def linear_probe(features_train: np.ndarray | Tensor, targets_train: np.ndarray | Tensor,
+                 features_test: np.ndarray | Tensor, targets_test: np.ndarray | Tensor, ridge: float = 1e-3) -> float:
     """Held-out error of a linear readout: fit :func:`fit_ridge` on train, score on test.
 
     Args:
@@ -211,15 +182,10 @@ def linear_probe(
     return _rmse(predict_ridge(model, features_test), _flat(targets_test, "targets_test"))
 
 
-def tracking_error(
-    keypoint_features_train: np.ndarray | Tensor,
-    coords_train: np.ndarray | Tensor,
-    keypoint_features_test: np.ndarray | Tensor,
-    coords_test: np.ndarray | Tensor,
-    supervised_train: np.ndarray | Tensor | None = None,
-    supervised_test: np.ndarray | Tensor | None = None,
-    ridge: float = 1e-3,
-) -> dict[str, float]:
+def tracking_error(keypoint_features_train: np.ndarray | Tensor, coords_train: np.ndarray | Tensor,
+                   keypoint_features_test: np.ndarray | Tensor, coords_test: np.ndarray | Tensor,
+                   supervised_train: np.ndarray | Tensor | None = None,
+                   supervised_test: np.ndarray | Tensor | None = None, ridge: float = 1e-3) -> dict[str, float]:
     """Coordinate tracking error (the paper's object-tracking metric): how linearly the keypoints encode the
     true positions of the bodies, measured on held-out frames.
 
@@ -267,21 +233,12 @@ def reward_prediction_error(pred_rewards: np.ndarray | Tensor, true_rewards: np.
     ok = sst > 0
     r2[ok] = 1.0 - sse[ok] / sst[ok]
     mse = sse / p.shape[0]
-    return {
-        "mse": mse,
-        "r2": r2,
-        "mse_mean": float(mse.mean()),
-        "r2_mean": float(r2[ok].mean()) if ok.any() else float("nan"),
-    }
+    return {"mse": mse, "r2": r2, "mse_mean": float(mse.mean()),
+            "r2_mean": float(r2[ok].mean()) if ok.any() else float("nan")}
 
 
-# ---------------------------------------------------------------------------------------------- Frechet distance
-
-
-def frechet_distance(
-    mu1: np.ndarray | Tensor, sigma1: np.ndarray | Tensor, mu2: np.ndarray | Tensor, sigma2: np.ndarray | Tensor,
-    eps: float = 1e-6,
-) -> float:
+def frechet_distance(mu1: np.ndarray | Tensor, sigma1: np.ndarray | Tensor, mu2: np.ndarray | Tensor,
+                     sigma2: np.ndarray | Tensor, eps: float = 1e-6) -> float:
     """Frechet (2-Wasserstein) distance between Gaussians, ``||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``.
 
     Args:

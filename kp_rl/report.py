@@ -34,8 +34,7 @@ def dataset_summary(root: str | Path, out: str | Path | None = None, episodes_sh
         manifest = read_manifest(root)
         summary.update(env_id=manifest["env_id"], seed=manifest["seed"], policy=manifest["policy"])
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = Path(out)  # its folders are made by the atomic writes
         shown = episodes[:episodes_shown]
         columns = 8
         fig, axes = plt.subplots(len(shown), columns, figsize=(columns * 1.2, len(shown) * 1.3), squeeze=False)
@@ -47,8 +46,7 @@ def dataset_summary(root: str | Path, out: str | Path | None = None, episodes_sh
                 if "true_object_pos" in episode:
                     pos = episode["true_object_pos"][t]
                     ax.scatter(pos[:, 0], pos[:, 1], s=6, c="red")
-                ax.set_xlim(-0.5, episode["image"].shape[2] - 0.5)
-                ax.set_ylim(episode["image"].shape[1] - 0.5, -0.5)
+                ax.set(xlim=(-0.5, episode["image"].shape[2] - 0.5), ylim=(episode["image"].shape[1] - 0.5, -0.5))
                 ax.set_title(f"t={t}", fontsize=6)
                 ax.axis("off")
         fig.suptitle(f"{summary.get('env_id', root.name)}: frames with projected body positions (red)", fontsize=8)
@@ -131,8 +129,7 @@ def keypoint_strip(models: dict[str, Any], frames: np.ndarray, path: str | Path,
         for col, t in enumerate(steps):
             ax = axes[row, col]
             ax.imshow(draw_keypoints(np.kron(frames[t], np.ones((2, 2, 1), np.uint8)), keypoints[col], radius=2.5))
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
             if col == 0:
                 ax.set_ylabel(name, fontsize=7)
             if row == 0:

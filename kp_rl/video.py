@@ -1,11 +1,7 @@
 """Video prediction with a trained dynamics model: observe a few frames, imagine the rest, render them, score them.
 
-The dynamics model predicts feature vectors (keypoints or a CNN latent); the frame autoencoder renders them
-against the first observed frame (appearance, reference keypoints), so a prediction is a change from that
-frame. The same code serves the structured model (Struct-VRNN) and the unstructured baseline (CNN-VRNN).
-
-Time convention as everywhere in kp_rl: ``actions[:, t]`` is taken before ``frames[:, t]``; the first
-``T_obs`` actions go with the observed frames, the remaining ``M`` drive the open-loop prediction.
+The dynamics model predicts feature vectors (keypoints or a CNN latent, for Struct-VRNN or CNN-VRNN); the frame
+autoencoder renders them against the first observed frame, so a prediction is a change from that frame.
 
 Example (random weights, tiny sizes):
     >>> import numpy as np, kp_rl, tempfile, os
@@ -50,13 +46,8 @@ def to_uint8(frames: Tensor) -> np.ndarray:
     return pixels.movedim(-3, -1).cpu().numpy()
 
 
-def predict_frames(
-    model: PerceptionModel,
-    frames: np.ndarray | Tensor,
-    actions: np.ndarray | Tensor,
-    num_samples: int = 1,
-    sample: bool = True,
-) -> dict[str, np.ndarray]:
+def predict_frames(model: PerceptionModel, frames: np.ndarray | Tensor, actions: np.ndarray | Tensor,
+                   num_samples: int = 1, sample: bool = True) -> dict[str, np.ndarray]:
     """Observe ``T_obs`` frames, predict ``M`` more open loop, and render every step.
 
     Args:
@@ -70,8 +61,6 @@ def predict_frames(
         observed steps, then its predictions), ``rewards`` float32 ``(S, B, T_obs + M)`` and ``frames`` uint8
         ``(S, B, T_obs + M, H, W, 3)``, all rendered with the first observed frame (and its detected features)
         as the reference.
-    Raises:
-        ValueError: the model has no dynamics, or the shapes do not fit it.
     """
     if not model.has_dynamics:
         raise ValueError("predict_frames needs a model with dynamics; this one is an autoencoder only "
@@ -81,16 +70,10 @@ def predict_frames(
     if frames.dtype != torch.uint8 or frames.dim() != 5 or tuple(frames.shape[2:]) != (size, size, 3):
         raise ValueError(f"frames: expected uint8 (B, T_obs, {size}, {size}, 3), got {frames.dtype} of shape "
                          f"{tuple(frames.shape)}")
-    batch, observed = frames.shape[:2]
-    if observed < 1:
+    if frames.shape[1] < 1:
         raise ValueError("frames: need at least one observed frame (T_obs >= 1)")
     device = model.device
-    actions = torch.as_tensor(actions, dtype=torch.float32, device=device)
-    if actions.dim() != 3 or actions.shape[0] != batch or actions.shape[1] < observed:
-        raise ValueError(f"actions: expected ({batch}, >= {observed}, {model.action_dim}) for frames of shape "
-                         f"{tuple(frames.shape)}, got {tuple(actions.shape)}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    actions = torch.as_tensor(actions, dtype=torch.float32, device=device)  # its shape: checked by the dynamics
     with torch.inference_mode():
         pixels = preprocess_frames(frames, device=device)  # (B, T_obs, 3, H, W)
         observed_features = model.autoencoder.features(pixels).float()  # (B, T_obs, D)
@@ -102,7 +85,6 @@ def predict_frames(
             "frames": np.stack(rendered)}
 
 
-# ---------------------------------------------------------------------------------------------------- writing
 def _label(tile_width: int, text: str, height: int = 11) -> np.ndarray:
     """A white band ``(height, tile_width, 3)`` with ``text`` in black (PIL's default bitmap font)."""
     from PIL import Image, ImageDraw
@@ -112,13 +94,12 @@ def _label(tile_width: int, text: str, height: int = 11) -> np.ndarray:
     return np.asarray(band)
 
 
-def _comparison_frames(rows: dict[str, np.ndarray], observed: int, scale: int, labels: bool) -> np.ndarray:
-    """``(T, H', W', 3)`` uint8: the rows' frames side by side, a timeline bar below (green observed, red predicted).
-
-    Predicted tiles of every row but the first (the truth) get a red border.
+def _comparison_frames(rows: dict[str, np.ndarray], observed: int) -> np.ndarray:
+    """``(T, H', W', 3)`` uint8: the rows' frames side by side (2x up-scaled, names above), a timeline bar below
+    (green observed, red predicted). Predicted tiles of every row but the first (the truth) get a red border.
     """
     names = list(rows)
-    videos = [np.kron(rows[n], np.ones((1, scale, scale, 1), np.uint8)) for n in names]
+    videos = [np.kron(rows[n], np.ones((1, 2, 2, 1), np.uint8)) for n in names]  # 64 px frames are small on screen
     steps, width = videos[0].shape[0], videos[0].shape[2]
     out = []
     for t in range(steps):
@@ -127,27 +108,19 @@ def _comparison_frames(rows: dict[str, np.ndarray], observed: int, scale: int, l
             tile = video[t].copy()
             if t >= observed and i > 0:
                 tile[:2], tile[-2:], tile[:, :2], tile[:, -2:] = (PREDICTION_COLOUR,) * 4
-            if labels:
-                tile = np.concatenate([_label(width, names[i]), tile])
+            tile = np.concatenate([_label(width, names[i]), tile])
             tiles += [tile, np.full((tile.shape[0], 2, 3), 255, np.uint8)] if i < len(videos) - 1 else [tile]
         frame = np.concatenate(tiles, axis=1)
-        bar = np.full((4, frame.shape[1], 3), 255, np.uint8)
+        bar = np.full((4, frame.shape[1], 3), 255, np.uint8)  # also keeps GIF encoders from merging equal frames
         colour = OBSERVED_COLOUR if t < observed else PREDICTION_COLOUR
         bar[:, : max(1, round(frame.shape[1] * (t + 1) / steps))] = colour
         out.append(np.concatenate([frame, bar]))
     return np.stack(out)
 
 
-def write_comparison(
-    rows: dict[str, np.ndarray],
-    path_stem: str | Path,
-    observed: int,
-    fps: int = 8,
-    labels: bool = True,
-    scale: int = 2,
-    title: str | None = None,
-) -> None:
-    """Write ``<stem>.gif`` (rows side by side, one GIF frame per step) and ``<stem>.png`` (a strip).
+def write_comparison(rows: dict[str, np.ndarray], path_stem: str | Path, observed: int, fps: int = 8,
+                     title: str | None = None) -> None:
+    """Write ``<stem>.gif`` (rows side by side, one GIF frame per step) and ``<stem>.png`` (a strip), atomically.
 
     Args:
         rows: name -> uint8 video ``(T, H, W, 3)``, all of one shape; the first is the ground truth, e.g.
@@ -156,12 +129,7 @@ def write_comparison(
         observed: number of observed steps; steps ``>= observed`` are open-loop predictions, marked with a red
             border (GIF: predicted tiles and a red timeline bar; PNG: red frame around predicted tiles).
         fps: GIF frame rate.
-        labels: GIF: print the row names above the tiles.
-        scale: GIF: pixel up-scaling factor (64 px frames are small on screen).
         title: PNG title (default: names the observed and predicted steps).
-
-    Both files are written atomically (temporary file + rename). Note that GIF encoders merge identical
-    consecutive frames; the timeline bar keeps every step distinct.
     """
     import imageio.v3 as iio
     import matplotlib
@@ -179,10 +147,9 @@ def write_comparison(
         raise ValueError(f"rows must all be uint8 videos (T, H, W, 3) of one shape, got {shapes}")
     rows = {name: np.asarray(video, np.uint8) for name, video in rows.items()}
     steps = first[0]
-    stem = Path(path_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem = Path(path_stem)  # its folder is made by the atomic writes
 
-    gif = iio.imwrite("<bytes>", _comparison_frames(rows, observed, scale, labels), extension=".gif",
+    gif = iio.imwrite("<bytes>", _comparison_frames(rows, observed), extension=".gif",
                       duration=round(1000 / fps), loop=0)
     write_bytes(stem.with_name(stem.name + ".gif"), gif)
 
@@ -191,12 +158,10 @@ def write_comparison(
         for t in range(steps):
             ax = axes[r, t]
             ax.imshow(video[t])
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
             predicted = t >= observed
-            for spine in ax.spines.values():
-                spine.set_edgecolor("red" if predicted and r > 0 else "black")
-                spine.set_linewidth(2.0 if predicted and r > 0 else 0.5)
+            ax.spines[:].set(edgecolor="red" if predicted and r > 0 else "black",
+                             linewidth=2.0 if predicted and r > 0 else 0.5)
             if r == 0:
                 ax.set_title(f"t={t}" + ("\npredict" if t == observed else ""), fontsize=6,
                              color="red" if predicted else "black")
@@ -207,7 +172,6 @@ def write_comparison(
     save_figure(fig, stem.with_name(stem.name + ".png"))
 
 
-# ---------------------------------------------------------------------------------------------------- metrics
 def video_metrics(pred: np.ndarray | Tensor, truth: np.ndarray | Tensor) -> dict[str, Any]:
     """Per-step PSNR and SSIM of predicted videos against the truth (mean over the batch).
 
