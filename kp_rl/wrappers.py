@@ -418,9 +418,15 @@ class StateObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
         self.observation_space = space
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        _, info = self.env.reset(seed=seed, options=options)
-        return np.array(info["state"], np.float32), info
+        frame, info = self.env.reset(seed=seed, options=options)
+        self._state = np.array(info["state"], np.float32)
+        return self.observation(frame), info
 
     def step(self, action: Any):
-        _, reward, terminated, truncated, info = self.env.step(action)
-        return np.array(info["state"], np.float32), reward, terminated, truncated, info
+        frame, reward, terminated, truncated, info = self.env.step(action)
+        self._state = np.array(info["state"], np.float32)
+        return self.observation(frame), reward, terminated, truncated, info
+
+    def observation(self, observation: Any) -> np.ndarray:
+        """The state of the last reset or step (the frame is not needed)."""
+        return self._state
