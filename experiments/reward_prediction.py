@@ -578,10 +578,11 @@ def main() -> None:
 
     # the cells in the order they are worth having: the state reference first (no autoencoder), then per
     # autoencoder seed its autoencoders and the VRNNs on them, headline methods before ablations
-    ae_jobs = [("ae", task, kind, seed) for seed in range(spec["ae_seeds"]) for task in tasks for kind in AUTOENCODERS
+    ae_jobs = [("ae", task, kind, seed) for seed in range(spec["ae_seeds"]) for task in spec["tasks"]
+               for kind in AUTOENCODERS
                if kind != "no_kp_losses" or "struct_no_kp_losses" in methods]
     vrnn_jobs = [("vrnn", task, method, seed) for ablation in (False, True) for seed in range(spec["seeds"])
-                 for task in tasks for method in methods
+                 for task in spec["tasks"] for method in methods
                  if METHODS[method][2] == ablation and seed < (spec["ablation_seeds"] if ablation else spec["seeds"])]
     # by autoencoder seed: its autoencoders, then the VRNNs on them (headline methods first), then the next seed's:
     # a run cut short has whole seeds of every method rather than many autoencoders and no VRNN
@@ -595,8 +596,9 @@ def main() -> None:
     jobs = sorted([j for j in vrnn_jobs if j[2] == "state"] + ae_jobs + [j for j in vrnn_jobs if j[2] != "state"],
                   key=order)
     name = lambda job: f"ae_{job[2]}_seed{job[3]}" if job[0] == "ae" else f"{job[2]}_seed{job[3]}"  # noqa: E731
-    todo = [j for j in jobs if not cell_path(out, j[1], name(j)).exists()]
-    print(f"{len(jobs) - len(todo)} of {len(jobs)} cells already done; "
+    todo = [j for j in jobs if j[1] in tasks and not cell_path(out, j[1], name(j)).exists()]
+    done = sum(1 for j in jobs if cell_path(out, j[1], name(j)).exists())
+    print(f"{done} of {len(jobs)} cells already done; "
           + ("reporting only" if args.report_only else f"{len(todo)} to run on {args.workers} worker(s)"), flush=True)
     todo = [] if args.report_only else todo
 
@@ -645,28 +647,32 @@ def main() -> None:
                              f", tracking {row['tracking_rmse_px']:.2f} px" if "tracking_rmse_px" in row else ""))
 
     bar.close()
-    # gather every finished cell (this run's and earlier ones) into results.json and the README
+    # gather every finished cell of the spec's tasks (this run's and earlier ones, --tasks or not) into
+    # results.json and the README
     config = config_for(spec, 0)
     observed, horizon = config.dynamics.observed_steps, config.dynamics.predicted_steps
+    for task in tasks:  # the data-only cells of the tasks run here
+        if not cell_path(out, task, "mean_reward").exists():
+            write_json(cell_path(out, task, "mean_reward"), baseline_cell(task, roots[task], observed, horizon))
+        if not cell_path(out, task, "state_readout").exists():
+            write_json(cell_path(out, task, "state_readout"), readout_cell(task, roots[task], spec["readout_steps"]))
+    reported = [t for t in spec["tasks"] if cell_path(out, t, "mean_reward").exists()]
     cells: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for task in tasks:
+    for task in reported:
         for method in methods:
             rows = [read_json(p) for p in sorted((out / "cells" / task).glob(f"{method}_seed*.json"))]
             if rows:
                 cells.setdefault(task, {})[method] = rows
-        baseline = cell_path(out, task, "mean_reward")
-        if not baseline.exists():
-            write_json(baseline, baseline_cell(task, roots[task], observed, horizon))
-        cells.setdefault(task, {})["mean_reward"] = [read_json(baseline)]
-        if not cell_path(out, task, "state_readout").exists():
-            write_json(cell_path(out, task, "state_readout"), readout_cell(task, roots[task], spec["readout_steps"]))
-    autoencoders = {task: [read_json(p) for p in sorted((out / "cells" / task).glob("ae_*.json"))] for task in tasks}
+        cells.setdefault(task, {})["mean_reward"] = [read_json(cell_path(out, task, "mean_reward"))]
+    autoencoders = {task: [read_json(p) for p in sorted((out / "cells" / task).glob("ae_*.json"))]
+                    for task in reported}
     results = {"experiment": "reward_prediction", "spec": spec, "observed": observed, "horizon": horizon,
                "data_seeds": {"train": 0, "test": 1}, "machine": machine(),
                "cells_done": sum(1 for j in jobs if cell_path(out, j[1], name(j)).exists()),
                "missing": [f"{j[1]} {name(j)}" for j in jobs if not cell_path(out, j[1], name(j)).exists()],
                "autoencoders": autoencoders, "summary": summarise(cells),
-               "state_readout": {task: read_json(cell_path(out, task, "state_readout")) for task in tasks}}
+               "state_readout": {task: read_json(cell_path(out, task, "state_readout")) for task in reported
+                                 if cell_path(out, task, "state_readout").exists()}}
     write_json(out / "results.json", jsonable(results))
     report(jsonable(results), out)
     if args.export_pretrained:
