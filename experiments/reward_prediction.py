@@ -438,6 +438,14 @@ def summarise(cells: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, An
 
 
 # ---------------------------------------------------------------------------------------------- the report
+def late_change(curve: list[tuple[int, float]]) -> float:
+    """The relative change of a validation curve over its last quarter: best of the last three evaluations
+    against the best of the three before the quarter began (about 0: a plateau)."""
+    steps, losses = np.array([c[0] for c in curve]), np.array([c[1] for c in curve])
+    start = int(np.searchsorted(steps, 0.75 * steps[-1], side="right"))
+    return float(losses[-3:].min() / losses[max(start - 3, 0):max(start, 1)].min() - 1)
+
+
 def report(results: dict[str, Any], out: Path) -> None:
     import matplotlib
 
@@ -476,6 +484,11 @@ def report(results: dict[str, Any], out: Path) -> None:
                  for task, d in summary["struct_minus_cnn"].items()]
     diffs = markdown_table(["task", "Struct - CNN: R² difference", "95% bootstrap CI"], diff_rows) if diff_rows \
         else "(not enough paired seeds yet)"
+    ae_rows = [[task, ae["kind"], ae["seed"], ae["steps"], f"{ae['tracking_rmse_px']:.2f}",
+                f"{late_change(ae['val_loss']):+.0%}"] for task, aes in results.get("autoencoders", {}).items()
+               for ae in aes if ae.get("val_loss")]
+    autoencoders = markdown_table(["task", "autoencoder", "seed", "steps", "tracking RMSE (px)",
+                                   "val loss, last quarter"], ae_rows) if ae_rows else "(none yet)"
     readout = "\n".join(f"- {task}: " + ", ".join(f"{r['test_r2']:.3f} ({n} episodes; train {r['train_r2']:.2f})"
                                                    for n, r in row["by_episodes"].items())
                         for task, row in results.get("state_readout", {}).items()) or "(not yet)"
@@ -496,6 +509,12 @@ each seed's mean over the predicted steps; CIs are 95% percentile bootstraps ove
 (oracle-selected) are in results.json only.
 
 {table}
+
+Autoencoders: held-out tracking (a linear read-out from the features to the true body positions, test
+episodes) and how much the validation loss still fell over the last quarter of training (the best of the last
+three evaluations against the best of the three before the quarter began; about 0 means a plateau):
+
+{autoencoders}
 
 The ceiling of any reward head on this data: the reward read from the true state without predicting anything
 (teacher-forced MLP from the state, the previous state and the action; test R², by training episodes used):
