@@ -531,6 +531,8 @@ class EpisodeBlockSampler(Sampler[int]):
 
     def __init__(self, dataset: StreamingSequenceDataset, block_episodes: int | None = None, shuffle: bool = True,
                  seed: int = 0, num_replicas: int = 1, rank: int = 0, drop_last: bool = False):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
         self.dataset = dataset
         self.block_episodes = block_episodes or dataset.cache_size
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0

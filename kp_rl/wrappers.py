@@ -416,6 +416,7 @@ class StateObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
             raise ValueError(f"StateObservation needs an env with a state_space whose info carries 'state' "
                              f"(kp_rl envs do); {env.spec.id if env.spec else env} has none")
         self.observation_space = space
+        self._state: np.ndarray | None = None
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         frame, info = self.env.reset(seed=seed, options=options)
@@ -429,4 +430,6 @@ class StateObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
 
     def observation(self, observation: Any) -> np.ndarray:
         """The state of the last reset or step (the frame is not needed)."""
-        return self._state
+        if self._state is None:
+            raise RuntimeError("StateObservation: call reset() first")
+        return self._state.copy()

@@ -68,6 +68,8 @@ def test_cache_holds_at_most_cache_size_episodes(data, monkeypatch):
     # ranks take disjoint shares (DistributedSampler's layout), the dataset order without shuffling
     shards = [list(EpisodeBlockSampler(stream, shuffle=False, num_replicas=2, rank=r, drop_last=True)) for r in (0, 1)]
     assert shards[0] == list(range(0, 2 * len(shards[0]), 2)) and shards[1] == [i + 1 for i in shards[0]]
+    with pytest.raises(ValueError, match="rank must be in"):
+        EpisodeBlockSampler(stream, num_replicas=2, rank=2)
 
 
 def test_dataloader_workers_and_reference_folder(data, tmp_path):

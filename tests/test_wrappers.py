@@ -341,8 +341,11 @@ def test_state_observation_is_the_low_dimensional_state(checker_findings) -> Non
     from kp_rl.wrappers import StateObservation
 
     env = StateObservation(gym.make("kp_rl/cartpole-swingup-v0", image_size=16))
+    with pytest.raises(RuntimeError, match="call reset"):
+        env.observation(None)
     obs, info = env.reset(seed=0)
     np.testing.assert_array_equal(obs, info["state"])
+    np.testing.assert_array_equal(env.observation(None), obs)  # the last state, whatever frame is given
     obs, *_, info = env.step(env.action_space.sample())
     np.testing.assert_array_equal(obs, info["state"])
     assert checker_findings(env) == INFINITE_BOX  # dm_control's state is unbounded
