@@ -97,15 +97,16 @@ SPECS: dict[str, dict[str, Any]] = {
             "eval_batches": 16,
             "ramp_steps": 5000,
             "max_steps": None, "image_size": None, "readout_steps": 4000},
-    # does the cpu autoencoders' budget limit the reading? cartpole's seed-0 autoencoders continued from the cpu
-    # spec's 8,000 steps to 16,000 (copy runs/reward_prediction/cpu/cartpole-swingup/ae_{keypoints,cnn}_seed0 into
-    # runs/reward_prediction/cpu_ae16k/cartpole-swingup/ first, else they train from scratch), the cpu spec's data,
-    # VRNN seeds 0-3 all on autoencoder seed 0 (paired with the cpu spec's seeds 0 and 3 on the same seed)
-    "cpu_ae16k": {"tasks": ["cartpole-swingup"], "preset": "cpu", "data": "cpu", "ae_seeds": 1, "seeds": 4,
-                  "ablation_seeds": 0, "train_episodes": {"cartpole-swingup": 100}, "test_episodes": 20,
-                  "ae_steps": 16_000, "ae_threads": 1, "ae_cpu_amp": True, "ae_eval_every": 250, "dyn_steps": 12000,
-                  "dyn_eval_every": 500, "patience": 6, "eval_batches": 16, "ramp_steps": 3000, "max_steps": None,
-                  "image_size": None, "readout_steps": 4000},
+    # does the cpu autoencoders' budget limit the reading? cpu_ae8k: cartpole's seed-0 autoencoders at the cpu
+    # spec's 8,000 steps; cpu_ae16k: the same two continued to 16,000 (copy runs/reward_prediction/cpu/cartpole-
+    # swingup/ae_{keypoints,cnn}_seed0 into runs/reward_prediction/cpu_ae{8,16}k/cartpole-swingup/ first, else they
+    # train from scratch); the cpu spec's data; VRNN seeds 0-3 of struct and cnn, all on autoencoder seed 0, so
+    # every VRNN cell of the two specs pairs up (run both with --methods struct cnn)
+    "cpu_ae8k": {"tasks": ["cartpole-swingup"], "preset": "cpu", "data": "cpu", "ae_seeds": 1, "seeds": 4,
+                 "ablation_seeds": 0, "train_episodes": {"cartpole-swingup": 100}, "test_episodes": 20,
+                 "ae_steps": 8000, "ae_threads": 1, "ae_cpu_amp": True, "ae_eval_every": 250, "dyn_steps": 12000,
+                 "dyn_eval_every": 500, "patience": 6, "eval_batches": 16, "ramp_steps": 3000, "max_steps": None,
+                 "image_size": None, "readout_steps": 4000},
     # the smoke test: tiny sizes, seconds
     "quick": {"tasks": ["cartpole-swingup"], "preset": "tiny", "ae_seeds": 1, "seeds": 2, "ablation_seeds": 1,
               "train_episodes": {}, "default_train_frames": 80, "test_episodes": 2, "ae_steps": 6,
@@ -113,6 +114,8 @@ SPECS: dict[str, dict[str, Any]] = {
               "ramp_steps": 4,
               "max_steps": 19, "image_size": 32, "readout_steps": 20},
 }
+
+SPECS["cpu_ae16k"] = {**SPECS["cpu_ae8k"], "ae_steps": 16_000, "compare_with": "cpu_ae8k"}
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -447,6 +450,29 @@ def summarise(cells: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, An
     return summary
 
 
+def compare_specs(base: Path, out: Path, tasks: list[str]) -> dict[str, Any]:
+    """This spec's cells against the same cells of another spec's folder ``base`` (same seeds, same data): per
+    task the pairs (tracking in px for autoencoders, test reward R² for VRNNs) and per VRNN method the mean
+    paired difference (this - base) with its 95% bootstrap CI."""
+    compared: dict[str, Any] = {}
+    for task in tasks:
+        pairs, by_method = {}, {}
+        for path in sorted((out / "cells" / task).glob("*_seed*.json")):
+            if not (base / "cells" / task / path.name).exists():
+                continue
+            ours, theirs = read_json(path), read_json(base / "cells" / task / path.name)
+            key = "tracking_rmse_px" if path.name.startswith("ae_") else None
+            value = (lambda r: r[key]) if key else (lambda r: r["scores"]["prior_mean"]["r2_mean"])  # noqa: E731
+            pairs[path.stem] = {"base": value(theirs), "this": value(ours), "steps": [theirs["steps"], ours["steps"]]}
+            if not key:
+                by_method.setdefault(ours["method"], []).append(value(ours) - value(theirs))
+        methods = {m: {"r2_diff": float(np.mean(d)), "r2_diff_ci": bootstrap_ci([np.array(d)]) if len(d) > 1 else None,
+                       "seeds": len(d)} for m, d in by_method.items()}
+        if pairs:
+            compared[task] = {"base": base.name, "cells": pairs, "methods": methods}
+    return compared
+
+
 # ---------------------------------------------------------------------------------------------- the report
 def late_change(curve: list[tuple[int, float]]) -> float:
     """The relative change of a validation curve over its last quarter: best of the last three evaluations
@@ -502,6 +528,17 @@ def report(results: dict[str, Any], out: Path) -> None:
     readout = "\n".join(f"- {task}: " + ", ".join(f"{r['test_r2']:.3f} ({n} episodes; train {r['train_r2']:.2f})"
                                                    for n, r in row["by_episodes"].items())
                         for task, row in results.get("state_readout", {}).items()) or "(not yet)"
+    comparison = ""
+    for task, c in results.get("compared_with", {}).items():
+        rows = [[cell, " / ".join(f"{v:,}" for v in pair["steps"]), f"{pair['base']:.3f}", f"{pair['this']:.3f}",
+                 f"{pair['this'] - pair['base']:+.3f}"] for cell, pair in c["cells"].items()]
+        means = "\n".join(f"- {LABELS[m]}: mean R² difference {d['r2_diff']:+.3f}"
+                          + (f" [{d['r2_diff_ci'][0]:+.3f}, {d['r2_diff_ci'][1]:+.3f}]" if d["r2_diff_ci"] else "")
+                          + f" over {d['seeds']} paired seeds" for m, d in c["methods"].items())
+        comparison += (f"\n\n{task}: these cells against the same cells of spec `{c['base']}` (tracking RMSE in px "
+                       f"for autoencoders, test reward R² for VRNNs):\n\n"
+                       + markdown_table(["cell", "steps (base / this)", c["base"], "this spec", "difference"], rows)
+                       + f"\n\n{means}")
     by_task: dict[str, list[str]] = {}
     for entry in results["missing"]:
         task, cell = entry.split(" ", 1)
@@ -540,7 +577,7 @@ samples; per step in results.json):
 
 {video}
 
-![R² per predicted step](reward_per_step.png)""", results["machine"])
+![R² per predicted step](reward_per_step.png){comparison}""", results["machine"])
 
 
 # ------------------------------------------------------------------------------------------ pretrained bundles
@@ -704,6 +741,8 @@ def main() -> None:
                "autoencoders": autoencoders, "summary": summarise(cells),
                "state_readout": {task: read_json(cell_path(out, task, "state_readout")) for task in reported
                                  if cell_path(out, task, "state_readout").exists()}}
+    if spec.get("compare_with"):
+        results["compared_with"] = compare_specs(out.parent / spec["compare_with"], out, reported)
     write_json(out / "results.json", jsonable(results))
     report(jsonable(results), out)
     if args.export_pretrained:

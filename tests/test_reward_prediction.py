@@ -81,3 +81,26 @@ def test_the_committed_weights_are_not_git_ignored():
     path = "results/reward_prediction/models/cartpole-swingup/ae_keypoints_seed0.pt"
     ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
     assert ignored.returncode == 1  # 1: not ignored
+
+
+def test_compare_specs_pairs_the_same_cells_of_two_specs(tmp_path):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import reward_prediction
+
+    def cell(spec: str, name: str, **row):
+        path = tmp_path / spec / "cells" / "cartpole-swingup" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"steps": 100, **row}))
+
+    for spec, shift in (("short", 0.0), ("long", 0.1)):
+        cell(spec, "ae_keypoints_seed0", tracking_rmse_px=6.0 - 10 * shift)
+        for seed, r2 in enumerate((0.5, 0.7)):
+            cell(spec, f"struct_seed{seed}", method="struct", scores={"prior_mean": {"r2_mean": r2 + shift}})
+    cell("long", "struct_seed2", method="struct", scores={"prior_mean": {"r2_mean": 0.9}})  # no partner: left out
+    compared = reward_prediction.compare_specs(tmp_path / "short", tmp_path / "long", ["cartpole-swingup"])
+    task = compared["cartpole-swingup"]
+    assert sorted(task["cells"]) == ["ae_keypoints_seed0", "struct_seed0", "struct_seed1"]
+    assert task["cells"]["ae_keypoints_seed0"] == {"base": 6.0, "this": 5.0, "steps": [100, 100]}
+    struct = task["methods"]["struct"]
+    assert struct["seeds"] == 2 and abs(struct["r2_diff"] - 0.1) < 1e-9
+    assert struct["r2_diff_ci"][0] <= struct["r2_diff"] <= struct["r2_diff_ci"][1]
