@@ -539,6 +539,9 @@ def report(results: dict[str, Any], out: Path) -> None:
                        f"for autoencoders, test reward R² for VRNNs):\n\n"
                        + markdown_table(["cell", "steps (base / this)", c["base"], "this spec", "difference"], rows)
                        + f"\n\n{means}")
+    others = [d.name for d in sorted(out.iterdir()) if (d / "results.json").is_file()]  # other specs' folders
+    if others:
+        comparison += "\n\nOther specs' runs: " + ", ".join(f"[`{name}`]({name}/README.md)" for name in others)
     by_task: dict[str, list[str]] = {}
     for entry in results["missing"]:
         task, cell = entry.split(" ", 1)
