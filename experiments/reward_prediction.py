@@ -516,9 +516,11 @@ def report(results: dict[str, Any], out: Path) -> None:
     video_rows = [[task, LABELS[m], f"{e['psnr_mean']:.1f}", f"{e['ssim_mean']:.3f}"] for task in tasks
                   for m, e in summary[task].items() if "psnr_mean" in e]
     video = markdown_table(["task", "method", "PSNR (dB)", "SSIM"], video_rows) if video_rows else "(none yet)"
-    diff_rows = [[task, f"{d['r2_diff']:+.3f}", f"[{d['r2_diff_ci'][0]:+.3f}, {d['r2_diff_ci'][1]:+.3f}]"]
+    diff_rows = [[task, f"{d['r2_diff']:+.3f}", f"[{d['r2_diff_ci'][0]:+.3f}, {d['r2_diff_ci'][1]:+.3f}]",
+                  d.get("seeds", "tasks: " + ", ".join(d.get("tasks", [])))]
                  for task, d in summary["struct_minus_cnn"].items()]
-    diffs = markdown_table(["task", "Struct - CNN: R² difference", "95% bootstrap CI"], diff_rows) if diff_rows \
+    diffs = markdown_table(["task", "Struct - CNN: R² difference", "95% bootstrap CI", "paired seeds"],
+                           diff_rows) if diff_rows \
         else "(not enough paired seeds yet)"
     ae_rows = [[task, ae["kind"], ae["seed"], ae["steps"], f"{ae['tracking_rmse_px']:.2f}",
                 f"{late_change(ae['val_loss']):+.0%}"] for task, aes in results.get("autoencoders", {}).items()
@@ -571,7 +573,8 @@ The ceiling of any reward head on this data: the reward read from the true state
 
 {readout}
 
-Paired by seed (the VRNN seed and the autoencoder seed it runs on):
+Paired by seed (the VRNN seed and the autoencoder seed it runs on; with fewer than 5 paired seeds the bootstrap
+CI is little more than the range of the differences):
 
 {diffs}
 
