@@ -5,8 +5,9 @@ wrappers compute it, for three agents: ``keypoints`` (one frame), ``keypoints x2
 ``sac-keypoints`` sees) and ``keypoints+belief`` (the VRNN belief after every frame so far, what
 ``sac-keypoints-belief`` sees). A ridge readout (``kp_rl.metrics.fit_ridge``) fitted on the training episodes
 predicts each dimension of the env's true state (dm_control's observation vector, e.g. cartpole: cart position,
-pole cos / sin, cart and pole velocities); the held-out R² per dimension says what a linear policy head could read.
-SAC's networks are not linear, so a low R² is a lower bound on what is there, a high one is evidence it is.
+pole cos / sin, cart and pole velocities), and so does an MLP of SAC's width (two layers of 256, ReLU) trained on
+the same pairs; the held-out R² per dimension says what a linear head, and what a network like SAC's, can read
+(a velocity is a nonlinear function of two frames' keypoints: the MLP is the fairer probe for stacked frames).
 
     python experiments/state_probe.py --task cartpole-swingup \\
         --models pretrained=pretrained:cartpole-swingup online=runs/.../perception/dynamics/model.pt
@@ -69,29 +70,55 @@ def r2(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     return 1.0 - ((pred - target) ** 2).sum(0) / ((target - target.mean(0)) ** 2).sum(0)
 
 
-def probe(model: str, train: list[dict[str, np.ndarray]], test: list[dict[str, np.ndarray]],
-          ridge: float) -> dict[str, list[float]]:
+def mlp_predictions(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, steps: int,
+                    seed: int = 0) -> np.ndarray:
+    """An MLP (256-256, ReLU; inputs and targets standardised on the training set) fitted with Adam, then applied."""
+    torch.manual_seed(seed)
+    mx, sx = x_train.mean(0), x_train.std(0) + 1e-6
+    my, sy = y_train.mean(0), y_train.std(0) + 1e-6
+    x, y = torch.as_tensor((x_train - mx) / sx, dtype=torch.float32), torch.as_tensor((y_train - my) / sy,
+                                                                                        dtype=torch.float32)
+    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
+                              torch.nn.ReLU(), torch.nn.Linear(256, y.shape[1]))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for _ in range(steps):
+        index = torch.randint(len(x), (256,))
+        loss = (net(x[index]) - y[index]).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return net(torch.as_tensor((x_test - mx) / sx, dtype=torch.float32)).numpy() * sy + my
+
+
+def probe(model: str, train: list[dict[str, np.ndarray]], test: list[dict[str, np.ndarray]], ridge: float,
+          mlp_steps: int) -> dict[str, dict[str, list[float]]]:
+    """Per agent: held-out R² per state dimension of the linear and the MLP readout."""
     perception = Perception(model, need_dynamics=False, who="state_probe", num_threads=None)
     obs_train, obs_test = observations(perception, train), observations(perception, test)
     y_train = np.concatenate([e["state"] for e in train])
     y_test = np.concatenate([e["state"] for e in test])
-    return {agent: r2(predict_ridge(fit_ridge(np.concatenate(obs_train[agent]), y_train, ridge),
-                                    np.concatenate(obs_test[agent])), y_test).tolist()
-            for agent in AGENTS if obs_train[agent]}
+    out = {}
+    for agent in (a for a in AGENTS if obs_train[a]):
+        x_train, x_test = np.concatenate(obs_train[agent]), np.concatenate(obs_test[agent])
+        out[agent] = {"linear": r2(predict_ridge(fit_ridge(x_train, y_train, ridge), x_test), y_test).tolist(),
+                      "mlp": r2(mlp_predictions(x_train, y_train, x_test, mlp_steps), y_test).tolist()}
+    return out
 
 
 def readme(task: str, names: list[str], results: dict[str, Any], notes: dict[str, str]) -> str:
-    header = "| model | observation | " + " | ".join(f"`{n}`" for n in names) + " | mean |"
-    rows = [header, "|" + "---|" * (len(names) + 3)]
+    header = "| model | observation | probe | " + " | ".join(f"`{n}`" for n in names) + " | mean |"
+    rows = [header, "|" + "---|" * (len(names) + 4)]
     for model, per_agent in results["models"].items():
-        for agent, values in per_agent.items():
-            cells = " | ".join(f"{v:.2f}" for v in values)
-            rows.append(f"| {model} | {agent} | {cells} | {np.mean(values):.2f} |")
+        for agent, probes in per_agent.items():
+            for kind, values in probes.items():
+                cells = " | ".join(f"{v:.2f}" for v in values)
+                rows.append(f"| {model} | {agent} | {kind} | {cells} | {np.mean(values):.2f} |")
     described = "\n".join(f"- `{k}`: {v}" for k, v in notes.items())
     return f"""# State probe: {task}
 
-Held-out R² of a ridge readout (ridge {results['ridge']}) from an agent's observation to each dimension of the
-true state, fitted on {results['episodes']['train']} training episodes, scored on {results['episodes']['test']}
+Held-out R² of a ridge readout (ridge {results['ridge']}) and of an MLP (256-256, {results['mlp_steps']} Adam steps)
+from an agent's observation to each dimension of the true state, fitted on {results['episodes']['train']} training episodes, scored on {results['episodes']['test']}
 held-out ones (random-policy data: `{results['data']}`). Made with `experiments/state_probe.py` at commit
 {results['machine'].get('commit')} on {results['machine'].get('cpu', 'this machine')}.
 
@@ -110,6 +137,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("data"))
     parser.add_argument("--episodes", type=int, default=None, help="use only this many training episodes")
     parser.add_argument("--ridge", type=float, default=1e-3)
+    parser.add_argument("--mlp-steps", type=int, default=3000)
     parser.add_argument("--out", type=Path, default=Path("results/state_probe"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -117,12 +145,12 @@ def main() -> None:
     train = list(SequenceDataset(args.data / args.task, 1, split="all", keys=keys).episodes)[:args.episodes]
     test = list(SequenceDataset(args.data / f"{args.task}-test", 1, split="all", keys=keys).episodes)
     models = dict(m.split("=", 1) for m in args.models)
-    results: dict[str, Any] = {"task": args.task, "state_names": state_names(args.task), "ridge": args.ridge,
+    results: dict[str, Any] = {"task": args.task, "state_names": state_names(args.task), "ridge": args.ridge, "mlp_steps": args.mlp_steps,
                                "data": str(args.data / args.task), "episodes": {"train": len(train), "test": len(test)},
                                "machine": machine(), "models": {}}
     for name, path in models.items():
-        results["models"][name] = probe(path, train, test, args.ridge)
-        print(name, {a: np.round(v, 2).tolist() for a, v in results["models"][name].items()})
+        results["models"][name] = probe(path, train, test, args.ridge, args.mlp_steps)
+        print(name, {a: {k: np.round(v, 2).tolist() for k, v in p.items()} for a, p in results["models"][name].items()})
     out = args.out / args.task
     write_json(out / "results.json", {**results, "checkpoints": models})
     write_text(out / "README.md", readme(args.task, results["state_names"], results, dict(
