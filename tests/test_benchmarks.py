@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 
@@ -50,3 +52,32 @@ def test_bench_threads_chooses_a_thread_count_per_stage(tmp_path: Path) -> None:
     assert all(c["threads"] in c["worst_fraction_of_best"] or str(c["threads"]) in c["worst_fraction_of_best"]
                for c in report["choice"].values())
     assert "thread(s): steps/s" in (tmp_path / "README.md").read_text()
+
+
+def test_state_probe_scores_each_observation_of_each_model(tmp_path: Path) -> None:
+    import kp_rl
+    from kp_rl.data import collect
+
+    for name, seed in (("cartpole-swingup", 0), ("cartpole-swingup-test", 1)):
+        collect("cartpole-swingup", tmp_path / "data" / name, 3, seed=seed, max_steps=12, progress=False,
+                env_kwargs={"image_size": 32})
+    model = kp_rl.PerceptionModel(kp_rl.get_preset("tiny"), action_dim=1, with_dynamics=True)
+    model.save(tmp_path / "tiny.pt")
+    run("state_probe.py", "--data", str(tmp_path / "data"), "--models", f"tiny={tmp_path / 'tiny.pt'}",
+        "--mlp-steps", "5", "--notes", "tiny=untrained", "--out", str(tmp_path / "out"))
+    report = json.loads((tmp_path / "out" / "cartpole-swingup" / "results.json").read_text())
+    assert report["state_names"] == ["position[0]", "position[1]", "position[2]", "velocity[0]", "velocity[1]"]
+    assert report["episodes"] == {"train": 3, "test": 3}
+    scores = report["models"]["tiny"]
+    assert set(scores) == {"keypoints", "keypoints x2", "keypoints+belief"}
+    assert all(len(v) == 5 and all(r <= 1.0 for r in v) for probes in scores.values() for v in probes.values())
+    assert "| tiny | keypoints+belief | mlp |" in (tmp_path / "out" / "cartpole-swingup" / "README.md").read_text()
+
+
+def test_state_probe_r2_is_one_for_a_perfect_readout_and_zero_for_the_mean() -> None:
+    sys.path.insert(0, str(EXPERIMENTS))
+    from state_probe import r2
+
+    target = np.random.default_rng(0).normal(size=(50, 3))
+    np.testing.assert_allclose(r2(target, target), 1.0)
+    np.testing.assert_allclose(r2(np.broadcast_to(target.mean(0), target.shape), target), 0.0, atol=1e-12)
