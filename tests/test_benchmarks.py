@@ -81,3 +81,20 @@ def test_state_probe_r2_is_one_for_a_perfect_readout_and_zero_for_the_mean() -> 
     target = np.random.default_rng(0).normal(size=(50, 3))
     np.testing.assert_allclose(r2(target, target), 1.0)
     np.testing.assert_allclose(r2(np.broadcast_to(target.mean(0), target.shape), target), 0.0, atol=1e-12)
+
+
+def test_feature_usability_appends_to_the_state_and_writes_curves(tmp_path: Path) -> None:
+    run("feature_usability.py", "--variants", "state+kpb", "state+noise", "--env-steps", "160", "--eval-every", "20",
+        "--out", str(tmp_path))
+    for variant in ("state+kpb", "state+noise"):
+        curve = json.loads((tmp_path / f"{variant}-seed0.json").read_text())
+        assert curve["agent_steps"] == 20 and curve["env_steps"] == 160 and curve["steps"] == [20]
+        assert len(curve["returns"]) == 1 and curve["eval_episodes"] == 10
+    sys.path.insert(0, str(EXPERIMENTS))
+    from feature_usability import make_env
+
+    env = make_env("cartpole-swingup", "state+kpb", "pretrained:cartpole-swingup", 0, width=0)
+    observation, info = env.reset(seed=0)
+    assert observation.shape == (5 + 48 + 136,)  # state, then the keypoints and the belief
+    np.testing.assert_allclose(observation[:5], info["state"], rtol=1e-6)
+    env.close()
