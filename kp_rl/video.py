@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from kp_rl.keypoints import preprocess_frames
-from kp_rl.metrics import per_step, psnr, ssim
+from kp_rl.metrics import psnr, ssim
 from kp_rl.model import PerceptionModel
 
 __all__ = ["predict_frames", "write_comparison", "video_metrics", "to_uint8"]
@@ -193,6 +193,6 @@ def video_metrics(pred: np.ndarray | Tensor, truth: np.ndarray | Tensor) -> dict
     out: dict[str, Any] = {"num_samples": int(pred.shape[0])}
     for name, values in scores.items():
         best = values.mean(axis=2).argmax(axis=0)  # (B,): sample with the best mean over time
-        out[f"{name}_first_sample"] = per_step(values[0])
-        out[f"{name}_best_of_samples"] = per_step(values[best, np.arange(values.shape[1])])
+        out[f"{name}_first_sample"] = values[0].mean(axis=0)
+        out[f"{name}_best_of_samples"] = values[best, np.arange(values.shape[1])].mean(axis=0)
     return out
