@@ -132,10 +132,7 @@ def write_comparison(rows: dict[str, np.ndarray], path_stem: str | Path, observe
         title: PNG title (default: names the observed and predicted steps).
     """
     import imageio.v3 as iio
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend, nothing left open
 
     from kp_rl.files import save_figure, write_bytes
 
@@ -153,7 +150,8 @@ def write_comparison(rows: dict[str, np.ndarray], path_stem: str | Path, observe
                       duration=round(1000 / fps), loop=0)
     write_bytes(stem.with_name(stem.name + ".gif"), gif)
 
-    fig, axes = plt.subplots(len(rows), steps, figsize=(steps * 0.9, len(rows) * 0.95), squeeze=False)
+    fig = Figure(figsize=(steps * 0.9, len(rows) * 0.95))
+    axes = fig.subplots(len(rows), steps, squeeze=False)
     for r, (name, video) in enumerate(rows.items()):
         for t in range(steps):
             ax = axes[r, t]
