@@ -225,21 +225,7 @@ def _read_curve(out: Path) -> dict[str, Any] | None:
 
 def _finished(curve: dict[str, Any] | None, steps: int) -> bool:
     """Whether ``curve`` is of a run that finished a budget of ``steps`` agent steps."""
-    if not curve or not curve.get("done") or not curve.get("steps"):
-        return False
-    if "budget" in curve:
-        return curve["budget"] == steps
-    return curve["steps"][-1] >= steps  # written before budgets were recorded
-
-
-def _eval_episodes(out: Path, curve: dict[str, Any] | None) -> int | None:
-    """Episodes per evaluation of the run in ``out`` (None for a new run)."""
-    if curve and "eval_episodes" in curve:
-        return int(curve["eval_episodes"])
-    if (out / "evaluations.npz").is_file():  # a run from before the curve recorded it
-        with np.load(out / "evaluations.npz") as record:
-            return int(record["results"].shape[1])
-    return None
+    return bool(curve and curve.get("done") and curve.get("budget") == steps)
 
 
 def finished_curve(out: str | Path, steps: int) -> dict[str, Any] | None:
@@ -301,7 +287,7 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
         model, schedule = recorded["model"], None
         identity.update(model=model, model_sha256=checkpoint_hash(model), perception=None)
         check_run(out, identity, found)
-    evaluated = _eval_episodes(out, previous)
+    evaluated = (previous or {}).get("eval_episodes")
     if eval_episodes is not None and evaluated is not None and eval_episodes != evaluated:
         raise ValueError(f"{out} evaluates with {evaluated} episodes, not {eval_episodes}; resume it with its own "
                          f"count or choose another output folder")
@@ -341,17 +327,23 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
 
 
 def _online_model(env_id: str, spec: AgentSpec, schedule: "PerceptionSchedule", out: Path, venv: Any) -> Any:
-    """The perception model an online agent on ``venv`` starts from (its latest fit on a resume)."""
-    from kp_rl.online import initial_model
+    """The perception model an online agent on ``venv`` starts from: its latest fit on a resume, else untrained."""
+    from kp_rl.model import PerceptionModel, load
+    from kp_rl.train import MODEL_FILE
 
     action_dim, shape = gym.spaces.flatdim(venv.action_space), list(venv.observation_space.shape)
     size = schedule.model_config().keypoints.image_size
     if shape[:2] != [size, size]:
         raise ValueError(f"agent {spec.name}: {env_id} gives {shape[0]}x{shape[1]} frames, its perception preset "
                          f"{schedule.preset!r} expects {size}x{size}")
-    return initial_model(schedule, "cnn" if spec.observation == "cnn-vrnn" else "keypoints", action_dim,
-                         spec.observation != "keypoints", out,
-                         {"env_id": env_id, "image_shape": shape, "action_dim": action_dim, "online": True})
+    belief = spec.observation != "keypoints"
+    fitted = out / "perception" / ("dynamics" if belief else "autoencoder") / MODEL_FILE
+    if fitted.exists():
+        return load(fitted)
+    return PerceptionModel(schedule.model_config(), "cnn" if spec.observation == "cnn-vrnn" else "keypoints",
+                           action_dim, with_dynamics=belief,
+                           data_spec={"env_id": env_id, "image_shape": shape, "action_dim": action_dim,
+                                      "online": True}).eval()
 
 
 def _train(spec: AgentSpec, venv: Any, eval_env: Any, steps: int, out: Path, identity: dict[str, Any],

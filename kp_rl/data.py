@@ -589,19 +589,22 @@ def encode_episodes(model: "PerceptionModel", episodes: list[dict[str, np.ndarra
 
 
 class FeatureSequences(Dataset):
-    """Windows of per-episode ``features`` with their ``action`` and ``reward`` arrays (the VRNN's data).
+    """Windows of in-memory episodes: per-episode ``features`` with their ``action`` and ``reward`` arrays (the
+    VRNN's data), or other ``keys`` (``("image",)``: an autoencoder's, kept uint8).
 
     Args:
-        episodes: dicts with ``features`` (L, D), ``action`` (L, A), ``reward`` (L,) arrays.
+        episodes: dicts with ``features`` (L, D), ``action`` (L, A), ``reward`` (L,) arrays (or ``keys``).
         sequence_length: steps per window (observed + predicted).
         stride: step between window starts.
+        keys: the arrays windows carry; all but ``image`` as float32.
     """
 
-    def __init__(self, episodes: list[dict[str, Any]], sequence_length: int, stride: int = 1):
+    def __init__(self, episodes: list[dict[str, Any]], sequence_length: int, stride: int = 1,
+                 keys: tuple[str, ...] = ("features", "action", "reward")):
         self.sequence_length = sequence_length
-        self.episodes = [{k: torch.as_tensor(np.asarray(e[k]), dtype=torch.float32)
-                          for k in ("features", "action", "reward")} for e in episodes]
-        lengths = [len(e["features"]) for e in self.episodes]
+        self.episodes = [{k: torch.as_tensor(np.asarray(e[k]), dtype=None if k == "image" else torch.float32)
+                          for k in keys} for e in episodes]
+        lengths = [len(e[keys[0]]) for e in self.episodes]
         if not lengths or max(lengths) < sequence_length:
             raise DatasetError(f"window of {sequence_length} steps is longer than every episode "
                                f"(longest: {max(lengths, default=0)})")

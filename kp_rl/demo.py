@@ -33,10 +33,7 @@ def run_demo(out: Path, data: Path, quick: bool = False, runs: Path = Path("runs
     ``kp-rl demo`` gives the quick and the full demo folders of their own (``data/demo-cartpole-quick`` ...), so
     neither resumes the other's dataset or runs; pointed at the other's folders, a stage refuses in one line.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend, nothing left open
 
     from kp_rl.agents import get_agent, train_agent
     from kp_rl.envs import get_spec
@@ -79,7 +76,8 @@ def run_demo(out: Path, data: Path, quick: bool = False, runs: Path = Path("runs
     print(f"\nreward prediction, {scores['Struct-VRNN']['windows']} held-out windows, {dyn.observed_steps} observed "
           f"-> {dyn.predicted_steps} predicted steps (prior mean)")
     print(f"{'model':24s} {'MSE':>8s} {'R^2':>7s}")
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig = Figure(figsize=(5, 3))
+    ax = fig.subplots()
     for label, row in summary["reward_prediction"].items():
         print(f"{label:24s} {row['mse']:8.4f} {row['r2']:7.3f}")
         steps = np.arange(1, len(row["mse_per_step"]) + 1)
@@ -104,7 +102,8 @@ def run_demo(out: Path, data: Path, quick: bool = False, runs: Path = Path("runs
                         model=runs / "keypoints-dyn" / "model.pt", eval_every=budget["eval_every"],
                         eval_episodes=2 if quick else 5, env_kwargs={"image_size": budget["image_size"]})
     summary["sac"] = curve
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig = Figure(figsize=(5, 3))
+    ax = fig.subplots()
     ax.errorbar(curve["steps"], curve["returns"], yerr=curve["returns_std"], marker="o", capsize=3)
     ax.set_xlabel("agent steps")
     ax.set_ylabel("eval return")

@@ -131,11 +131,6 @@ class KeypointVRNN(nn.Module):
         self.reward_mean.fill_(float(mean))
         self.reward_scale.fill_(float(scale))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001: torch's hook signature
-        for name, default in (("reward_mean", 0.0), ("reward_scale", 1.0)):  # checkpoints from before the buffers
-            state_dict.setdefault(prefix + name, torch.tensor(default))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def initial_state(self, batch_size: int, device: torch.device | str | None = None,
                       dtype: torch.dtype | None = None) -> VRNNState:
         """Zero state (``h``, ``z`` and the fed-back features ``x``) of ``batch_size`` examples, by default on the

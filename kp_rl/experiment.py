@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import yaml
@@ -253,17 +253,22 @@ def run_experiment(path: str | Path, runs: str | Path = "runs", data: str | Path
     return summarise(spec, curves, out, runs_dir)
 
 
+def _bootstrap(scores: Any, statistic: Callable, reps: int, seed: int) -> tuple[float, float, float]:
+    """rliable's point estimate and 95% stratified-bootstrap CI of ``statistic`` over ``scores``."""
+    from rliable import library as rly
+
+    point, interval = rly.get_interval_estimates({"x": scores}, statistic, reps=reps,
+                                                 random_state=np.random.RandomState(seed))
+    return float(np.squeeze(point["x"])), float(np.squeeze(interval["x"][0])), float(np.squeeze(interval["x"][1]))
+
+
 def iqm_with_ci(scores: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """Interquartile mean and its 95% stratified-bootstrap CI (rliable) of a (runs,) or (runs, tasks) array."""
-    from rliable import library as rly
     from rliable import metrics
 
     scores = np.asarray(scores, dtype=np.float64)
-    if scores.ndim == 1:
-        scores = scores[:, None]
-    point, interval = rly.get_interval_estimates({"x": scores}, lambda x: np.array([metrics.aggregate_iqm(x)]),
-                                                 reps=reps, random_state=np.random.RandomState(seed))
-    return float(point["x"][0]), float(interval["x"][0][0]), float(interval["x"][1][0])
+    scores = scores[:, None] if scores.ndim == 1 else scores
+    return _bootstrap(scores, lambda x: np.array([metrics.aggregate_iqm(x)]), reps, seed)
 
 
 def perception_minutes(runs_dir: Path, task: str) -> dict[str, float]:
@@ -278,13 +283,10 @@ def probability_of_improvement(x: np.ndarray, y: np.ndarray, reps: int = 2000,
                                seed: int = 0) -> tuple[float, float, float]:
     """P(a run of x beats a run of y), averaged over tasks, with its 95% stratified-bootstrap CI (rliable);
     ``x`` and ``y`` are ``(runs, tasks)`` final returns."""
-    from rliable import library as rly
     from rliable import metrics
 
-    pair = {"x,y": (np.asarray(x, np.float64), np.asarray(y, np.float64))}
-    point, interval = rly.get_interval_estimates(pair, metrics.probability_of_improvement, reps=reps,
-                                                 random_state=np.random.RandomState(seed))
-    return float(np.squeeze(point["x,y"])), float(np.squeeze(interval["x,y"][0])), float(np.squeeze(interval["x,y"][1]))
+    return _bootstrap((np.asarray(x, np.float64), np.asarray(y, np.float64)), metrics.probability_of_improvement,
+                      reps, seed)
 
 
 def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str, Any]], out: Path,
@@ -321,7 +323,9 @@ def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str,
                 "agent_steps": spec.agent_steps(task),
                 "env_steps": spec.agent_steps(task) * task_spec.action_repeat + pretrained_steps,
                 "pretrained_perception_env_steps": pretrained_steps,
-                "wall_clock_s": float(np.mean([r["seconds"][-1] for r in runs]))
+                # the agent's own seconds (its refits included), the models trained before it, a shared first fit
+                "wall_clock_s": float(np.mean([r["seconds"][-1] + sum(f["seconds"] for f in fit if f.get("shared"))
+                                               for r, fit in zip(runs, fits)]))
                 + 60 * sum(perception[task].get(n, 0.0) for n in needed),
                 "perception_fits": len(fits[0]) if fits else 0,
                 "perception_fit_s": float(np.mean([sum(f["seconds"] for f in fit) for fit in fits]))}

@@ -298,7 +298,7 @@ class _FrameAutoencoder(nn.Module):
 
     def _frames(self, frames: np.ndarray | Tensor, min_dim: int = 4) -> Tensor:
         """Preprocess and check ``(..., 3, S, S)`` frames at ``cfg.image_size``; returns them on the model's device."""
-        frames = preprocess_frames(frames).to(next(self.parameters()).device)
+        frames = preprocess_frames(frames, next(self.parameters()).device)  # uint8 moves before it is widened
         size = self.cfg.image_size
         if frames.dim() < min_dim or frames.shape[-2:] != (size, size):
             lead = "(B, T, " if min_dim == 5 else "(..., "
@@ -341,18 +341,6 @@ class KeypointAutoencoder(_FrameAutoencoder):
         keypoints = heatmaps_to_keypoints(heatmaps, self.cfg.heatmap_eps)
         lead = frames.shape[:-3]
         return KeypointOutput(keypoints.unflatten(0, lead), heatmaps.unflatten(0, lead))
-
-    def decode(self, keypoints: Tensor, first_frame: Tensor, first_keypoints: Tensor) -> Tensor:
-        """Render frames from keypoints.
-
-        Args:
-            keypoints: ``(B, T, K, 3)``.
-            first_frame: ``(B, 3, H, W)`` reference frame.
-            first_keypoints: ``(B, K, 3)`` keypoints of the reference frame.
-        Returns:
-            ``(B, T, 3, H, W)`` frames.
-        """
-        return self.decode_features(keypoints.flatten(-2), first_frame, first_keypoints.flatten(-2))
 
     def _flat(self, code: KeypointOutput, step: int | None = None) -> Tensor:
         return (code.keypoints if step is None else code.keypoints[:, step]).flatten(-2)

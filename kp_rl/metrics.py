@@ -17,8 +17,6 @@ per-frame metrics return one value per leading index, e.g. ``(B, T)`` for videos
     20.0
     >>> float(ssim(frames, frames).min())                            # identical frames
     1.0
-    >>> per_step(psnr(frames + 0.1, frames)).round(3).tolist()[:3]  # mean over the batch, per time step
-    [20.0, 20.0, 20.0]
     >>> mu, cov = np.zeros(2), np.eye(2)
     >>> round(frechet_distance(mu, cov, mu + [3.0, 4.0], cov), 6)  # same covariance: ||mu1 - mu2||^2
     25.0
@@ -26,14 +24,11 @@ per-frame metrics return one value per leading index, e.g. ``(B, T)`` for videos
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
-import scipy.linalg
 import torch
 from torch import Tensor
 
-__all__ = ["psnr", "ssim", "per_step", "fit_ridge", "predict_ridge", "linear_probe", "tracking_error",
+__all__ = ["psnr", "ssim", "fit_ridge", "predict_ridge", "tracking_error",
            "reward_prediction_error", "frechet_distance", "frechet_distance_from_features"]
 
 
@@ -113,18 +108,6 @@ def ssim(pred: np.ndarray | Tensor, target: np.ndarray | Tensor, data_range: flo
     return torch.cat(scores).numpy().reshape(lead)
 
 
-def per_step(metric_values: np.ndarray | Tensor) -> np.ndarray:
-    """Mean over the batch of per-frame values ``(B, T, ...)`` -> ``(T, ...)`` numpy float64 (per-step curves).
-
-    Args:
-        metric_values: e.g. ``psnr`` / ``ssim`` outputs for videos ``(B, T, ...)`` (an infinite PSNR stays infinite).
-    """
-    v = _np(metric_values)
-    if v.ndim < 2:
-        raise ValueError(f"expected (B, T) values, got shape {v.shape}")
-    return v.mean(axis=0)
-
-
 def _flat(x: np.ndarray | Tensor, name: str) -> np.ndarray:
     a = _np(x)
     if a.ndim == 0:
@@ -167,25 +150,9 @@ def _rmse(pred: np.ndarray, target: np.ndarray) -> float:
     return float(np.sqrt(np.mean((pred - target) ** 2)))
 
 
-def linear_probe(features_train: np.ndarray | Tensor, targets_train: np.ndarray | Tensor,
-                 features_test: np.ndarray | Tensor, targets_test: np.ndarray | Tensor, ridge: float = 1e-3) -> float:
-    """Held-out error of a linear readout: fit :func:`fit_ridge` on train, score on test.
-
-    Args:
-        features_train, features_test: ``(N, ...)`` features (flattened per example).
-        targets_train, targets_test: ``(N, ...)`` targets (flattened per example).
-        ridge: L2 penalty, see :func:`fit_ridge`.
-    Returns:
-        Root mean squared error over all test examples and target dimensions, in target units (float).
-    """
-    model = fit_ridge(features_train, targets_train, ridge)
-    return _rmse(predict_ridge(model, features_test), _flat(targets_test, "targets_test"))
-
-
 def tracking_error(keypoint_features_train: np.ndarray | Tensor, coords_train: np.ndarray | Tensor,
                    keypoint_features_test: np.ndarray | Tensor, coords_test: np.ndarray | Tensor,
-                   supervised_train: np.ndarray | Tensor | None = None,
-                   supervised_test: np.ndarray | Tensor | None = None, ridge: float = 1e-3) -> dict[str, float]:
+                   ridge: float = 1e-3) -> dict[str, float]:
     """Coordinate tracking error (the paper's object-tracking metric): how linearly the keypoints encode the
     true positions of the bodies, measured on held-out frames.
 
@@ -193,24 +160,16 @@ def tracking_error(keypoint_features_train: np.ndarray | Tensor, coords_train: n
         keypoint_features_train: ``(N, ...)`` keypoints (e.g. ``(N, K, 3)``) of the training frames.
         coords_train: ``(N, ...)`` true coordinates, e.g. ``(N, num_bodies, 2)`` (``true_object_pos``).
         keypoint_features_test, coords_test: the same for held-out frames.
-        supervised_train: optional predictions of ``coords_train`` by a supervised model (a reference).
-        supervised_test: optional predictions of ``coords_test`` by that model, already made.
         ridge: L2 penalty of the linear readout.
     Returns:
         dict of floats, RMSE in coordinate units over all test frames and coordinates:
         ``keypoint_rmse`` (linear regression from keypoints), ``mean_baseline_rmse`` (predicting the train
-        mean), and when given ``supervised_rmse`` (test) and ``supervised_train_rmse``.
+        mean).
     """
     y_train, y_test = _flat(coords_train, "coords_train"), _flat(coords_test, "coords_test")
-    out = {
-        "keypoint_rmse": linear_probe(keypoint_features_train, y_train, keypoint_features_test, y_test, ridge),
-        "mean_baseline_rmse": _rmse(np.broadcast_to(y_train.mean(0), y_test.shape), y_test),
-    }
-    if supervised_test is not None:
-        out["supervised_rmse"] = _rmse(_flat(supervised_test, "supervised_test"), y_test)
-    if supervised_train is not None:
-        out["supervised_train_rmse"] = _rmse(_flat(supervised_train, "supervised_train"), y_train)
-    return out
+    readout = fit_ridge(keypoint_features_train, y_train, ridge)
+    return {"keypoint_rmse": _rmse(predict_ridge(readout, keypoint_features_test), y_test),
+            "mean_baseline_rmse": _rmse(np.broadcast_to(y_train.mean(0), y_test.shape), y_test)}
 
 
 def reward_prediction_error(pred_rewards: np.ndarray | Tensor, true_rewards: np.ndarray | Tensor) -> dict:
@@ -238,40 +197,25 @@ def reward_prediction_error(pred_rewards: np.ndarray | Tensor, true_rewards: np.
 
 
 def frechet_distance(mu1: np.ndarray | Tensor, sigma1: np.ndarray | Tensor, mu2: np.ndarray | Tensor,
-                     sigma2: np.ndarray | Tensor, eps: float = 1e-6) -> float:
+                     sigma2: np.ndarray | Tensor) -> float:
     """Frechet (2-Wasserstein) distance between Gaussians, ``||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``.
+
+    ``tr (S1 S2)^(1/2)`` is the sum of the square roots of the eigenvalues of ``S1 S2`` (real and >= 0 for
+    covariances; round-off's imaginary parts and negative values are dropped), which needs no matrix square root.
 
     Args:
         mu1, mu2: means ``(D,)``.
         sigma1, sigma2: covariances ``(D, D)``.
-        eps: added to both diagonals when ``S1 S2`` is singular or its square root not finite.
     Returns:
-        The distance (float, >= 0; round-off below 0 is clipped). Raises ValueError if the square root keeps an
-        imaginary part larger than 1e-3 (a sign of too few samples for the feature dimension).
+        The distance (float, >= 0; round-off below 0 is clipped).
     """
     m1, m2 = np.atleast_1d(_np(mu1)), np.atleast_1d(_np(mu2))
     s1, s2 = np.atleast_2d(_np(sigma1)), np.atleast_2d(_np(sigma2))
     if m1.shape != m2.shape or s1.shape != s2.shape or s1.shape != (m1.shape[0],) * 2:
         raise ValueError(f"shape mismatch: mu {m1.shape} / {m2.shape}, sigma {s1.shape} / {s2.shape}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", scipy.linalg.LinAlgWarning)  # singular product: retry with the offset
-        try:
-            covmean = scipy.linalg.sqrtm(s1 @ s2)
-            ok = bool(np.isfinite(covmean).all())
-        except scipy.linalg.LinAlgWarning:
-            ok = False
-    if not ok:
-        offset = np.eye(s1.shape[0]) * eps
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-            covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm has an imaginary part of {np.abs(covmean.imag).max():.3g}")
-        covmean = covmean.real
+    root_trace = np.sqrt(np.linalg.eigvals(s1 @ s2).real.clip(min=0)).sum()
     diff = m1 - m2
-    value = diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean)
-    return float(max(value, 0.0))
+    return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * root_trace, 0.0))
 
 
 def frechet_distance_from_features(features1: np.ndarray | Tensor, features2: np.ndarray | Tensor) -> float:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from kp_rl.config import Config
 from kp_rl.dynamics import KeypointVRNN
-from kp_rl.keypoints import CNNAutoencoder, KeypointAutoencoder, preprocess_frames
+from kp_rl.keypoints import CNNAutoencoder, KeypointAutoencoder
 
 CHECKPOINT_FORMAT = "kp_rl.model"
 CHECKPOINT_VERSION = 1
@@ -87,10 +87,6 @@ class PerceptionModel(nn.Module):
         return self.config.keypoints.image_size
 
     @property
-    def num_keypoints(self) -> int | None:
-        return self.config.keypoints.num_keypoints if self.representation == "keypoints" else None
-
-    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
@@ -102,10 +98,6 @@ class PerceptionModel(nn.Module):
         Returns:
             float32 ``(..., feature_dim)`` on the model's device (keypoints: ``K * (x, y, mu)``).
         """
-        frames = preprocess_frames(frames, device=self.device)
-        if frames.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"model expects {self.image_size}x{self.image_size} frames, "
-                             f"got {frames.shape[-2]}x{frames.shape[-1]}")
         return self.autoencoder.features(frames)
 
     def checkpoint(self, train_state: dict[str, Any] | None = None) -> dict[str, Any]:

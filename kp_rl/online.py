@@ -19,18 +19,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
-from torch.utils.data import Dataset
 
 from kp_rl.config import Config, get_preset
 from kp_rl.data import FeatureSequences, encode_episodes, load_episode, save_episode
 from kp_rl.files import read_json, write_json
 from kp_rl.keypoints import preprocess_frames
 from kp_rl.model import PerceptionModel, load
-from kp_rl.train import MODEL_FILE, fit
+from kp_rl.train import fit
 
 _KEYS = ("image", "action", "reward")  # what an online run keeps of each episode
-__all__ = ["OnlinePerception", "PerceptionSchedule", "fit_perception", "initial_model", "shared_prefix"]
+__all__ = ["OnlinePerception", "PerceptionSchedule", "fit_perception", "shared_prefix"]
 
 
 @dataclass(frozen=True)
@@ -71,25 +69,6 @@ class PerceptionSchedule:
     def model_config(self) -> Config:
         return get_preset(self.preset).replace(**self.config)
 
-    def fit_at(self, index: int) -> int:
-        """The agent step of fit ``index`` (0: the end of the prefix)."""
-        return self.prefix + index * self.refit_every
-
-    def budgets(self, index: int) -> tuple[int, int]:
-        """Cumulative (autoencoder, dynamics) gradient steps once fit ``index`` is done."""
-        return (self.autoencoder_steps + index * self.refit_autoencoder_steps,
-                self.dynamics_steps + index * self.refit_dynamics_steps)
-
-
-def initial_model(schedule: PerceptionSchedule, representation: str, action_dim: int, belief: bool,
-                  out: Path, data_spec: dict[str, Any]) -> PerceptionModel:
-    """The model an online run starts from: its latest fit when resuming, else an untrained one."""
-    for stage in ("dynamics", "autoencoder"):
-        path = out / "perception" / stage / MODEL_FILE
-        if path.exists() and (stage == "dynamics") == belief:
-            return load(path)
-    return PerceptionModel(schedule.model_config(), representation, action_dim, with_dynamics=belief,
-                           data_spec=data_spec).eval()
 
 
 def fit_perception(model: PerceptionModel, episodes: list[dict[str, np.ndarray]], schedule: PerceptionSchedule,
@@ -98,10 +77,11 @@ def fit_perception(model: PerceptionModel, episodes: list[dict[str, np.ndarray]]
     to their cumulative budgets in ``root/autoencoder`` and ``root/dynamics`` (which they resume). The fits draw
     from their own random stream (restored from their checkpoints): the caller's (the agent's) is left as it was."""
     device, config = next(model.parameters()).device, model.config
-    ae_steps, dyn_steps = schedule.budgets(index)
+    ae_steps = schedule.autoencoder_steps + index * schedule.refit_autoencoder_steps  # cumulative budgets
+    dyn_steps = schedule.dynamics_steps + index * schedule.refit_dynamics_steps
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         length = config.train.sequence_length
-        frames = FrameWindows([e for e in episodes if len(e["image"]) >= length], length)
+        frames = FeatureSequences(episodes, length, keys=("image",))
         ae = model.autoencoder
         model.config = config.replace(train={"steps": ae_steps})
         model.train()
@@ -151,22 +131,6 @@ def shared_prefix(schedule: PerceptionSchedule, task: str, representation: str, 
                                   "frames": sum(len(e["image"]) for e in data),
                                   "seconds": round(time.perf_counter() - tick, 1), "shared": True})
     return out
-
-
-class FrameWindows(Dataset):
-    """Windows of ``length`` frames from in-memory episodes (the autoencoder's training data)."""
-
-    def __init__(self, episodes: list[dict[str, np.ndarray]], length: int) -> None:
-        self.episodes = episodes
-        self.index = [(e, s) for e, ep in enumerate(episodes) for s in range(len(ep["image"]) - length + 1)]
-        self.length = length
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        e, s = self.index[i]
-        return {"image": torch.from_numpy(self.episodes[e]["image"][s:s + self.length])}
 
 
 class OnlinePerception:
@@ -265,13 +229,11 @@ class OnlinePerception:
         write_json(self.root / "state.json", {"episodes": episodes, "fits": self.fits,
                                               "buffer_map": {str(k): list(v) for k, v in self.buffer_map.items()}})
 
-    def due(self, agent_steps: int) -> bool:
-        n = len(self.fits)
-        return agent_steps >= self.schedule.fit_at(n) and (n == 0 or self.schedule.refit_every > 0)
-
     def maybe_fit(self, agent_steps: int, algo: Any) -> bool:
-        """Fit when the schedule says so; then re-encode ``algo``'s replay buffer and its last observation."""
-        if not self.due(agent_steps):
+        """Fit when the schedule says so (fit n at ``prefix + n * refit_every`` agent steps; only the first if
+        ``refit_every`` is 0); then re-encode ``algo``'s replay buffer and its last observation."""
+        n, schedule = len(self.fits), self.schedule
+        if agent_steps < schedule.prefix + n * schedule.refit_every or (n and not schedule.refit_every):
             return False
         tick = time.perf_counter()
         current = self._finish(self.current)

@@ -32,23 +32,7 @@ from kp_rl.model import PerceptionModel, load, resolve_device
 
 ModelLike = PerceptionModel | str | Path
 
-__all__ = ["ModelLike", "Perception", "feature_bounds", "is_pixel_space"]
-
-
-def feature_bounds(model: PerceptionModel) -> tuple[np.ndarray, np.ndarray]:
-    """Bounds of :meth:`PerceptionModel.encode`'s output.
-
-    Keypoints: ``x, y`` in [-1, 1] and ``mu`` in [0, 1], ordered ``(x0, y0, mu0, x1, ...)``; the CNN
-    baseline's latent is in [-1, 1].
-
-    Returns:
-        ``(low, high)``, float32 arrays of shape ``(feature_dim,)``.
-    """
-    if model.representation == "keypoints":
-        low = np.tile(np.array([-1.0, -1.0, 0.0], np.float32), model.feature_dim // 3)
-    else:
-        low = np.full(model.feature_dim, -1.0, np.float32)
-    return low, np.ones(model.feature_dim, np.float32)
+__all__ = ["ModelLike", "Perception", "is_pixel_space"]
 
 
 def is_pixel_space(space: spaces.Space) -> bool:
@@ -105,7 +89,10 @@ class Perception:
         self.model: PerceptionModel = model
         if need_dynamics and action_space is not None:
             self.check_action_space(action_space)
-        low, high = feature_bounds(model)
+        # the features' bounds: keypoints (x0, y0, mu0, x1, ...) with x, y in [-1, 1] and mu in [0, 1]; CNN in [-1, 1]
+        low = (np.tile(np.float32([-1, -1, 0]), model.feature_dim // 3) if model.representation == "keypoints"
+               else np.full(model.feature_dim, -1, np.float32))
+        high = np.ones(model.feature_dim, np.float32)
         inf = np.full(model.dynamics.belief_dim if model.dynamics is not None else 0, np.inf, np.float32)
         # (low, high) of the output without / with the belief
         self.bounds = {False: (low, high), True: (np.concatenate([low, -inf]), np.concatenate([high, inf]))}

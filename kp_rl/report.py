@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,10 +14,7 @@ from kp_rl.data import episode_files, load_episode, read_manifest
 
 def dataset_summary(root: str | Path, out: str | Path | None = None, episodes_shown: int = 4) -> dict[str, Any]:
     """Describe a dataset (counts, shapes, reward statistics); with ``out``, write summary.json + frames.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend, nothing left open
 
     root = Path(root)
     files = episode_files(root)
@@ -37,7 +35,8 @@ def dataset_summary(root: str | Path, out: str | Path | None = None, episodes_sh
         out = Path(out)  # its folders are made by the atomic writes
         shown = episodes[:episodes_shown]
         columns = 8
-        fig, axes = plt.subplots(len(shown), columns, figsize=(columns * 1.2, len(shown) * 1.3), squeeze=False)
+        fig = Figure(figsize=(columns * 1.2, len(shown) * 1.3))
+        axes = fig.subplots(len(shown), columns, squeeze=False)
         for row, episode in enumerate(shown):
             steps = np.linspace(0, len(episode["image"]) - 1, columns).round().astype(int)
             for col, t in enumerate(steps):
@@ -53,13 +52,6 @@ def dataset_summary(root: str | Path, out: str | Path | None = None, episodes_sh
         save_figure(fig, out / "frames.png")
         write_json(out / "summary.json", summary)
     return summary
-
-
-def _palette(count: int) -> np.ndarray:
-    """``count`` distinct saturated colours (evenly spaced hues), float ``(count, 3)`` in [0, 255]."""
-    hue = np.arange(count) / max(count, 1)
-    k = (np.array([5.0, 3.0, 1.0]) + hue[:, None] * 6.0) % 6.0  # HSV -> RGB with s = v = 1
-    return 255.0 * (1.0 - np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0))
 
 
 def draw_keypoints(frame: np.ndarray, keypoints: np.ndarray, radius: float | None = None) -> np.ndarray:
@@ -94,7 +86,7 @@ def draw_keypoints(frame: np.ndarray, keypoints: np.ndarray, radius: float | Non
     dist2 = (np.arange(height)[None, :, None] - rows[:, None, None]) ** 2 + \
             (np.arange(width)[None, None, :] - cols[:, None, None]) ** 2  # (K, H, W)
     alpha = (dist2 <= sizes[:, None, None] ** 2) * mu[:, None, None]  # (K, H, W)
-    colors = _palette(len(keypoints))
+    colors = 255.0 * np.array([colorsys.hsv_to_rgb(k / len(keypoints), 1, 1) for k in range(len(keypoints))])
     out = frame.astype(np.float32)
     for k in np.argsort(mu):  # brightest keypoints drawn last, on top
         a = alpha[k][..., None]
@@ -112,15 +104,13 @@ def keypoint_strip(models: dict[str, Any], frames: np.ndarray, path: str | Path,
         path: the PNG written (atomically).
         title: the figure title.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend, nothing left open
     import torch
 
     frames = np.asarray(frames)
     steps = np.linspace(0, min(len(frames), 120) - 1, columns).round().astype(int)
-    fig, axes = plt.subplots(len(models), len(steps), figsize=(len(steps) * 1.3, len(models) * 1.45), squeeze=False)
+    fig = Figure(figsize=(len(steps) * 1.3, len(models) * 1.45))
+    axes = fig.subplots(len(models), len(steps), squeeze=False)
     for row, (name, model) in enumerate(models.items()):
         if model.representation != "keypoints":
             raise ValueError(f"keypoint_strip: {name!r} is a {model.representation!r} model, not a keypoint model")

@@ -38,14 +38,10 @@ def checkpoint_hash(path: str | Path) -> str:
     path = Path(path)
     if path.is_dir():
         path = path / "model.pt"
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:12]  # checkpoints are a few MB
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"checkpoint not found: {path}") from exc
-    return digest.hexdigest()[:12]
 
 
 def check_output_dir(out: str | Path) -> Path:

@@ -596,8 +596,10 @@ def train_dynamics(
         model.config = resumed_config(out / MODEL_FILE, model.config, requested, "dynamics_steps")
     else:
         model = load(autoencoder_run, device=device)
-        if overrides:
-            model = _with_config(model, model.config.replace(**overrides))
+        config = model.config.replace(**(overrides or {}))
+        if config.keypoints != model.config.keypoints or config.cnn != model.config.cnn:
+            raise ValueError("overrides may change the dynamics and train sections only: the autoencoder is trained")
+        model.config = config
         seed_everything(model.config.train.seed)  # the VRNN's initial weights follow the run's seed
         model.add_dynamics()
         model.to(device)
@@ -677,15 +679,6 @@ def _found_identity(checkpoint: dict[str, Any] | None) -> dict[str, Any] | None:
 def _start_run(out: Path, identity: dict[str, Any], found: dict[str, Any] | None) -> None:
     if distributed.context_from_env().is_main:  # one writer under torchrun
         start_run(out, identity, found)
-
-
-def _with_config(model: PerceptionModel, config: Config) -> PerceptionModel:
-    """The same trained autoencoder under a changed config (dynamics/train sections only)."""
-    if config.keypoints != model.config.keypoints or config.cnn != model.config.cnn:
-        raise ValueError("overrides may change the dynamics and train sections only: the autoencoder is trained")
-    fresh = PerceptionModel(config, model.representation, model.action_dim, data_spec=model.data_spec)
-    fresh.autoencoder.load_state_dict(model.autoencoder.state_dict())
-    return fresh.to(model.device)
 
 
 def training_seconds(history: dict[str, list[dict[str, float]]]) -> float:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from kp_rl.keypoints import preprocess_frames
-from kp_rl.metrics import per_step, psnr, ssim
+from kp_rl.metrics import psnr, ssim
 from kp_rl.model import PerceptionModel
 
 __all__ = ["predict_frames", "write_comparison", "video_metrics", "to_uint8"]
@@ -132,10 +132,7 @@ def write_comparison(rows: dict[str, np.ndarray], path_stem: str | Path, observe
         title: PNG title (default: names the observed and predicted steps).
     """
     import imageio.v3 as iio
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend, nothing left open
 
     from kp_rl.files import save_figure, write_bytes
 
@@ -153,7 +150,8 @@ def write_comparison(rows: dict[str, np.ndarray], path_stem: str | Path, observe
                       duration=round(1000 / fps), loop=0)
     write_bytes(stem.with_name(stem.name + ".gif"), gif)
 
-    fig, axes = plt.subplots(len(rows), steps, figsize=(steps * 0.9, len(rows) * 0.95), squeeze=False)
+    fig = Figure(figsize=(steps * 0.9, len(rows) * 0.95))
+    axes = fig.subplots(len(rows), steps, squeeze=False)
     for r, (name, video) in enumerate(rows.items()):
         for t in range(steps):
             ax = axes[r, t]
@@ -193,6 +191,6 @@ def video_metrics(pred: np.ndarray | Tensor, truth: np.ndarray | Tensor) -> dict
     out: dict[str, Any] = {"num_samples": int(pred.shape[0])}
     for name, values in scores.items():
         best = values.mean(axis=2).argmax(axis=0)  # (B,): sample with the best mean over time
-        out[f"{name}_first_sample"] = per_step(values[0])
-        out[f"{name}_best_of_samples"] = per_step(values[best, np.arange(values.shape[1])])
+        out[f"{name}_first_sample"] = values[0].mean(axis=0)
+        out[f"{name}_best_of_samples"] = values[best, np.arange(values.shape[1])].mean(axis=0)
     return out

@@ -52,10 +52,10 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs, VecEnvStepR
 
 from kp_rl.dynamics import VRNNState
 from kp_rl.model import PerceptionModel
-from kp_rl.perception import ModelLike, Perception, feature_bounds
+from kp_rl.perception import ModelLike, Perception
 
 __all__ = ["KeypointObservation", "StateObservation", "VecKeypointObservation", "VectorKeypointObservation",
-           "WorldModel", "feature_bounds"]
+           "WorldModel"]
 
 
 class _Perceiving:
@@ -113,10 +113,6 @@ class KeypointObservation(_Perceiving, gym.ObservationWrapper, gym.utils.RecordC
         self._frame = perception.frame_source(env)
         perception.tracks_belief = self.belief
         self.observation_space = perception.observation_space(self.belief)
-
-    @property
-    def device(self) -> torch.device:
-        return self.perception.device
 
     def _observe(self, observation: Any, action: Any) -> np.ndarray:
         with self.perception.running():

@@ -331,6 +331,10 @@ def test_grid_with_online_agents_shares_the_prefix_and_reports(tmp_path):
     assert row["env_steps"] == 140 * 8 and row["pretrained_perception_env_steps"] == 0 and row["perception_fits"] == 1
     prefixes = list((tmp_path / "runs" / "tiny" / "models" / "cartpole-swingup").iterdir())
     assert [p.name for p in prefixes] == ["sac-keypoints-belief-prefix"]  # one for both seeds
+    shared = json.loads((prefixes[0] / "fit.json").read_text())["seconds"]  # the first fit, made once for both
+    curves = json.loads((out / "results.json").read_text())["curves"]
+    own = [curves[f"cartpole-swingup/sac-keypoints-belief/seed{s}"]["seconds"][-1] for s in (0, 1)]
+    assert row["wall_clock_s"] == pytest.approx(np.mean(own) + shared)  # counted in every agent's wall-clock
     readme = (out / "README.md").read_text()
     assert "published: DrQ" in readme and "759±92" in readme and "P(sac-keypoints-belief > sac-state)" in readme
     assert (out / "keypoints_cartpole-swingup.png").exists()

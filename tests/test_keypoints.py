@@ -127,7 +127,7 @@ def test_keypoint_model_outputs_and_loss_terms() -> None:
     out = model.encode(torch.rand(2, 3, 3, 32, 32) - 0.5)
     assert out.keypoints.shape == (2, 3, 4, 3) and out.heatmaps.shape == (2, 3, 4, 8, 8)
     assert bool((out.heatmaps >= 0).all()) and bool((out.keypoints.abs() <= 1).all())
-    decoded = model.decode(out.keypoints, torch.zeros(2, 3, 32, 32), out.keypoints[:, 0])
+    decoded = model.decode_features(out.keypoints.flatten(-2), torch.zeros(2, 3, 32, 32), out.keypoints[:, 0].flatten(-2))
     assert decoded.shape == (2, 3, 3, 32, 32)
     _, terms = model.loss(torch.rand(2, 3, 3, 32, 32) - 0.5)
     assert set(terms) == {"loss", "reconstruction", "sparsity", "separation"}

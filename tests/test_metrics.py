@@ -12,8 +12,6 @@ from kp_rl.metrics import (
     fit_ridge,
     frechet_distance,
     frechet_distance_from_features,
-    linear_probe,
-    per_step,
     predict_ridge,
     psnr,
     reward_prediction_error,
@@ -103,11 +101,6 @@ def test_ssim_layouts_agree_and_wrong_layout_is_named():
         ssim(x, y)  # (3, 16, 16) read as H=3
 
 
-def test_per_step_means_over_batch():
-    values = np.array([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]])
-    np.testing.assert_allclose(per_step(values), [2.0, 3.0, 4.0])
-
-
 # ---------------------------------------------------------------------------------------------- probes
 
 
@@ -120,32 +113,24 @@ def test_ridge_recovers_linear_map_with_bias():
     np.testing.assert_allclose(w, w_true, atol=1e-10)
     np.testing.assert_allclose(b, b_true, atol=1e-10)
     np.testing.assert_allclose(predict_ridge((w, b), x), y, atol=1e-10)
-    assert linear_probe(x[:150], y[:150], x[150:], y[150:]) < 1e-3
 
 
-def test_linear_probe_rmse_is_noise_level():
+def test_tracking_error_is_the_noise_level_of_a_linear_readout():
     rng = np.random.default_rng(4)
     x = rng.normal(size=(4000, 3))
     y = x @ np.array([[1.0], [2.0], [3.0]]) + rng.normal(0, 0.5, size=(4000, 1))
-    assert linear_probe(x[:2000], y[:2000], x[2000:], y[2000:]) == pytest.approx(0.5, rel=0.05)
+    assert tracking_error(x[:2000], y[:2000], x[2000:], y[2000:])["keypoint_rmse"] == pytest.approx(0.5, rel=0.05)
 
 
 def test_tracking_error_keys_and_ordering():
     rng = np.random.default_rng(5)
     coords = rng.uniform(-1, 1, size=(300, 2, 2))  # (N, bodies, 2)
     keypoints = np.concatenate([coords @ np.array([[0.5, 0.1], [-0.2, 0.9]]), rng.uniform(size=(300, 2, 1))], -1)
-    noisy_sup = coords + rng.normal(0, 0.05, size=coords.shape)
-    res = tracking_error(
-        torch.from_numpy(keypoints[:200]), coords[:200], keypoints[200:], coords[200:],
-        supervised_train=noisy_sup[:200], supervised_test=noisy_sup[200:],
-    )
-    assert set(res) == {"keypoint_rmse", "mean_baseline_rmse", "supervised_rmse", "supervised_train_rmse"}
+    res = tracking_error(torch.from_numpy(keypoints[:200]), coords[:200], keypoints[200:], coords[200:])
+    assert set(res) == {"keypoint_rmse", "mean_baseline_rmse"}
     assert all(isinstance(v, float) for v in res.values())
     assert res["keypoint_rmse"] < 1e-3
-    assert res["supervised_rmse"] == pytest.approx(0.05, rel=0.15)
     assert res["mean_baseline_rmse"] == pytest.approx(2 / math.sqrt(12), rel=0.15)  # std of U(-1, 1)
-    assert set(tracking_error(keypoints[:200], coords[:200], keypoints[200:], coords[200:])) == {
-        "keypoint_rmse", "mean_baseline_rmse"}
 
 
 def test_reward_prediction_error():
