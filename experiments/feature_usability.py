@@ -8,7 +8,10 @@ This runs SAC (the catalog's shared hyperparameters, ``agents/defaults.yaml``) o
                        preset): if this reaches the oracle, the extra inputs do not hinder SAC and the keypoint
                        agent's gap is what its features leave out or make hard to use;
   * ``state+noise``  : the state with as many standard-normal values appended (fresh each step): what the width
-                       alone costs.
+                       alone costs;
+  * ``kpb``          : the keypoints + belief alone (what ``sac-keypoints-belief`` sees, on the frozen model).
+``--trunk N`` puts a DrQ-v2-style trunk in front of SAC's networks (Linear to N, LayerNorm, tanh; trained by each
+network's own loss): does a learned bottleneck let SAC ignore what it does not need?
 Evaluation as ``kp-rl rl``: every ``--eval-every`` agent steps, 10 episodes, deterministic policy.
 
     python experiments/feature_usability.py --model pretrained:cartpole-swingup --seed 0
@@ -26,13 +29,26 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
 from kp_rl.agents import get_agent
 from kp_rl.envs import get_spec
 from kp_rl.files import write_json
 from kp_rl.wrappers import KeypointObservation
 
-VARIANTS = ("state", "state+kpb", "state+noise")
+VARIANTS = ("state", "state+kpb", "state+noise", "kpb")
+
+
+class Trunk(BaseFeaturesExtractor):
+    """Linear -> LayerNorm -> tanh to ``features_dim`` values (DrQ-v2's trunk after its encoder)."""
+
+    def __init__(self, observation_space: gym.spaces.Box, features_dim: int = 50) -> None:
+        super().__init__(observation_space, features_dim)
+        self.net = torch.nn.Sequential(torch.nn.Linear(observation_space.shape[0], features_dim),
+                                       torch.nn.LayerNorm(features_dim), torch.nn.Tanh())
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.net(observations)
 
 
 class AppendState(gym.Wrapper):
@@ -67,7 +83,9 @@ def make_env(task: str, variant: str, model: str, seed: int, width: int) -> gym.
     from stable_baselines3.common.monitor import Monitor
 
     env = gym.make(get_spec(task).env_id)
-    if variant == "state+kpb":
+    if variant == "kpb":
+        env = KeypointObservation(env, model, belief=True)
+    elif variant == "state+kpb":
         env = AppendState(KeypointObservation(env, model, belief=True), "features", np.random.default_rng(seed))
     else:
         env = AppendState(env, "noise" if variant == "state+noise" else "none", np.random.default_rng(seed), width)
@@ -76,7 +94,8 @@ def make_env(task: str, variant: str, model: str, seed: int, width: int) -> gym.
     return env
 
 
-def run(task: str, variant: str, model: str, seed: int, env_steps: int, eval_every: int, out: Path) -> dict:
+def run(task: str, variant: str, model: str, seed: int, env_steps: int, eval_every: int, out: Path,
+        trunk: int = 0) -> dict:
     from stable_baselines3 import SAC
     from stable_baselines3.common.evaluation import evaluate_policy
 
@@ -84,7 +103,10 @@ def run(task: str, variant: str, model: str, seed: int, env_steps: int, eval_eve
     spec, agent = get_spec(task), get_agent("sac-state")
     width = KeypointObservation(gym.make(spec.env_id), model, belief=True).observation_space.shape[0]
     env, eval_env = make_env(task, variant, model, seed, width), make_env(task, variant, model, seed + 1000, width)
-    algo = SAC("MlpPolicy", env, seed=seed, verbose=0, policy_kwargs=agent.policy_kwargs, **agent.hyperparameters)
+    policy_kwargs = dict(agent.policy_kwargs)
+    if trunk:
+        policy_kwargs.update(features_extractor_class=Trunk, features_extractor_kwargs={"features_dim": trunk})
+    algo = SAC("MlpPolicy", env, seed=seed, verbose=0, policy_kwargs=policy_kwargs, **agent.hyperparameters)
     steps, curve = env_steps // spec.action_repeat, {"steps": [], "returns": [], "seconds": []}
     trained, seconds = 0, 0.0
     while trained < steps:
@@ -97,11 +119,15 @@ def run(task: str, variant: str, model: str, seed: int, env_steps: int, eval_eve
         curve["steps"].append(trained)
         curve["returns"].append(float(np.mean(returns)))
         curve["seconds"].append(round(seconds, 1))
-        print(f"{variant} seed {seed}: {trained} agent steps, return {np.mean(returns):.1f}", flush=True)
-    result = {"task": task, "variant": variant, "model": model, "seed": seed, "agent_steps": steps,
+        print(f"{name(variant, trunk)} seed {seed}: {trained} agent steps, return {np.mean(returns):.1f}", flush=True)
+    result = {"task": task, "variant": variant, "trunk": trunk, "model": model, "seed": seed, "agent_steps": steps,
               "env_steps": steps * spec.action_repeat, "eval_episodes": 10, **curve}
-    write_json(out / f"{variant}-seed{seed}.json", result)
+    write_json(out / f"{name(variant, trunk)}-seed{seed}.json", result)
     return result
+
+
+def name(variant: str, trunk: int) -> str:
+    return f"{variant}-trunk{trunk}" if trunk else variant
 
 
 def main() -> None:
@@ -112,14 +138,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--env-steps", type=int, default=100_000)
     parser.add_argument("--eval-every", type=int, default=1250, help="agent steps")
+    parser.add_argument("--trunk", type=int, default=0, help="a trunk of this width before SAC's networks (0: none)")
     parser.add_argument("--out", type=Path, default=Path("results/structured_vs_unstructured_cpu/feature_usability"))
     args = parser.parse_args()
     for variant in args.variants:
-        path = args.out / f"{variant}-seed{args.seed}.json"
+        path = args.out / f"{name(variant, args.trunk)}-seed{args.seed}.json"
         if path.exists():
             print(f"{path} exists: skipped")
             continue
-        run(args.task, variant, args.model, args.seed, args.env_steps, args.eval_every, args.out)
+        run(args.task, variant, args.model, args.seed, args.env_steps, args.eval_every, args.out, args.trunk)
 
 
 if __name__ == "__main__":
