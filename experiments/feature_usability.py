@@ -11,7 +11,9 @@ This runs SAC (the catalog's shared hyperparameters, ``agents/defaults.yaml``) o
                        alone costs;
   * ``kpb``          : the keypoints + belief alone (what ``sac-keypoints-belief`` sees, on the frozen model).
 ``--trunk N`` puts a DrQ-v2-style trunk in front of SAC's networks (Linear to N, LayerNorm, tanh; trained by each
-network's own loss): does a learned bottleneck let SAC ignore what it does not need?
+network's own loss): does a learned bottleneck let SAC ignore what it does not need? ``--pca N`` projects the
+``kpb`` observation on its first N principal components (whitened; fitted on 40 episodes of ``data/<task>``,
+random-policy data the agent did not collect: a diagnostic of width, not a counted recipe).
 Evaluation as ``kp-rl rl``: every ``--eval-every`` agent steps, 10 episodes, deterministic policy.
 
     python experiments/feature_usability.py --model pretrained:cartpole-swingup --seed 0
@@ -79,12 +81,40 @@ class AppendState(gym.Wrapper):
         return self._observe(observation, info), reward, terminated, truncated, info
 
 
-def make_env(task: str, variant: str, model: str, seed: int, width: int) -> gym.Env:
+class Project(gym.ObservationWrapper):
+    """``(observation - mean) @ basis``: a fixed linear projection (PCA)."""
+
+    def __init__(self, env: gym.Env, mean: np.ndarray, basis: np.ndarray) -> None:
+        super().__init__(env)
+        self.mean, self.basis = mean.astype(np.float32), basis.astype(np.float32)
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (basis.shape[1],), np.float32)
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        return (observation - self.mean) @ self.basis
+
+
+def pca(task: str, model: str, components: int, data: Path = Path("data")) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and whitened basis ``(dim, components)`` of the kpb observations of 40 episodes of ``data/<task>``."""
+    from state_probe import observations
+
+    from kp_rl.data import SequenceDataset
+    from kp_rl.perception import Perception
+
+    episodes = list(SequenceDataset(data / task, 1, split="all", keys=("image", "action")).episodes)[:40]
+    x = np.concatenate(observations(Perception(model), episodes)["keypoints+belief"])
+    mean = x.mean(0)
+    _, singular, vt = np.linalg.svd(x - mean, full_matrices=False)
+    return mean, vt[:components].T / (singular[:components] / np.sqrt(len(x)))
+
+
+def make_env(task: str, variant: str, model: str, seed: int, width: int,
+             projection: tuple[np.ndarray, np.ndarray] | None = None) -> gym.Env:
     from stable_baselines3.common.monitor import Monitor
 
     env = gym.make(get_spec(task).env_id)
     if variant == "kpb":
         env = KeypointObservation(env, model, belief=True)
+        env = Project(env, *projection) if projection is not None else env
     elif variant == "state+kpb":
         env = AppendState(KeypointObservation(env, model, belief=True), "features", np.random.default_rng(seed))
     else:
@@ -95,14 +125,16 @@ def make_env(task: str, variant: str, model: str, seed: int, width: int) -> gym.
 
 
 def run(task: str, variant: str, model: str, seed: int, env_steps: int, eval_every: int, out: Path,
-        trunk: int = 0) -> dict:
+        trunk: int = 0, components: int = 0) -> dict:
     from stable_baselines3 import SAC
     from stable_baselines3.common.evaluation import evaluate_policy
 
     torch.set_num_threads(1)
     spec, agent = get_spec(task), get_agent("sac-state")
     width = KeypointObservation(gym.make(spec.env_id), model, belief=True).observation_space.shape[0]
-    env, eval_env = make_env(task, variant, model, seed, width), make_env(task, variant, model, seed + 1000, width)
+    projection = pca(task, model, components) if components and variant == "kpb" else None
+    env = make_env(task, variant, model, seed, width, projection)
+    eval_env = make_env(task, variant, model, seed + 1000, width, projection)
     policy_kwargs = dict(agent.policy_kwargs)
     if trunk:
         policy_kwargs.update(features_extractor_class=Trunk, features_extractor_kwargs={"features_dim": trunk})
@@ -119,15 +151,15 @@ def run(task: str, variant: str, model: str, seed: int, env_steps: int, eval_eve
         curve["steps"].append(trained)
         curve["returns"].append(float(np.mean(returns)))
         curve["seconds"].append(round(seconds, 1))
-        print(f"{name(variant, trunk)} seed {seed}: {trained} agent steps, return {np.mean(returns):.1f}", flush=True)
-    result = {"task": task, "variant": variant, "trunk": trunk, "model": model, "seed": seed, "agent_steps": steps,
+        print(f"{name(variant, trunk, components)} seed {seed}: {trained} agent steps, return {np.mean(returns):.1f}", flush=True)
+    result = {"task": task, "variant": variant, "trunk": trunk, "pca": components, "model": model, "seed": seed, "agent_steps": steps,
               "env_steps": steps * spec.action_repeat, "eval_episodes": 10, **curve}
-    write_json(out / f"{name(variant, trunk)}-seed{seed}.json", result)
+    write_json(out / f"{name(variant, trunk, components)}-seed{seed}.json", result)
     return result
 
 
-def name(variant: str, trunk: int) -> str:
-    return f"{variant}-trunk{trunk}" if trunk else variant
+def name(variant: str, trunk: int, components: int = 0) -> str:
+    return variant + (f"-pca{components}" if components and variant == "kpb" else "") + (f"-trunk{trunk}" if trunk else "")
 
 
 def main() -> None:
@@ -139,14 +171,16 @@ def main() -> None:
     parser.add_argument("--env-steps", type=int, default=100_000)
     parser.add_argument("--eval-every", type=int, default=1250, help="agent steps")
     parser.add_argument("--trunk", type=int, default=0, help="a trunk of this width before SAC's networks (0: none)")
+    parser.add_argument("--pca", type=int, default=0, help="kpb: project on this many principal components")
     parser.add_argument("--out", type=Path, default=Path("results/structured_vs_unstructured_cpu/feature_usability"))
     args = parser.parse_args()
     for variant in args.variants:
-        path = args.out / f"{name(variant, args.trunk)}-seed{args.seed}.json"
+        path = args.out / f"{name(variant, args.trunk, args.pca)}-seed{args.seed}.json"
         if path.exists():
             print(f"{path} exists: skipped")
             continue
-        run(args.task, variant, args.model, args.seed, args.env_steps, args.eval_every, args.out, args.trunk)
+        run(args.task, variant, args.model, args.seed, args.env_steps, args.eval_every, args.out, args.trunk,
+            args.pca)
 
 
 if __name__ == "__main__":
