@@ -98,3 +98,21 @@ def test_feature_usability_appends_to_the_state_and_writes_curves(tmp_path: Path
     assert observation.shape == (5 + 48 + 136,)  # state, then the keypoints and the belief
     np.testing.assert_allclose(observation[:5], info["state"], rtol=1e-6)
     env.close()
+
+
+def test_feature_usability_pca_whitens_the_observations_it_was_fitted_on(tmp_path: Path) -> None:
+    from kp_rl.data import collect
+
+    collect("cartpole-swingup", tmp_path / "cartpole-swingup", 2, seed=0, max_steps=20, progress=False)
+    sys.path.insert(0, str(EXPERIMENTS))
+    from feature_usability import pca
+    from state_probe import observations
+
+    from kp_rl.data import SequenceDataset
+    from kp_rl.perception import Perception
+
+    mean, basis = pca("cartpole-swingup", "pretrained:cartpole-swingup", 4, data=tmp_path)
+    assert mean.shape == (184,) and basis.shape == (184, 4)
+    episodes = list(SequenceDataset(tmp_path / "cartpole-swingup", 1, split="all", keys=("image", "action")).episodes)
+    x = np.concatenate(observations(Perception("pretrained:cartpole-swingup"), episodes)["keypoints+belief"])
+    np.testing.assert_allclose(np.cov((x - mean) @ basis, rowvar=False, bias=True), np.eye(4), atol=1e-3)
