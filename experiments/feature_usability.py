@@ -9,11 +9,13 @@ This runs SAC (the catalog's shared hyperparameters, ``agents/defaults.yaml``) o
                        agent's gap is what its features leave out or make hard to use;
   * ``state+noise``  : the state with as many standard-normal values appended (fresh each step): what the width
                        alone costs;
-  * ``kpb``          : the keypoints + belief alone (what ``sac-keypoints-belief`` sees, on the frozen model).
+  * ``kpb``          : the keypoints + belief alone (what ``sac-keypoints-belief`` sees, on the frozen model);
+  * ``belief``       : the belief alone (the keypoints of the current frame left out).
 ``--trunk N`` puts a DrQ-v2-style trunk in front of SAC's networks (Linear to N, LayerNorm, tanh; trained by each
 network's own loss): does a learned bottleneck let SAC ignore what it does not need? ``--pca N`` projects the
 ``kpb`` observation on its first N principal components (whitened; fitted on 40 episodes of ``data/<task>``,
-random-policy data the agent did not collect: a diagnostic of width, not a counted recipe).
+random-policy data the agent did not collect: a diagnostic of width, not a counted recipe). ``--gradient-steps N``
+makes N SAC updates per agent step instead of the catalog's 1.
 Evaluation as ``kp-rl rl``: every ``--eval-every`` agent steps, 10 episodes, deterministic policy.
 
     python experiments/feature_usability.py --model pretrained:cartpole-swingup --seed 0
@@ -38,7 +40,7 @@ from kp_rl.envs import get_spec
 from kp_rl.files import write_json
 from kp_rl.wrappers import KeypointObservation
 
-VARIANTS = ("state", "state+kpb", "state+noise", "kpb")
+VARIANTS = ("state", "state+kpb", "state+noise", "kpb", "belief")
 
 
 class Trunk(BaseFeaturesExtractor):
@@ -112,9 +114,12 @@ def make_env(task: str, variant: str, model: str, seed: int, width: int,
     from stable_baselines3.common.monitor import Monitor
 
     env = gym.make(get_spec(task).env_id)
-    if variant == "kpb":
-        env = KeypointObservation(env, model, belief=True)
+    if variant in ("kpb", "belief"):
+        env = perceiving = KeypointObservation(env, model, belief=True)
         env = Project(env, *projection) if projection is not None else env
+        if variant == "belief":  # drop the current frame's keypoints: a projection on the belief's coordinates
+            dim, features = env.observation_space.shape[0], perceiving.perception.model.feature_dim
+            env = Project(env, np.zeros(dim), np.eye(dim)[:, features:])
     elif variant == "state+kpb":
         env = AppendState(KeypointObservation(env, model, belief=True), "features", np.random.default_rng(seed))
     else:
@@ -125,7 +130,7 @@ def make_env(task: str, variant: str, model: str, seed: int, width: int,
 
 
 def run(task: str, variant: str, model: str, seed: int, env_steps: int, eval_every: int, out: Path,
-        trunk: int = 0, components: int = 0) -> dict:
+        trunk: int = 0, components: int = 0, gradient_steps: int = 1) -> dict:
     from stable_baselines3 import SAC
     from stable_baselines3.common.evaluation import evaluate_policy
 
@@ -138,7 +143,8 @@ def run(task: str, variant: str, model: str, seed: int, env_steps: int, eval_eve
     policy_kwargs = dict(agent.policy_kwargs)
     if trunk:
         policy_kwargs.update(features_extractor_class=Trunk, features_extractor_kwargs={"features_dim": trunk})
-    algo = SAC("MlpPolicy", env, seed=seed, verbose=0, policy_kwargs=policy_kwargs, **agent.hyperparameters)
+    hyperparameters = {**agent.hyperparameters, "gradient_steps": gradient_steps}
+    algo = SAC("MlpPolicy", env, seed=seed, verbose=0, policy_kwargs=policy_kwargs, **hyperparameters)
     steps, curve = env_steps // spec.action_repeat, {"steps": [], "returns": [], "seconds": []}
     trained, seconds = 0, 0.0
     while trained < steps:
@@ -151,15 +157,16 @@ def run(task: str, variant: str, model: str, seed: int, env_steps: int, eval_eve
         curve["steps"].append(trained)
         curve["returns"].append(float(np.mean(returns)))
         curve["seconds"].append(round(seconds, 1))
-        print(f"{name(variant, trunk, components)} seed {seed}: {trained} agent steps, return {np.mean(returns):.1f}", flush=True)
-    result = {"task": task, "variant": variant, "trunk": trunk, "pca": components, "model": model, "seed": seed, "agent_steps": steps,
+        print(f"{name(variant, trunk, components, gradient_steps)} seed {seed}: {trained} agent steps, return {np.mean(returns):.1f}", flush=True)
+    result = {"task": task, "variant": variant, "trunk": trunk, "pca": components, "gradient_steps": gradient_steps, "model": model, "seed": seed, "agent_steps": steps,
               "env_steps": steps * spec.action_repeat, "eval_episodes": 10, **curve}
-    write_json(out / f"{name(variant, trunk, components)}-seed{seed}.json", result)
+    write_json(out / f"{name(variant, trunk, components, gradient_steps)}-seed{seed}.json", result)
     return result
 
 
-def name(variant: str, trunk: int, components: int = 0) -> str:
-    return variant + (f"-pca{components}" if components and variant == "kpb" else "") + (f"-trunk{trunk}" if trunk else "")
+def name(variant: str, trunk: int, components: int = 0, gradient_steps: int = 1) -> str:
+    return (variant + (f"-pca{components}" if components and variant == "kpb" else "")
+            + (f"-trunk{trunk}" if trunk else "") + (f"-utd{gradient_steps}" if gradient_steps != 1 else ""))
 
 
 def main() -> None:
@@ -172,15 +179,16 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=1250, help="agent steps")
     parser.add_argument("--trunk", type=int, default=0, help="a trunk of this width before SAC's networks (0: none)")
     parser.add_argument("--pca", type=int, default=0, help="kpb: project on this many principal components")
+    parser.add_argument("--gradient-steps", type=int, default=1, help="SAC updates per agent step")
     parser.add_argument("--out", type=Path, default=Path("results/structured_vs_unstructured_cpu/feature_usability"))
     args = parser.parse_args()
     for variant in args.variants:
-        path = args.out / f"{name(variant, args.trunk, args.pca)}-seed{args.seed}.json"
+        path = args.out / f"{name(variant, args.trunk, args.pca, args.gradient_steps)}-seed{args.seed}.json"
         if path.exists():
             print(f"{path} exists: skipped")
             continue
         run(args.task, variant, args.model, args.seed, args.env_steps, args.eval_every, args.out, args.trunk,
-            args.pca)
+            args.pca, args.gradient_steps)
 
 
 if __name__ == "__main__":
