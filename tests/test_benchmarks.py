@@ -98,6 +98,11 @@ def test_feature_usability_appends_to_the_state_and_writes_curves(tmp_path: Path
     assert observation.shape == (5 + 48 + 136,)  # state, then the keypoints and the belief
     np.testing.assert_allclose(observation[:5], info["state"], rtol=1e-6)
     env.close()
+    full = make_env("cartpole-swingup", "kpb", "pretrained:cartpole-swingup", 0, width=0)
+    belief = make_env("cartpole-swingup", "belief", "pretrained:cartpole-swingup", 0, width=0)
+    np.testing.assert_allclose(belief.reset(seed=3)[0], full.reset(seed=3)[0][48:], atol=1e-6)  # keypoints left out
+    full.close()
+    belief.close()
 
 
 def test_feature_usability_pca_whitens_the_observations_it_was_fitted_on(tmp_path: Path) -> None:
