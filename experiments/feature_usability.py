@@ -38,6 +38,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from kp_rl.agents import get_agent
 from kp_rl.envs import get_spec
 from kp_rl.files import write_json
+from kp_rl.model import PerceptionModel, load
 from kp_rl.wrappers import KeypointObservation
 
 VARIANTS = ("state", "state+kpb", "state+noise", "kpb", "belief")
@@ -95,7 +96,8 @@ class Project(gym.ObservationWrapper):
         return (observation - self.mean) @ self.basis
 
 
-def pca(task: str, model: str, components: int, data: Path = Path("data")) -> tuple[np.ndarray, np.ndarray]:
+def pca(task: str, model: str | PerceptionModel, components: int,
+        data: Path = Path("data")) -> tuple[np.ndarray, np.ndarray]:
     """Mean and whitened basis ``(dim, components)`` of the kpb observations of 40 episodes of ``data/<task>``."""
     from state_probe import observations
 
@@ -109,7 +111,7 @@ def pca(task: str, model: str, components: int, data: Path = Path("data")) -> tu
     return mean, vt[:components].T / (singular[:components] / np.sqrt(len(x)))
 
 
-def make_env(task: str, variant: str, model: str, seed: int, width: int,
+def make_env(task: str, variant: str, model: str | PerceptionModel, seed: int, width: int,
              projection: tuple[np.ndarray, np.ndarray] | None = None) -> gym.Env:
     from stable_baselines3.common.monitor import Monitor
 
@@ -136,10 +138,11 @@ def run(task: str, variant: str, model: str, seed: int, env_steps: int, eval_eve
 
     torch.set_num_threads(1)
     spec, agent = get_spec(task), get_agent("sac-state")
-    width = KeypointObservation(gym.make(spec.env_id), model, belief=True).observation_space.shape[0]
-    projection = pca(task, model, components) if components and variant == "kpb" else None
-    env = make_env(task, variant, model, seed, width, projection)
-    eval_env = make_env(task, variant, model, seed + 1000, width, projection)
+    loaded = load(model)  # once, shared by both envs' wrappers
+    width = loaded.feature_dim + loaded.dynamics.belief_dim  # the keypoint + belief observation's
+    projection = pca(task, loaded, components) if components and variant == "kpb" else None
+    env = make_env(task, variant, loaded, seed, width, projection)
+    eval_env = make_env(task, variant, loaded, seed + 1000, width, projection)
     policy_kwargs = dict(agent.policy_kwargs)
     if trunk:
         policy_kwargs.update(features_extractor_class=Trunk, features_extractor_kwargs={"features_dim": trunk})

@@ -29,7 +29,7 @@ import torch
 from kp_rl.bench import machine
 from kp_rl.data import SequenceDataset
 from kp_rl.files import write_json, write_text
-from kp_rl.metrics import fit_ridge, predict_ridge
+from kp_rl.metrics import fit_ridge, predict_ridge, reward_prediction_error
 from kp_rl.perception import Perception
 
 AGENTS = ("keypoints", "keypoints x2", "keypoints+belief")
@@ -48,26 +48,20 @@ def state_names(task: str) -> list[str]:
 def observations(perception: Perception, episodes: list[dict[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
     """Per agent, one ``(L, dim)`` array of observations per episode (all episodes stepped together)."""
     out: dict[str, list[np.ndarray]] = {a: [] for a in AGENTS}
-    with perception.running():
-        for episode in episodes:
-            features = perception.encode(episode["image"])  # (L, D)
-            flat = features.cpu().numpy()
-            out["keypoints"].append(flat)
-            out["keypoints x2"].append(np.concatenate([np.concatenate([flat[:1], flat[:-1]]), flat], axis=1))
-            if perception.model.dynamics is None:
-                continue
-            actions = torch.from_numpy(episode["action"]).float().to(features.device)
-            state, rows = None, []
-            for t in range(len(flat)):  # action[t] led to image[t]; the first frame starts a fresh belief
-                state = perception.advance(state, features[t:t + 1], actions[t:t + 1] if t else None)
-                rows.append(perception.output(features[t:t + 1], state))
-            out["keypoints+belief"].append(np.concatenate(rows))
+    belief = perception.model.dynamics is not None
+    for episode in episodes:
+        full, _ = perception.replay(episode["image"], episode["action"], belief)  # (L, D [+ belief_dim])
+        flat = full[:, :perception.model.feature_dim]
+        out["keypoints"].append(flat)
+        out["keypoints x2"].append(np.concatenate([np.concatenate([flat[:1], flat[:-1]]), flat], axis=1))
+        if belief:
+            out["keypoints+belief"].append(full)
     return out
 
 
 def r2(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Held-out R² per column (1 - SSE / SST around the held-out mean)."""
-    return 1.0 - ((pred - target) ** 2).sum(0) / ((target - target.mean(0)) ** 2).sum(0)
+    """Held-out R² per column (1 - SSE / SST around the held-out mean; nan for a constant column)."""
+    return reward_prediction_error(pred, target)["r2"]
 
 
 def mlp_predictions(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, steps: int,

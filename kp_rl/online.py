@@ -249,17 +249,7 @@ class OnlinePerception:
     def observations(self, episode: dict[str, np.ndarray]) -> tuple[np.ndarray, Any]:
         """Every step's observation as the wrapper gives it (features, + the belief when the agent has one), and
         the belief after the last step."""
-        perception = self.wrapper.perception
-        with perception.running():
-            features = perception.encode(episode["image"])
-            if not self.belief:
-                return perception.output(features, None), None
-            actions = torch.from_numpy(episode["action"]).to(features.device)
-            state, rows = None, []
-            for t in range(len(features)):
-                state = perception.advance(state, features[t:t + 1], actions[t:t + 1] if t else None)
-                rows.append(perception.output(features[t:t + 1], state))
-        return np.concatenate(rows), state
+        return self.wrapper.perception.replay(episode["image"], episode["action"], self.belief)
 
     def reencode(self, algo: Any, current: dict[str, np.ndarray]) -> None:
         """Replace the replay buffer's observations, the agent's last observation and the wrapper's belief with

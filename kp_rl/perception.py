@@ -203,6 +203,21 @@ class Perception:
                                       None if first else self.actions(space, action))
         return features
 
+    def replay(self, images: np.ndarray, actions: np.ndarray, belief: bool) -> tuple[np.ndarray, VRNNState | None]:
+        """A recorded episode's observations as the wrappers give them, step by step: uint8 ``images`` (L, H, W, 3)
+        and ``actions`` (L, A) (``actions[t]`` led to ``images[t]``; row 0 unused) -> ``(L, D [+ belief_dim])``,
+        and the belief after the last step (``None`` without ``belief``). Holds :meth:`running` itself."""
+        with self.running():
+            features = self.encode(images)
+            if not belief:
+                return self.output(features, None), None
+            actions_t = torch.as_tensor(np.asarray(actions), dtype=torch.float32, device=features.device)
+            state, rows = None, []
+            for t in range(len(features)):
+                state = self.advance(state, features[t:t + 1], actions_t[t:t + 1] if t else None)
+                rows.append(self.output(features[t:t + 1], state))
+        return np.concatenate(rows), state
+
     def output(self, features: torch.Tensor, state: VRNNState | None) -> np.ndarray:
         """``(B, D [+ belief_dim])`` float32 numpy within the feature bounds (one device -> host copy)."""
         if state is not None:
