@@ -10,12 +10,17 @@ This runs SAC (the catalog's shared hyperparameters, ``agents/defaults.yaml``) o
   * ``state+noise``  : the state with as many standard-normal values appended (fresh each step): what the width
                        alone costs;
   * ``kpb``          : the keypoints + belief alone (what ``sac-keypoints-belief`` sees, on the frozen model);
-  * ``belief``       : the belief alone (the keypoints of the current frame left out).
+  * ``belief``       : the belief alone (the keypoints of the current frame left out);
+  * ``kpb-gated``    : ``kpb`` with each keypoint's coordinates multiplied by its intensity, ``(mu x, mu y, mu)``:
+                       a keypoint that is off (mu ~ 0) no longer shows its position, which jumps from frame to
+                       frame while it is off.
 ``--trunk N`` puts a DrQ-v2-style trunk in front of SAC's networks (Linear to N, LayerNorm, tanh; trained by each
 network's own loss): does a learned bottleneck let SAC ignore what it does not need? ``--pca N`` projects the
 ``kpb`` observation on its first N principal components (whitened; fitted on 40 episodes of ``data/<task>``,
 random-policy data the agent did not collect: a diagnostic of width, not a counted recipe). ``--gradient-steps N``
-makes N SAC updates per agent step instead of the catalog's 1.
+makes N SAC updates per agent step instead of the catalog's 1. ``--layer-norm`` normalises every hidden layer of
+SAC's actor and critics (LayerNorm without gain or bias, before the ReLU), a known remedy for critics that
+extrapolate badly on wide inputs (Ball et al. 2023, RLPD).
 Evaluation as ``kp-rl rl``: every ``--eval-every`` agent steps, 10 episodes, deterministic policy.
 
     python experiments/feature_usability.py --model pretrained:cartpole-swingup --seed 0
@@ -41,7 +46,7 @@ from kp_rl.files import write_json
 from kp_rl.model import PerceptionModel, load
 from kp_rl.wrappers import KeypointObservation
 
-VARIANTS = ("state", "state+kpb", "state+noise", "kpb", "belief")
+VARIANTS = ("state", "state+kpb", "state+noise", "kpb", "belief", "kpb-gated")
 
 
 class Trunk(BaseFeaturesExtractor):
@@ -54,6 +59,13 @@ class Trunk(BaseFeaturesExtractor):
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
         return self.net(observations)
+
+
+class LayerNormReLU(torch.nn.Module):
+    """SB3's ``activation_fn`` slot (after every hidden Linear): LayerNorm without affine parameters, then ReLU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(torch.nn.functional.layer_norm(x, x.shape[-1:]))
 
 
 class AppendState(gym.Wrapper):
@@ -82,6 +94,20 @@ class AppendState(gym.Wrapper):
     def step(self, action: Any):
         observation, reward, terminated, truncated, info = self.env.step(action)
         return self._observe(observation, info), reward, terminated, truncated, info
+
+
+class Gate(gym.ObservationWrapper):
+    """``(x, y, mu)`` of each of the first ``keypoints`` triples -> ``(mu x, mu y, mu)``; the rest unchanged."""
+
+    def __init__(self, env: gym.Env, keypoints: int) -> None:
+        super().__init__(env)
+        self.keypoints = keypoints
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        out = np.array(observation, np.float32)
+        triples = out[:3 * self.keypoints].reshape(self.keypoints, 3)
+        triples[:, :2] *= triples[:, 2:]
+        return out
 
 
 class Project(gym.ObservationWrapper):
@@ -116,8 +142,9 @@ def make_env(task: str, variant: str, model: str | PerceptionModel, seed: int, w
     from stable_baselines3.common.monitor import Monitor
 
     env = gym.make(get_spec(task).env_id)
-    if variant in ("kpb", "belief"):
+    if variant in ("kpb", "belief", "kpb-gated"):
         env = perceiving = KeypointObservation(env, model, belief=True)
+        env = Gate(env, perceiving.perception.model.feature_dim // 3) if variant == "kpb-gated" else env
         env = Project(env, *projection) if projection is not None else env
         if variant == "belief":  # drop the current frame's keypoints: a projection on the belief's coordinates
             dim, features = env.observation_space.shape[0], perceiving.perception.model.feature_dim
@@ -132,7 +159,7 @@ def make_env(task: str, variant: str, model: str | PerceptionModel, seed: int, w
 
 
 def run(task: str, variant: str, model: str, seed: int, env_steps: int, eval_every: int, out: Path,
-        trunk: int = 0, components: int = 0, gradient_steps: int = 1) -> dict:
+        trunk: int = 0, components: int = 0, gradient_steps: int = 1, layer_norm: bool = False) -> dict:
     from stable_baselines3 import SAC
     from stable_baselines3.common.evaluation import evaluate_policy
 
@@ -146,6 +173,8 @@ def run(task: str, variant: str, model: str, seed: int, env_steps: int, eval_eve
     policy_kwargs = dict(agent.policy_kwargs)
     if trunk:
         policy_kwargs.update(features_extractor_class=Trunk, features_extractor_kwargs={"features_dim": trunk})
+    if layer_norm:
+        policy_kwargs.update(activation_fn=LayerNormReLU)
     hyperparameters = {**agent.hyperparameters, "gradient_steps": gradient_steps}
     algo = SAC("MlpPolicy", env, seed=seed, verbose=0, policy_kwargs=policy_kwargs, **hyperparameters)
     steps, curve = env_steps // spec.action_repeat, {"steps": [], "returns": [], "seconds": []}
@@ -160,16 +189,18 @@ def run(task: str, variant: str, model: str, seed: int, env_steps: int, eval_eve
         curve["steps"].append(trained)
         curve["returns"].append(float(np.mean(returns)))
         curve["seconds"].append(round(seconds, 1))
-        print(f"{name(variant, trunk, components, gradient_steps)} seed {seed}: {trained} agent steps, return {np.mean(returns):.1f}", flush=True)
-    result = {"task": task, "variant": variant, "trunk": trunk, "pca": components, "gradient_steps": gradient_steps, "model": model, "seed": seed, "agent_steps": steps,
+        print(f"{name(variant, trunk, components, gradient_steps, layer_norm)} seed {seed}: {trained} agent steps, return {np.mean(returns):.1f}", flush=True)
+    result = {"task": task, "variant": variant, "trunk": trunk, "pca": components, "gradient_steps": gradient_steps,
+              "layer_norm": layer_norm, "model": model, "seed": seed, "agent_steps": steps,
               "env_steps": steps * spec.action_repeat, "eval_episodes": 10, **curve}
-    write_json(out / f"{name(variant, trunk, components, gradient_steps)}-seed{seed}.json", result)
+    write_json(out / f"{name(variant, trunk, components, gradient_steps, layer_norm)}-seed{seed}.json", result)
     return result
 
 
-def name(variant: str, trunk: int, components: int = 0, gradient_steps: int = 1) -> str:
+def name(variant: str, trunk: int, components: int = 0, gradient_steps: int = 1, layer_norm: bool = False) -> str:
     return (variant + (f"-pca{components}" if components and variant == "kpb" else "")
-            + (f"-trunk{trunk}" if trunk else "") + (f"-utd{gradient_steps}" if gradient_steps != 1 else ""))
+            + (f"-trunk{trunk}" if trunk else "") + (f"-utd{gradient_steps}" if gradient_steps != 1 else "")
+            + ("-ln" if layer_norm else ""))
 
 
 def main() -> None:
@@ -183,15 +214,16 @@ def main() -> None:
     parser.add_argument("--trunk", type=int, default=0, help="a trunk of this width before SAC's networks (0: none)")
     parser.add_argument("--pca", type=int, default=0, help="kpb: project on this many principal components")
     parser.add_argument("--gradient-steps", type=int, default=1, help="SAC updates per agent step")
+    parser.add_argument("--layer-norm", action="store_true", help="LayerNorm in SAC's hidden layers")
     parser.add_argument("--out", type=Path, default=Path("results/structured_vs_unstructured_cpu/feature_usability"))
     args = parser.parse_args()
     for variant in args.variants:
-        path = args.out / f"{name(variant, args.trunk, args.pca, args.gradient_steps)}-seed{args.seed}.json"
+        path = args.out / f"{name(variant, args.trunk, args.pca, args.gradient_steps, args.layer_norm)}-seed{args.seed}.json"
         if path.exists():
             print(f"{path} exists: skipped")
             continue
         run(args.task, variant, args.model, args.seed, args.env_steps, args.eval_every, args.out, args.trunk,
-            args.pca, args.gradient_steps)
+            args.pca, args.gradient_steps, args.layer_norm)
 
 
 if __name__ == "__main__":
