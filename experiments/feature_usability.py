@@ -10,10 +10,10 @@ This runs SAC (the catalog's shared hyperparameters, ``agents/defaults.yaml``) o
   * ``state+noise``  : the state with as many standard-normal values appended (fresh each step): what the width
                        alone costs;
   * ``kpb``          : the keypoints + belief alone (what ``sac-keypoints-belief`` sees, on the frozen model);
-  * ``belief``       : the belief alone (the keypoints of the current frame left out);
-  * ``kpb-gated``    : ``kpb`` with each keypoint's coordinates multiplied by its intensity, ``(mu x, mu y, mu)``:
-                       a keypoint that is off (mu ~ 0) no longer shows its position, which jumps from frame to
-                       frame while it is off.
+  * ``belief``       : the belief alone (the keypoints of the current frame left out).
+The keypoints are what the wrappers give: ``(mu x, mu y, mu)`` since the runs named ``kpb-gated`` (made when this
+script gated them itself, the wrappers giving the raw ``(x, y, mu)``) showed the gain; earlier ``kpb``, ``belief``
+and ``state+kpb`` runs saw the raw keypoints.
 ``--trunk N`` puts a DrQ-v2-style trunk in front of SAC's networks (Linear to N, LayerNorm, tanh; trained by each
 network's own loss): does a learned bottleneck let SAC ignore what it does not need? ``--pca N`` projects the
 ``kpb`` observation on its first N principal components (whitened; fitted on 40 episodes of ``data/<task>``,
@@ -46,7 +46,7 @@ from kp_rl.files import write_json
 from kp_rl.model import PerceptionModel, load
 from kp_rl.wrappers import KeypointObservation
 
-VARIANTS = ("state", "state+kpb", "state+noise", "kpb", "belief", "kpb-gated")
+VARIANTS = ("state", "state+kpb", "state+noise", "kpb", "belief")
 
 
 class Trunk(BaseFeaturesExtractor):
@@ -96,20 +96,6 @@ class AppendState(gym.Wrapper):
         return self._observe(observation, info), reward, terminated, truncated, info
 
 
-class Gate(gym.ObservationWrapper):
-    """``(x, y, mu)`` of each of the first ``keypoints`` triples -> ``(mu x, mu y, mu)``; the rest unchanged."""
-
-    def __init__(self, env: gym.Env, keypoints: int) -> None:
-        super().__init__(env)
-        self.keypoints = keypoints
-
-    def observation(self, observation: np.ndarray) -> np.ndarray:
-        out = np.array(observation, np.float32)
-        triples = out[:3 * self.keypoints].reshape(self.keypoints, 3)
-        triples[:, :2] *= triples[:, 2:]
-        return out
-
-
 class Project(gym.ObservationWrapper):
     """``(observation - mean) @ basis``: a fixed linear projection (PCA)."""
 
@@ -142,9 +128,8 @@ def make_env(task: str, variant: str, model: str | PerceptionModel, seed: int, w
     from stable_baselines3.common.monitor import Monitor
 
     env = gym.make(get_spec(task).env_id)
-    if variant in ("kpb", "belief", "kpb-gated"):
+    if variant in ("kpb", "belief"):
         env = perceiving = KeypointObservation(env, model, belief=True)
-        env = Gate(env, perceiving.perception.model.feature_dim // 3) if variant == "kpb-gated" else env
         env = Project(env, *projection) if projection is not None else env
         if variant == "belief":  # drop the current frame's keypoints: a projection on the belief's coordinates
             dim, features = env.observation_space.shape[0], perceiving.perception.model.feature_dim
@@ -191,7 +176,7 @@ def run(task: str, variant: str, model: str, seed: int, env_steps: int, eval_eve
         curve["seconds"].append(round(seconds, 1))
         print(f"{name(variant, trunk, components, gradient_steps, layer_norm)} seed {seed}: {trained} agent steps, return {np.mean(returns):.1f}", flush=True)
     result = {"task": task, "variant": variant, "trunk": trunk, "pca": components, "gradient_steps": gradient_steps,
-              "layer_norm": layer_norm, "model": model, "seed": seed, "agent_steps": steps,
+              "layer_norm": layer_norm, "keypoints_gated": True, "model": model, "seed": seed, "agent_steps": steps,
               "env_steps": steps * spec.action_repeat, "eval_episodes": 10, **curve}
     write_json(out / f"{name(variant, trunk, components, gradient_steps, layer_norm)}-seed{seed}.json", result)
     return result

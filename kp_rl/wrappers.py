@@ -86,8 +86,10 @@ class _Perceiving:
 class KeypointObservation(_Perceiving, gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
     """Replace observations with the model's flat features (+ the VRNN belief), as float32 ``(D,)``.
 
-    Keypoint models give ``D = K * 3`` values ``(x0, y0, mu0, x1, ...)`` (``x, y`` in [-1, 1], x right, y up;
-    ``mu`` in [0, 1]); CNN-baseline models a latent in [-1, 1]. With ``belief=True`` the VRNN's ``concat(h, z)``
+    Keypoint models give ``D = K * 3`` values ``(mu0 x0, mu0 y0, mu0, mu1 x1, ...)`` (``x, y`` in [-1, 1], x right,
+    y up; ``mu`` in [0, 1]): each keypoint's coordinates weighted by its intensity, so a keypoint that is off shows
+    no position (:func:`kp_rl.keypoints.gate_by_intensity`; the model's ``encode`` gives the raw ``(x, y, mu)``);
+    CNN-baseline models a latent in [-1, 1]. With ``belief=True`` the VRNN's ``concat(h, z)``
     follows, reset on ``reset()`` and updated on every ``step`` with the action taken and the frame it produced.
 
     Args:

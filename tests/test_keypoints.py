@@ -12,6 +12,7 @@ from kp_rl.keypoints import (
     KeypointAutoencoder,
     add_coord_channels,
     count_parameters,
+    gate_by_intensity,
     heatmaps_to_keypoints,
     keypoints_to_maps,
     preprocess_frames,
@@ -42,6 +43,16 @@ def test_empty_map_gives_zero_keypoint_and_mu_is_relative() -> None:
     keypoints = heatmaps_to_keypoints(maps)
     torch.testing.assert_close(keypoints[0], torch.zeros(3, 3), atol=1e-6, rtol=0)
     torch.testing.assert_close(keypoints[1, :, 2], torch.tensor([1.0, 0.5, 0.0]), atol=1e-4, rtol=0)
+
+
+def test_gating_hides_the_position_of_an_inactive_keypoint() -> None:
+    flat = torch.tensor([[0.5, -0.4, 1.0, 0.9, 0.7, 0.0, -0.6, 0.2, 0.5]])  # (x, y, mu) of 3 keypoints
+    gated = gate_by_intensity(flat)
+    torch.testing.assert_close(gated, torch.tensor([[0.5, -0.4, 1.0, 0.0, 0.0, 0.0, -0.3, 0.1, 0.5]]))
+    moved = flat.clone()
+    moved[0, 3:5] = torch.tensor([-0.9, -0.2])  # the inactive keypoint jumps: the agent sees nothing change
+    torch.testing.assert_close(gate_by_intensity(moved), gated)
+    assert gate_by_intensity(torch.zeros(2, 5, 12)).shape == (2, 5, 12)
 
 
 def test_keypoint_renders_where_it_is() -> None:

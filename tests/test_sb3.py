@@ -16,6 +16,7 @@ from stable_baselines3.common.vec_env import VecFrameStack
 
 import kp_rl
 import kp_rl.sb3
+from kp_rl.keypoints import gate_by_intensity
 from kp_rl.model import CheckpointError, PerceptionModel
 from kp_rl.report import draw_keypoints
 from kp_rl.sb3 import CNNExtractor, KeypointExtractor, KeypointOverlayCallback
@@ -59,7 +60,7 @@ def test_extractor_matches_the_model_in_every_layout(paths: dict[str, Path]) -> 
     model = kp_rl.load(paths["keypoints"])
     frames = torch.randint(0, 256, (5, 2, SIZE, SIZE, 3), dtype=torch.uint8)  # (B, n_stack, H, W, 3)
     with torch.no_grad():
-        expected = model.encode(frames).flatten(1)  # (B, 2 * K * 3)
+        expected = gate_by_intensity(model.encode(frames)).flatten(1)  # (B, 2 * K * 3), as the wrappers give them
         channels_first = frames.permute(0, 1, 4, 2, 3).flatten(1, 2).float()  # (B, 6, H, W), as SB3 stacks
         first = KeypointExtractor(image_space((6, SIZE, SIZE)), paths["keypoints"])
         assert first.features_dim == 2 * K * 3

@@ -13,6 +13,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 import kp_rl
 import kp_rl.wrappers
+from kp_rl.keypoints import gate_by_intensity
 from kp_rl.model import CheckpointError, PerceptionModel
 from kp_rl.wrappers import KeypointObservation, VecKeypointObservation, WorldModel
 
@@ -96,7 +97,8 @@ def test_shimmy_state_env_gets_keypoints_from_renders(model: PerceptionModel) ->
         assert obs.shape == (K * 3 + BELIEF_DIM,) and wrapped.observation_space.contains(obs)
     with torch.inference_mode():  # the features are those of the rendered frame
         frame = np.ascontiguousarray(env.render())  # dm_control's frames have negative strides
-        np.testing.assert_allclose(observations[-1][: K * 3], model.encode(frame[None])[0].numpy(), atol=1e-6)
+        np.testing.assert_allclose(observations[-1][: K * 3], gate_by_intensity(model.encode(frame[None]))[0].numpy(),
+                                   atol=1e-6)
     wrapped.close()
 
 
@@ -115,7 +117,7 @@ def test_belief_follows_the_vrnn_and_resets(model: PerceptionModel) -> None:
         for t, (frame, action) in enumerate(zip(frames, actions)):
             features = model.encode(frame[None])
             state, _ = model.dynamics.observe_step(state, features, torch.as_tensor(action)[None])
-            expected = torch.cat([features, model.dynamics.belief(state)], -1)[0].numpy()
+            expected = torch.cat([gate_by_intensity(features), model.dynamics.belief(state)], -1)[0].numpy()
             np.testing.assert_allclose(observations[t], expected, atol=1e-5)
     assert not np.allclose(observations[1][K * 3:], observations[4][K * 3:])  # the belief moves
     # same seed -> same first observation, whatever episode came before
