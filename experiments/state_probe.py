@@ -14,7 +14,8 @@ the same pairs; the held-out R² per dimension says what a linear head, and what
 
 Data: ``data/<task>`` (training episodes) and ``data/<task>-test`` (held out), random-policy episodes as
 ``kp-rl collect`` writes them (with the ``state`` array). Writes ``results/state_probe/<task>/results.json`` and a
-README table (``--out``).
+README table (``--out``). ``--jitter`` measures instead how much of each observation value's variance is
+frame-to-frame change (raw and intensity-gated keypoints, the belief, the true state) and writes ``jitter.json``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,45 @@ def observations(perception: Perception, episodes: list[dict[str, np.ndarray]]) 
         out["keypoints x2"].append(np.concatenate([np.concatenate([flat[:1], flat[:-1]]), flat], axis=1))
         if belief:
             out["keypoints+belief"].append(full)
+    return out
+
+
+def change_share(episodes: list[np.ndarray]) -> np.ndarray:
+    """Per column, the share of its variance that is frame-to-frame change: ``var(x[t+1] - x[t]) / (2 var(x))``,
+    pooled over episodes. About 0 for a smooth signal, 1 for white noise (and 2 for a sign flip every frame)."""
+    values = np.concatenate(episodes)
+    steps = np.concatenate([np.diff(e, axis=0) for e in episodes])
+    return steps.var(0) / (2 * values.var(0) + 1e-12)
+
+
+def mean_step(episodes: list[np.ndarray]) -> list[float]:
+    """Per keypoint of flat ``(x, y, mu) * K`` rows, the mean squared frame-to-frame step of ``(x, y)``."""
+    steps = np.concatenate([np.diff(e, axis=0) for e in episodes]).reshape(-1, episodes[0].shape[1] // 3, 3)
+    return (steps[:, :, :2] ** 2).sum(-1).mean(0).tolist()
+
+
+def jitter(model: str, episodes: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """How noisy each part of a keypoint model's observation is from frame to frame, against the true state:
+    per keypoint its mean intensity, the share of frames it is on (mu > 0.5), :func:`change_share` of its raw
+    coordinates, and the mean squared frame-to-frame step of its raw ``(x, y)`` and of the gated ``(mu x, mu y)``
+    agents see (absolute: what a policy's input moves by); of the belief the quartiles of :func:`change_share`."""
+    from kp_rl.keypoints import gate_by_intensity
+
+    perception = Perception(model, need_dynamics=False, who="state_probe", num_threads=None)
+    dim = perception.model.feature_dim
+    with perception.running():
+        raw = [perception.encode(e["image"]).cpu() for e in episodes]
+    gated = [gate_by_intensity(r).numpy() for r in raw]
+    raw = [r.numpy() for r in raw]
+    mu = np.concatenate(raw)[:, 2::3]
+    out: dict[str, Any] = {
+        "intensity": mu.mean(0).tolist(), "on": (mu > 0.5).mean(0).tolist(),
+        "raw_xy": change_share(raw).reshape(-1, 3)[:, :2].mean(1).tolist(),
+        "raw_step": mean_step(raw), "gated_step": mean_step(gated),
+        "state": change_share([e["state"] for e in episodes]).tolist()}
+    if perception.model.dynamics is not None:
+        full = [perception.replay(e["image"], e["action"], True)[0][:, dim:] for e in episodes]
+        out["belief_quartiles"] = np.quantile(change_share(full), [0.25, 0.5, 0.75]).tolist()
     return out
 
 
@@ -132,6 +172,9 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=None, help="use only this many training episodes")
     parser.add_argument("--ridge", type=float, default=1e-3)
     parser.add_argument("--mlp-steps", type=int, default=3000)
+    parser.add_argument("--jitter", action="store_true",
+                        help="instead of the probes: the observations' frame-to-frame change on the held-out "
+                             "episodes (<out>/<task>/jitter.json)")
     parser.add_argument("--out", type=Path, default=Path("results/state_probe"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -139,6 +182,15 @@ def main() -> None:
     train = list(SequenceDataset(args.data / args.task, 1, split="all", keys=keys).episodes)[:args.episodes]
     test = list(SequenceDataset(args.data / f"{args.task}-test", 1, split="all", keys=keys).episodes)
     models = dict(m.split("=", 1) for m in args.models)
+    if args.jitter:
+        report = {"task": args.task, "data": str(args.data / f"{args.task}-test"), "episodes": len(test),
+                  "machine": machine(), "checkpoints": models,
+                  "models": {name: jitter(path, test) for name, path in models.items()}}
+        write_json(args.out / args.task / "jitter.json", report)
+        for name, j in report["models"].items():
+            print(name, "keypoint x, y change share:", np.round(j["raw_xy"], 2), "state:", np.round(j["state"], 3),
+                  "mean squared step raw / gated:", np.round(j["raw_step"], 3), np.round(j["gated_step"], 3))
+        return
     results: dict[str, Any] = {"task": args.task, "state_names": state_names(args.task), "ridge": args.ridge, "mlp_steps": args.mlp_steps,
                                "data": str(args.data / args.task), "episodes": {"train": len(train), "test": len(test)},
                                "machine": machine(), "models": {}}

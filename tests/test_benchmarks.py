@@ -72,6 +72,21 @@ def test_state_probe_scores_each_observation_of_each_model(tmp_path: Path) -> No
     assert set(scores) == {"keypoints", "keypoints x2", "keypoints+belief"}
     assert all(len(v) == 5 and all(r <= 1.0 for r in v) for probes in scores.values() for v in probes.values())
     assert "| tiny | keypoints+belief | mlp |" in (tmp_path / "out" / "cartpole-swingup" / "README.md").read_text()
+    run("state_probe.py", "--data", str(tmp_path / "data"), "--models", f"tiny={tmp_path / 'tiny.pt'}", "--jitter",
+        "--out", str(tmp_path / "out"))
+    jitter = json.loads((tmp_path / "out" / "cartpole-swingup" / "jitter.json").read_text())["models"]["tiny"]
+    assert len(jitter["raw_xy"]) == len(jitter["gated_step"]) == len(jitter["on"]) == 4  # the tiny preset's K
+    assert all(s >= 0 for s in jitter["gated_step"] + jitter["raw_step"])
+    assert len(jitter["state"]) == 5 and len(jitter["belief_quartiles"]) == 3
+
+
+def test_change_share_is_zero_for_a_constant_step_and_one_for_white_noise() -> None:
+    sys.path.insert(0, str(EXPERIMENTS))
+    from state_probe import change_share
+
+    ramp = [np.arange(200.0)[:, None]]
+    noise = [np.random.default_rng(0).normal(size=(20000, 1))]
+    assert change_share(ramp)[0] < 1e-3 and abs(change_share(noise)[0] - 1) < 0.05
 
 
 def test_state_probe_r2_is_one_for_a_perfect_readout_and_zero_for_the_mean() -> None:
