@@ -79,13 +79,11 @@ def jitter(model: str, episodes: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     per keypoint its mean intensity, the share of frames it is on (mu > 0.5), :func:`change_share` of its raw
     coordinates, and the mean squared frame-to-frame step of its raw ``(x, y)`` and of the gated ``(mu x, mu y)``
     agents see (absolute: what a policy's input moves by); of the belief the quartiles of :func:`change_share`."""
-    from kp_rl.keypoints import gate_by_intensity
-
     perception = Perception(model, need_dynamics=False, who="state_probe", num_threads=None)
     dim = perception.model.feature_dim
     with perception.running():
         raw = [perception.encode(e["image"]).cpu() for e in episodes]
-    gated = [gate_by_intensity(r).numpy() for r in raw]
+    gated = [perception.model.autoencoder.observed(r).numpy() for r in raw]
     raw = [r.numpy() for r in raw]
     mu = np.concatenate(raw)[:, 2::3]
     out: dict[str, Any] = {
@@ -179,7 +177,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     keys = ("image", "action", "state")
-    train = list(SequenceDataset(args.data / args.task, 1, split="all", keys=keys).episodes)[:args.episodes]
     test = list(SequenceDataset(args.data / f"{args.task}-test", 1, split="all", keys=keys).episodes)
     models = dict(m.split("=", 1) for m in args.models)
     if args.jitter:
@@ -191,6 +188,7 @@ def main() -> None:
             print(name, "keypoint x, y change share:", np.round(j["raw_xy"], 2), "state:", np.round(j["state"], 3),
                   "mean squared step raw / gated:", np.round(j["raw_step"], 3), np.round(j["gated_step"], 3))
         return
+    train = list(SequenceDataset(args.data / args.task, 1, split="all", keys=keys).episodes)[:args.episodes]
     results: dict[str, Any] = {"task": args.task, "state_names": state_names(args.task), "ridge": args.ridge, "mlp_steps": args.mlp_steps,
                                "data": str(args.data / args.task), "episodes": {"train": len(train), "test": len(test)},
                                "machine": machine(), "models": {}}

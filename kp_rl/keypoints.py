@@ -262,6 +262,10 @@ class _FrameAutoencoder(nn.Module):
         """Flat per-frame code: ``(..., 3, H, W)`` frames (or uint8 ``(..., H, W, 3)``) -> ``(..., feature_dim)``."""
         return self._flat(self.encode(frames))
 
+    def observed(self, features: Tensor) -> Tensor:
+        """What agents observe of flat features ``(..., feature_dim)``: the features themselves (keypoints: gated)."""
+        return features
+
     def decode_features(self, features: Tensor, first_frame: Tensor, first_features: Tensor) -> Tensor:
         """Render frames from flat codes; the reference frame's context is computed once per sequence.
 
@@ -330,7 +334,7 @@ class KeypointAutoencoder(_FrameAutoencoder):
     The decoder sees only the keypoints of frame t, the keypoints of the reference frame (frame 0 of the
     sequence) and the appearance features of the reference frame, and predicts the change from it. The
     features (what the dynamics see) are the keypoints flattened to ``(..., K * 3)``: x0, y0, mu0, x1, ...; the
-    agents see them gated by intensity (:func:`gate_by_intensity`).
+    agents see them gated by intensity (:meth:`observed`).
 
     Args:
         cfg: sizes and loss weights.
@@ -357,6 +361,10 @@ class KeypointAutoencoder(_FrameAutoencoder):
 
     def _flat(self, code: KeypointOutput, step: int | None = None) -> Tensor:
         return (code.keypoints if step is None else code.keypoints[:, step]).flatten(-2)
+
+    def observed(self, features: Tensor) -> Tensor:
+        """The keypoints gated by intensity, ``(mu x, mu y, mu)`` (:func:`gate_by_intensity`)."""
+        return gate_by_intensity(features)
 
     def _feature_maps(self, features: Tensor) -> Tensor:
         size = self.cfg.heatmap_width

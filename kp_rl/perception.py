@@ -28,7 +28,6 @@ import torch
 from gymnasium import spaces
 
 from kp_rl.dynamics import StepOutput, VRNNState
-from kp_rl.keypoints import gate_by_intensity
 from kp_rl.model import PerceptionModel, load, resolve_device
 
 ModelLike = PerceptionModel | str | Path
@@ -221,9 +220,8 @@ class Perception:
 
     def output(self, features: torch.Tensor, state: VRNNState | None) -> np.ndarray:
         """``(B, D [+ belief_dim])`` float32 numpy within the feature bounds (one device -> host copy): what the
-        agents observe. Keypoints as ``(mu x, mu y, mu)`` (:func:`~kp_rl.keypoints.gate_by_intensity`)."""
-        if self.model.representation == "keypoints":
-            features = gate_by_intensity(features)
+        agents observe: the autoencoder's ``observed`` features (keypoints as ``(mu x, mu y, mu)``)."""
+        features = self.model.autoencoder.observed(features)
         if state is not None:
             features = torch.cat([features, self.model.dynamics.belief(state)], dim=-1)
         low, high = self.bounds[state is not None]  # float rounding can leave x = 1 + 1e-7

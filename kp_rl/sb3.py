@@ -44,7 +44,6 @@ from stable_baselines3.common.type_aliases import ReplayBufferSamples
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kp_rl.keypoints import gate_by_intensity
 from kp_rl.perception import ModelLike, Perception
 from kp_rl.report import draw_keypoints
 
@@ -102,12 +101,12 @@ class _PerceptionExtractor(BaseFeaturesExtractor):
             frames = frames.movedim(-1, 1)
         frames = frames.unflatten(1, (self.n_stack, 3)) * self.scale - 0.5  # (B, n_stack, 3, H, W) in [-0.5, 0.5]
         with torch.set_grad_enabled(self.fine_tune and torch.is_grad_enabled()):
-            features = self.autoencoder.features(frames)  # (B, n_stack, feature_dim)
-            return (gate_by_intensity(features) if self.representation == "keypoints" else features).flatten(1)
+            return self.autoencoder.observed(self.autoencoder.features(frames)).flatten(1)
 
 
 class KeypointExtractor(_PerceptionExtractor):
-    """Pixels -> keypoints ``(mu x, mu y, mu) * K`` per frame (as the wrappers give them), as the policy's features (``features_dim = n_stack * K * 3``).
+    """Pixels -> keypoints ``(mu x, mu y, mu) * K`` per frame, as the wrappers give them, as the policy's features
+    (``features_dim = n_stack * K * 3``).
 
     Args:
         observation_space: uint8 image space, ``(3 * n_stack, H, W)`` as SB3 hands it (or channels-last).
