@@ -173,7 +173,9 @@ def model_for(agent: str, models: dict[str, Path]) -> Path | None:
 def run_cell(spec: ExperimentSpec, task: str, agent: str, seed: int, model: Path | None, runs: Path,
              progress: bool = True, device: str = "cpu") -> dict[str, Any]:
     """Train one cell's agent (resumes an unfinished run; a finished one returns its curve at once). The cell's
-    folder records what it holds (:mod:`kp_rl.runs`), so a cell never resumes another agent's or model's run."""
+    folder records what it holds (:mod:`kp_rl.runs`), so a cell never resumes another agent's or model's run.
+    It checkpoints at every evaluation: a pixel cell takes hours on a CPU core, and a session that ends loses
+    only the steps since the last evaluation."""
     from kp_rl.agents import train_agent
     from kp_rl.envs import get_spec
 
@@ -181,7 +183,8 @@ def run_cell(spec: ExperimentSpec, task: str, agent: str, seed: int, model: Path
     online = get_agent(agent).perception is not None  # ``model`` is then its shared prefix (or None)
     return train_agent(get_spec(task).env_id, agent, spec.agent_steps(task), out, seed=seed,
                        model=None if online else model, perception_prefix=model if online else None,
-                       eval_every=spec.eval_every, eval_episodes=spec.eval_episodes, device=device, progress=progress)
+                       eval_every=spec.eval_every, eval_episodes=spec.eval_episodes, checkpoint_every=spec.eval_every,
+                       device=device, progress=progress)
 
 
 def cell_result(results_dir: Path, task: str, agent: str, seed: int | None = None) -> Path:

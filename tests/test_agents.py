@@ -150,6 +150,20 @@ def test_local_grid_runs_perception_and_agents_on_the_chosen_device(tmp_path, mo
         experiment.run_experiment(spec, runs=tmp_path, results=tmp_path / "results", device="cuda:7")
 
 
+def test_grid_cells_checkpoint_at_every_evaluation(tmp_path, monkeypatch):
+    """A pixel cell takes hours on a CPU core: a session that ends must lose at most one evaluation interval."""
+    import kp_rl.agents
+    from kp_rl import experiment
+
+    calls = []
+    monkeypatch.setattr(kp_rl.agents, "train_agent", lambda *args, **kw: calls.append(kw) or {})
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text("name: tiny\ntasks: [cartpole-swingup]\nagents: [sac-state]\nseeds: [0]\nsteps: 80\n"
+                    "eval_every: 20\n")
+    experiment.run_cell(experiment.ExperimentSpec.from_yaml(spec), "cartpole-swingup", "sac-state", 0, None, tmp_path)
+    assert calls[0]["checkpoint_every"] == calls[0]["eval_every"] == 20
+
+
 def test_agent_run_folders_know_what_they_hold(model_path, tmp_path):
     from kp_rl.runs import RunMismatchError, read_run
 
@@ -217,6 +231,12 @@ def test_random_shift_moves_whole_images_within_the_padding():
     moves = torch.stack(centres) - torch.tensor([7.5, 7.5])
     assert moves.abs().max() <= 4 and len({tuple(m.tolist()) for m in moves}) > 10  # every image its own shift
     assert all(int(s[0].sum()) == 255 * 16 for s in shifted)  # the square moved whole, nothing lost
+    ramp = torch.arange(16 * 16, dtype=torch.float32).reshape(1, 1, 16, 16).repeat(8, 2, 1, 1)
+    shifted = random_shift(ramp, pad=4, generator=torch.Generator().manual_seed(1))
+    offsets = torch.randint(0, 9, (8, 2), generator=torch.Generator().manual_seed(1)) - 4
+    for image, (dy, dx) in zip(shifted, offsets.tolist()):  # the border repeats beyond the edge (replicate padding)
+        rows, cols = (torch.arange(16) + dy).clamp(0, 15), (torch.arange(16) + dx).clamp(0, 15)
+        assert image.equal(ramp[0][:, rows][:, :, cols])
     venv = make_vec_env("kp_rl/cartpole-swingup-v0", get_agent("sac-pixels-drq"), n_envs=1)  # NatureCNN: >= 36 px
     agent = kp_rl.agents.build_agent(get_agent("sac-pixels-drq"), venv)
     assert isinstance(agent.replay_buffer, RandomShiftReplayBuffer)
