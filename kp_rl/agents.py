@@ -46,7 +46,7 @@ class AgentSpec:
     name: str
     algo: str
     observation: str
-    policy: str = "MlpPolicy"
+    policy: str = "MlpPolicy"  # an SB3 policy name, or DrQCnnPolicy (kp_rl.sb3: SAC on pixels, one encoder)
     model: str = "none"  # none | autoencoder | dynamics: what --model must provide
     frame_stack: int = 1
     n_envs: int = 1
@@ -69,6 +69,8 @@ class AgentSpec:
             raise ValueError(f"agent {self.name}: augmentation must be one of {AUGMENTATIONS}, got {self.augmentation!r}")
         if self.augmentation != "none" and (self.algo != "SAC" or self.observation != "pixels"):
             raise ValueError(f"agent {self.name}: augmentation {self.augmentation!r} is for SAC on pixels")
+        if self.policy == "DrQCnnPolicy" and (self.algo != "SAC" or self.observation != "pixels"):
+            raise ValueError(f"agent {self.name}: policy DrQCnnPolicy is for SAC on pixels")
         if self.perception is not None:
             if not self.needs_model or self.algo != "SAC" or self.n_envs != 1 or self.frame_stack != 1:
                 raise ValueError(f"agent {self.name}: a perception schedule is for SAC keypoint / cnn-vrnn agents "
@@ -208,8 +210,11 @@ def build_agent(spec: AgentSpec, venv: Any, seed: int = 0, tensorboard_log: str 
         from kp_rl.sb3 import RandomShiftReplayBuffer
 
         extra["replay_buffer_class"] = RandomShiftReplayBuffer
+    policy: Any = spec.policy
+    if policy == "DrQCnnPolicy":  # ours (kp_rl.sb3); other names are SB3's
+        from kp_rl.sb3 import DrQCnnPolicy as policy
     try:
-        return algo(spec.policy, venv, seed=seed, tensorboard_log=tensorboard_log, device=device, verbose=0,
+        return algo(policy, venv, seed=seed, tensorboard_log=tensorboard_log, device=device, verbose=0,
                     policy_kwargs=dict(spec.policy_kwargs), **spec.hyperparameters, **extra)
     except TypeError as exc:  # an unknown hyperparameter or policy keyword of the agent's YAML
         raise ValueError(f"agent {spec.name}: {spec.algo} rejects its hyperparameters / policy_kwargs: {exc}") from exc
@@ -346,6 +351,23 @@ def _online_model(env_id: str, spec: AgentSpec, schedule: "PerceptionSchedule", 
                                       "online": True}).eval()
 
 
+def _size_replay_buffer(buffer: Any, transitions: int) -> None:
+    """Give an SB3 replay buffer room for ``transitions`` (a run never stores more than its budget): its arrays are
+    cut or grown, what they hold kept. SB3 allocates the whole ``buffer_size`` up front and a checkpoint pickles
+    all of it: 7.4 GB for 100k transitions of 3 stacked 64x64 frames, where a 12,500-step run fills 0.9 GB."""
+    size = max(-(-transitions // buffer.n_envs), 1)
+    held = buffer.buffer_size if buffer.full else buffer.pos
+    if buffer.buffer_size == size or held > size or (buffer.full and buffer.pos):  # the last: it has evicted
+        return
+    for name in ("observations", "next_observations", "actions", "rewards", "dones", "timeouts"):
+        old = getattr(buffer, name, None)
+        if isinstance(old, np.ndarray):
+            new = np.zeros((size, *old.shape[1:]), old.dtype)
+            new[:held] = old[:held]
+            setattr(buffer, name, new)
+    buffer.buffer_size, buffer.pos, buffer.full = size, held % size, held == size
+
+
 def _train(spec: AgentSpec, venv: Any, eval_env: Any, steps: int, out: Path, identity: dict[str, Any],
            found: dict[str, Any] | None, seed: int, eval_every: int, eval_episodes: int, device: str,
            checkpoint_every: int, progress: bool, previous: dict[str, Any] | None,
@@ -372,6 +394,8 @@ def _train(spec: AgentSpec, venv: Any, eval_env: Any, steps: int, out: Path, ide
             algo.learning_starts = max(algo.learning_starts, online.schedule.prefix)
             if online.prefix is not None:  # the prefix was taken (shared with other runs): start after it
                 online.start_from_prefix(online.prefix, algo)
+    if hasattr(algo, "replay_buffer"):
+        _size_replay_buffer(algo.replay_buffer, min(int(spec.hyperparameters.get("buffer_size", steps)), steps))
     curve.update(budget=steps, eval_every=eval_every, eval_episodes=eval_episodes, done=False)
     start_run(out, identity, found)  # the work starts: the folder and its run.json exist from here on
 

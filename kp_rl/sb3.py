@@ -1,5 +1,5 @@
-"""Stable-Baselines3 pieces: features extractors over a trained perception model, DrQ-style random shifts of
-replay-buffer samples, and a TensorBoard callback.
+"""Stable-Baselines3 pieces: features extractors over a trained perception model, DrQ's random shifts of
+replay-buffer samples and its one-encoder SAC policy, and a TensorBoard callback.
 
 A frozen encoder is cheaper as a wrapper (:class:`kp_rl.wrappers.KeypointObservation`: encoded once per env
 step, not again for every replay-buffer sample); the extractor is the way to train it with the agent.
@@ -40,13 +40,16 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Image
 from stable_baselines3.common.preprocessing import is_image_space_channels_first
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
-from stable_baselines3.common.type_aliases import ReplayBufferSamples
+from stable_baselines3.common.policies import ContinuousCritic
+from stable_baselines3.common.type_aliases import ReplayBufferSamples, Schedule
+from stable_baselines3.sac.policies import Actor, CnnPolicy
 from torch import Tensor, nn
 
 from kp_rl.perception import ModelLike, Perception
 from kp_rl.report import draw_keypoints
 
-__all__ = ["CNNExtractor", "KeypointExtractor", "KeypointOverlayCallback", "RandomShiftReplayBuffer", "random_shift"]
+__all__ = ["CNNExtractor", "DrQCnnPolicy", "KeypointExtractor", "KeypointOverlayCallback", "RandomShiftReplayBuffer",
+           "random_shift"]
 
 
 # ------------------------------------------------------------------------------------- features extractors
@@ -272,3 +275,52 @@ class RandomShiftReplayBuffer(ReplayBuffer):
         samples = super()._get_samples(batch_inds, env)
         return samples._replace(observations=random_shift(samples.observations, self.pad),
                                 next_observations=random_shift(samples.next_observations, self.pad))
+
+
+# ------------------------------------------------------------------------------------------ DrQ's encoder
+
+
+class _EncoderTrainedByCritic(ContinuousCritic):
+    """SAC's critic whose image encoder learns from the TD loss only: where the actions carry the actor's gradient
+    (the actor's loss), the features are computed without one."""
+
+    def forward(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, ...]:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not actions.requires_grad):
+            features = self.extract_features(obs, self.features_extractor)
+        return tuple(q_net(torch.cat([features, actions], dim=1)) for q_net in self.q_networks)
+
+
+class _ActorOnDetachedFeatures(Actor):
+    """SAC's actor reading the critic's encoder without training it."""
+
+    def extract_features(self, obs: Tensor, features_extractor: BaseFeaturesExtractor) -> Tensor:
+        with torch.no_grad():
+            return super().extract_features(obs, features_extractor)
+
+
+class DrQCnnPolicy(CnnPolicy):
+    """SAC's ``CnnPolicy`` with one image encoder, as DrQ has it (Kostrikov et al. 2021, after SAC-AE): the critic's
+    loss trains it, the actor reads its features detached, the target critic keeps its own slowly updated copy.
+    SB3's default gives the actor and the critic an encoder each and trains the actor's through the policy loss;
+    with one encoder a SAC update also runs one encoder backward pass instead of three.
+    ``SAC(DrQCnnPolicy, env, replay_buffer_class=RandomShiftReplayBuffer)``; the keyword arguments are ``CnnPolicy``'s.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "share_features_extractor": True})
+
+    def make_actor(self, features_extractor: BaseFeaturesExtractor | None = None) -> Actor:
+        return _ActorOnDetachedFeatures(**self._update_features_extractor(self.actor_kwargs, features_extractor)).to(
+            self.device)
+
+    def make_critic(self, features_extractor: BaseFeaturesExtractor | None = None) -> ContinuousCritic:
+        return _EncoderTrainedByCritic(**self._update_features_extractor(self.critic_kwargs, features_extractor)).to(
+            self.device)
+
+    def _build(self, lr_schedule: Schedule) -> None:
+        super()._build(lr_schedule)  # SB3's sharing: the actor's optimizer would train the encoder, the critic's not
+        encoder = {id(p) for p in self.actor.features_extractor.parameters()}
+        self.actor.optimizer = self.optimizer_class([p for p in self.actor.parameters() if id(p) not in encoder],
+                                                    lr=lr_schedule(1), **self.optimizer_kwargs)
+        self.critic.optimizer = self.optimizer_class(self.critic.parameters(), lr=lr_schedule(1),
+                                                     **self.optimizer_kwargs)

@@ -164,6 +164,40 @@ def test_grid_cells_checkpoint_at_every_evaluation(tmp_path, monkeypatch):
     assert calls[0]["checkpoint_every"] == calls[0]["eval_every"] == 20
 
 
+def test_replay_buffers_hold_the_budget_and_grow_when_a_run_is_extended(tmp_path):
+    """SB3 allocates (and a checkpoint pickles) the whole buffer_size: a run sizes it to its budget, keeping the
+    same transitions and samples; a bigger budget later grows it with what it holds."""
+    import gymnasium
+    from stable_baselines3.common.buffers import ReplayBuffer
+    from stable_baselines3.common.save_util import load_from_pkl
+
+    from kp_rl.agents import _size_replay_buffer
+
+    kwargs = dict(eval_every=8, eval_episodes=1, env_kwargs={"image_size": 32}, progress=False)
+    train_agent("kp_rl/cartpole-swingup-v0", "sac-state", 8, tmp_path / "run", **kwargs)
+    buffer = load_from_pkl(tmp_path / "run" / "replay_buffer.pkl")
+    assert get_agent("sac-state").hyperparameters["buffer_size"] == 100_000
+    assert buffer.buffer_size == 8 and buffer.observations.shape[0] == 8
+    held = buffer.pos  # the checkpoint is taken at step 8, before SB3 stores that step's transition
+    first = buffer.observations[:held].copy()
+    train_agent("kp_rl/cartpole-swingup-v0", "sac-state", 12, tmp_path / "run", **kwargs)
+    buffer = load_from_pkl(tmp_path / "run" / "replay_buffer.pkl")
+    assert buffer.buffer_size == 12 and buffer.pos > held and np.array_equal(buffer.observations[:held], first)
+
+    space = gymnasium.spaces.Box(-1, 1, (2,), np.float32)
+    full = ReplayBuffer(6, space, space)
+    for i in range(7):  # one more than it holds: it has evicted, and is left as it is
+        full.add(np.full((1, 2), i), np.full((1, 2), i), np.zeros((1, 2)), np.zeros(1), np.zeros(1), [{}])
+    _size_replay_buffer(full, 10)
+    assert full.buffer_size == 6 and full.pos == 1
+    partial = ReplayBuffer(100, space, space)
+    for i in range(3):
+        partial.add(np.full((1, 2), i), np.full((1, 2), i), np.zeros((1, 2)), np.zeros(1), np.zeros(1), [{}])
+    _size_replay_buffer(partial, 5)
+    assert partial.buffer_size == 5 and partial.pos == 3 and not partial.full
+    assert partial.observations[:3, 0, 0].tolist() == [0, 1, 2] and partial.sample(4).observations.shape == (4, 2)
+
+
 def test_agent_run_folders_know_what_they_hold(model_path, tmp_path):
     from kp_rl.runs import RunMismatchError, read_run
 
@@ -207,6 +241,7 @@ def test_every_agent_of_an_algorithm_shares_its_hyperparameters(tmp_path, monkey
         assert len({json.dumps(s.policy_kwargs, sort_keys=True) for s in specs}) == 1, algo
     assert catalog["sac-pixels"].hyperparameters["batch_size"] == catalog["sac-state"].hyperparameters["batch_size"]
     assert catalog["sac-pixels-drq"].augmentation == "random-shift" and catalog["sac-pixels"].augmentation == "none"
+    assert catalog["sac-pixels-drq"].policy == "DrQCnnPolicy" and catalog["sac-pixels"].policy == "CnnPolicy"
     folder = tmp_path / "agents"
     shutil.copytree(kp_rl.agents.agents_dir(), folder)
     (folder / "sac-odd.yaml").write_text("algo: SAC\nobservation: state\nhyperparameters: {batch_size: 64}\n")
@@ -216,9 +251,12 @@ def test_every_agent_of_an_algorithm_shares_its_hyperparameters(tmp_path, monkey
     (folder / "sac-odd.yaml").write_text("algo: PPO\nobservation: state\naugmentation: random-shift\n")
     with pytest.raises(ValueError, match="augmentation 'random-shift' is for SAC on pixels"):
         load_agent_catalog()
+    (folder / "sac-odd.yaml").write_text("algo: SAC\nobservation: state\npolicy: DrQCnnPolicy\n")
+    with pytest.raises(ValueError, match="policy DrQCnnPolicy is for SAC on pixels"):
+        load_agent_catalog()
 
 
-def test_random_shift_moves_whole_images_within_the_padding():
+def test_random_shift_moves_whole_images_within_the_padding(tmp_path):
     import torch
 
     from kp_rl.sb3 import RandomShiftReplayBuffer, random_shift
@@ -244,6 +282,31 @@ def test_random_shift_moves_whole_images_within_the_padding():
     agent.learn(12)  # samples, shifts and updates
     batch = agent.replay_buffer.sample(4)
     assert batch.observations.shape == (4, 9, 64, 64)
+
+    # DrQ's one encoder: the critic's loss trains it, the actor reads it detached, the target keeps its own copy
+    from stable_baselines3 import SAC
+
+    from kp_rl.sb3 import DrQCnnPolicy
+
+    policy = agent.policy
+    assert isinstance(policy, DrQCnnPolicy) and policy.actor.features_extractor is policy.critic.features_extractor
+    assert policy.critic_target.features_extractor is not policy.critic.features_extractor
+    encoder = list(policy.critic.features_extractor.parameters())
+    optimised = {name: {id(p) for group in opt.param_groups for p in group["params"]}
+                 for name, opt in (("actor", policy.actor.optimizer), ("critic", policy.critic.optimizer))}
+    assert {id(p) for p in encoder} <= optimised["critic"] and not {id(p) for p in encoder} & optimised["actor"]
+    actions, _ = policy.actor.action_log_prob(batch.observations)
+    policy.zero_grad(set_to_none=True)
+    torch.cat(policy.critic(batch.observations, actions), dim=1).mean().backward()  # the actor's loss
+    assert all(p.grad is None for p in encoder)
+    assert all(p.grad is not None for p in policy.actor.mu.parameters())
+    torch.cat(policy.critic(batch.observations, batch.actions), dim=1).mean().backward()  # the critic's loss
+    assert all(p.grad is not None for p in encoder)
+    agent.save(tmp_path / "agent.zip")
+    loaded = SAC.load(tmp_path / "agent.zip", env=venv)
+    assert isinstance(loaded.policy, DrQCnnPolicy)
+    observation = venv.reset()
+    assert np.allclose(loaded.predict(observation, deterministic=True)[0], agent.predict(observation, deterministic=True)[0])
     venv.close()
 
 
