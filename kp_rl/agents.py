@@ -280,7 +280,8 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
     found = previous and {"command": "rl", "stage": "agent", **{k: previous.get(k) for k in ("agent", "env_id", "seed")}}
     model_file = checkpoint_file(model).resolve() if isinstance(model, (str, Path)) else None
     schedule = spec.schedule if model is None else None  # no model: perception learned online (kp_rl.online)
-    identity = {"command": "rl", "stage": "agent", "agent": spec.name, "algo": spec.algo,
+    identity = {"command": "rl", "stage": "agent", "agent": spec.name, "algo": spec.algo, "policy": spec.policy,
+                "augmentation": spec.augmentation,
                 "observation": spec.observation, "env_id": env_id, "seed": seed, "env_kwargs": env_kwargs or None,
                 "model": str(model_file) if model_file else None,
                 "model_sha256": checkpoint_hash(model_file) if model_file else None,

@@ -209,7 +209,11 @@ def test_agent_run_folders_know_what_they_hold(model_path, tmp_path):
     assert {k: recorded[k] for k in ("command", "stage", "agent", "algo", "env_id", "seed")} == {
         "command": "rl", "stage": "agent", "agent": "sac-state", "algo": "SAC",
         "env_id": "kp_rl/cartpole-swingup-v0", "seed": 3}
+    assert recorded["policy"] == "MlpPolicy" and recorded["augmentation"] == "none"
     before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(RunMismatchError, match="holds policy='MlpPolicy', not policy='CnnPolicy'"):
+        train_agent("kp_rl/cartpole-swingup-v0", dataclasses.replace(spec, policy="CnnPolicy"), 8, tmp_path / "run",
+                    **kwargs)  # a catalog entry changed under a run: its saved agent is another one
     with pytest.raises(RunMismatchError, match="holds agent='sac-state', algo='SAC', observation='state', not "
                                                "agent='ppo-keypoints', algo='PPO', observation='keypoints'"):
         train_agent("kp_rl/cartpole-swingup-v0", "ppo-keypoints", 8, tmp_path / "run", model=model_path, **kwargs)
