@@ -116,8 +116,9 @@ SPECS["cpu_ae16k"] = {**SPECS["cpu_ae8k"], "ae_steps": 16_000, "compare_with": "
 
 
 # ------------------------------------------------------------------------------------------------------ data
-def datasets(task: str, spec: dict[str, Any], data: Path) -> tuple[Path, Path]:
-    """The task's training dataset (seed 0) and its test dataset (seed 1), collected once (resumable)."""
+def datasets(task: str, spec: dict[str, Any], data: Path, workers: int = 1) -> tuple[Path, Path]:
+    """The task's training dataset (seed 0) and its test dataset (seed 1), collected once (resumable) by
+    ``workers`` processes."""
     env_kwargs = {"image_size": spec["image_size"]} if spec["image_size"] else {}
     episode_frames = (spec["max_steps"] or kp_rl.envs.get_spec(task).max_episode_steps) + 1
     train = spec["train_episodes"].get(task) or max(4, round(spec["default_train_frames"] / episode_frames))
@@ -125,7 +126,7 @@ def datasets(task: str, spec: dict[str, Any], data: Path) -> tuple[Path, Path]:
     suffix = f"-{data_name}" if data_name != "cpu" else ""
     roots = data / f"{task}{suffix}", data / f"{task}{suffix}-test"
     for root, episodes, seed in ((roots[0], train, 0), (roots[1], spec["test_episodes"], 1)):
-        collect(task, root, episodes, seed=seed, workers=1, max_steps=spec["max_steps"], env_kwargs=env_kwargs,
+        collect(task, root, episodes, seed=seed, workers=workers, max_steps=spec["max_steps"], env_kwargs=env_kwargs,
                 progress=False)
     return roots
 
@@ -639,6 +640,9 @@ def main() -> None:
     parser.add_argument("--export-pretrained", action="store_true",
                         help="also ship each task's Struct-VRNN seed 0 as kp_rl/pretrained/<task>.pt + model card")
     parser.add_argument("--data", default="data", help="dataset folder (default: data)")
+    parser.add_argument("--collect-workers", type=int, default=1,
+                        help="processes collecting a missing dataset (default: 1; the gpu spec's six tasks need"
+                             " ~9 min on one core)")
     parser.add_argument("--runs", default="runs/reward_prediction", help="checkpoints (default: runs/reward_prediction)")
     parser.add_argument("--out", default=None,
                         help="default: results/reward_prediction (cpu), results/reward_prediction/<spec> (others)")
@@ -649,7 +653,7 @@ def main() -> None:
     methods = args.methods or list(METHODS)
     out, runs, start = Path(args.out), Path(args.runs) / args.spec, time.perf_counter()
     models = Path(spec["models_dir"])
-    roots = {task: datasets(task, spec, Path(args.data)) for task in tasks}  # (resumes; quick once collected)
+    roots = {task: datasets(task, spec, Path(args.data), args.collect_workers) for task in tasks}  # (resumes; quick once collected)
 
     # the cells in the order they are worth having: the state reference first (no autoencoder), then per
     # autoencoder seed its autoencoders and the VRNNs on them, headline methods before ablations

@@ -9,6 +9,14 @@
 #                                            wrapper and agent benchmarks on cuda; a log, JSON and PNGs go to OUT
 #                                            (default: $OUT, else results/device_check)
 #
+#   bash scripts/device_check.sh cells [OUT] [MINUTES] [SPEC]
+#                                            there, after run (or alone: it installs the same way): the
+#                                            reward-prediction grid (experiments/reward_prediction.py, spec gpu by
+#                                            default) on the GPU, 8 cells at a time, starting no cell after MINUTES
+#                                            (default 6); the finished cells and the autoencoder weights come back
+#                                            as two archives in OUT: unpack them into results/reward_prediction/
+#                                            <spec>/ and commit, and the grid resumes from them
+#
 # Every step has its own time limit (510 s in all), so that the run fits one 10-minute device call.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -25,9 +33,8 @@ prepare() {
   du -sh .whl .gl
 }
 
-run() {
-  local out=${1:-${OUT:-results/device_check}}
-  mkdir -p "$out"
+setup() {  # the carried wheels and GL loaders, once per machine
+  [ -n "${KP_RL_SETUP_DONE:-}" ] && return 0
   if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       .whl/*.whl || exit 1
@@ -36,11 +43,33 @@ run() {
     export PYTHONPATH=$PWD
   fi
   export MUJOCO_GL=egl PYTHONUNBUFFERED=1
-  local device=${KP_RL_TEST_DEVICE:-cuda}  # cpu: a dry run of this script where there is no GPU
-  if [ -d .gl ] && [ "$device" != cpu ]; then  # GL/EGL loaders into / (the device machine is bare and given back)
+  if [ -d .gl ] && [ "${KP_RL_TEST_DEVICE:-cuda}" != cpu ]; then  # GL/EGL loaders into / (a bare, given-back machine)
     for f in .gl/*.deb; do dpkg -x "$f" /; done
     ldconfig
   fi
+  export KP_RL_SETUP_DONE=1
+}
+
+cells() {
+  local out=${1:-${OUT:-results/device_check}} minutes=${2:-6} spec=${3:-gpu}
+  local work=/tmp/kp_rl_cells/reward_prediction_$spec
+  setup || return 1
+  mkdir -p "$out" "$work"
+  timeout $(( minutes * 60 + 240 )) python3 experiments/reward_prediction.py --spec "$spec" --workers 8 --collect-workers 12 \
+    --max-hours "$(python3 -c "print($minutes / 60)")" --out "$work" --runs /tmp/kp_rl_runs \
+    > "$out/reward_prediction_$spec.log" 2>&1
+  # what comes back from a device machine is at most 8 files of <= 16 MiB: the cells' JSON in one archive, the
+  # autoencoder weights (a resume's starting point) in another
+  tar czf "$out/reward_prediction_${spec}_cells.tgz" -C "$work" --exclude "*.png" --exclude models .
+  [ -d "$work/models" ] && tar czf "$out/reward_prediction_${spec}_models.tgz" -C "$work" models
+  ls -la "$out"
+}
+
+run() {
+  local out=${1:-${OUT:-results/device_check}}
+  mkdir -p "$out"
+  setup || exit 1
+  local device=${KP_RL_TEST_DEVICE:-cuda}  # cpu: a dry run of this script where there is no GPU
   local log="$out/device_check.log"  # one log: what comes back from a device machine is at most 8 files
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "no nvidia-smi"; } | tee "$log"
   local status=0
@@ -63,5 +92,6 @@ run() {
 case "${1:-}" in
   prepare) prepare ;;
   run) shift; run "$@" ;;
-  *) echo "usage: bash scripts/device_check.sh prepare | run [OUT]" >&2; exit 2 ;;
+  cells) shift; cells "$@" ;;
+  *) echo "usage: bash scripts/device_check.sh prepare | run [OUT] | cells [OUT] [MINUTES] [SPEC]" >&2; exit 2 ;;
 esac
