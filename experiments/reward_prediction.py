@@ -653,7 +653,8 @@ def main() -> None:
     methods = args.methods or list(METHODS)
     out, runs, start = Path(args.out), Path(args.runs) / args.spec, time.perf_counter()
     models = Path(spec["models_dir"])
-    roots = {task: datasets(task, spec, Path(args.data), args.collect_workers) for task in tasks}  # (resumes; quick once collected)
+    # (resumes; quick once collected)
+    roots = {task: datasets(task, spec, Path(args.data), args.collect_workers) for task in tasks}
 
     # the cells in the order they are worth having: the state reference first (no autoencoder), then per
     # autoencoder seed its autoencoders and the VRNNs on them, headline methods before ablations

@@ -395,8 +395,8 @@ def _train(spec: AgentSpec, venv: Any, eval_env: Any, steps: int, out: Path, ide
             algo.learning_starts = max(algo.learning_starts, online.schedule.prefix)
             if online.prefix is not None:  # the prefix was taken (shared with other runs): start after it
                 online.start_from_prefix(online.prefix, algo)
-    if hasattr(algo, "replay_buffer"):
-        _size_replay_buffer(algo.replay_buffer, min(int(spec.hyperparameters.get("buffer_size", steps)), steps))
+    if hasattr(algo, "replay_buffer"):  # off-policy: room for the run's budget, at most the algorithm's buffer_size
+        _size_replay_buffer(algo.replay_buffer, min(algo.buffer_size, steps))
     curve.update(budget=steps, eval_every=eval_every, eval_episodes=eval_episodes, done=False)
     start_run(out, identity, found)  # the work starts: the folder and its run.json exist from here on
 

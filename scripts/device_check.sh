@@ -55,8 +55,8 @@ cells() {
   local work=/tmp/kp_rl_cells/reward_prediction_$spec
   setup || return 1
   mkdir -p "$out" "$work"
-  timeout $(( minutes * 60 + 240 )) python3 experiments/reward_prediction.py --spec "$spec" --workers 8 --collect-workers 12 \
-    --max-hours "$(python3 -c "print($minutes / 60)")" --out "$work" --runs /tmp/kp_rl_runs \
+  timeout $(( minutes * 60 + 240 )) python3 experiments/reward_prediction.py --spec "$spec" --workers 8 \
+    --collect-workers 12 --max-hours "$(python3 -c "print($minutes / 60)")" --out "$work" --runs /tmp/kp_rl_runs \
     > "$out/reward_prediction_$spec.log" 2>&1
   # what comes back from a device machine is at most 8 files of <= 16 MiB: the cells' JSON in one archive, the
   # autoencoder weights (a resume's starting point) in another

@@ -310,7 +310,8 @@ def test_random_shift_moves_whole_images_within_the_padding(tmp_path):
     loaded = SAC.load(tmp_path / "agent.zip", env=venv)
     assert isinstance(loaded.policy, DrQCnnPolicy)
     observation = venv.reset()
-    assert np.allclose(loaded.predict(observation, deterministic=True)[0], agent.predict(observation, deterministic=True)[0])
+    assert np.allclose(loaded.predict(observation, deterministic=True)[0],
+                       agent.predict(observation, deterministic=True)[0])
     venv.close()
 
 
