@@ -5,7 +5,8 @@ wrappers compute it, for three agents: ``keypoints`` (one frame), ``keypoints x2
 ``sac-keypoints`` sees) and ``keypoints+belief`` (the VRNN belief after every frame so far, what
 ``sac-keypoints-belief`` sees). A ridge readout (``kp_rl.metrics.fit_ridge``) fitted on the training episodes
 predicts each dimension of the env's true state (dm_control's observation vector, e.g. cartpole: cart position,
-pole cos / sin, cart and pole velocities), and so does an MLP of SAC's width (two layers of 256, ReLU) trained on
+pole cos / sin, cart and pole velocities) and each tracked object's pixel position (``true_object_pos``, e.g.
+reacher's target), and so does an MLP of SAC's width (two layers of 256, ReLU) trained on
 the same pairs; the held-out R² per dimension says what a linear head, and what a network like SAC's, can read
 (a velocity is a nonlinear function of two frames' keypoints: the MLP is the fairer probe for stacked frames).
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from kp_rl.bench import machine
-from kp_rl.data import SequenceDataset
+from kp_rl.data import SequenceDataset, read_manifest
 from kp_rl.files import write_json, write_text
 from kp_rl.metrics import fit_ridge, predict_ridge, reward_prediction_error
 from kp_rl.perception import Perception
@@ -44,6 +45,20 @@ def state_names(task: str) -> list[str]:
     spec = suite.load(domain, name).observation_spec()
     return [f"{key}[{i}]" if int(np.prod(v.shape)) > 1 else key
             for key, v in spec.items() for i in range(int(np.prod(v.shape)))]
+
+
+def targets(episode: dict[str, np.ndarray]) -> np.ndarray:
+    """``(L, S [+ 2 * objects])``: the true state, then each tracked object's pixel column and row (when the
+    dataset has them: e.g. reacher's target, which sits still through an episode)."""
+    objects = episode.get("true_object_pos")
+    return episode["state"] if objects is None else np.concatenate(
+        [episode["state"], objects.reshape(len(objects), -1)], axis=1)
+
+
+def object_names(root: Path) -> list[str]:
+    """``<object>.x``, ``<object>.y`` for the objects a dataset's manifest names (none: an empty list)."""
+    names = read_manifest(root).get("object_names", [])
+    return [f"{name}.{axis}" for name in names for axis in "xy"]
 
 
 def observations(perception: Perception, episodes: list[dict[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
@@ -128,8 +143,8 @@ def probe(model: str, train: list[dict[str, np.ndarray]], test: list[dict[str, n
     """Per agent: held-out R² per state dimension of the linear and the MLP readout."""
     perception = Perception(model, need_dynamics=False, who="state_probe", num_threads=None)
     obs_train, obs_test = observations(perception, train), observations(perception, test)
-    y_train = np.concatenate([e["state"] for e in train])
-    y_test = np.concatenate([e["state"] for e in test])
+    y_train = np.concatenate([targets(e) for e in train])
+    y_test = np.concatenate([targets(e) for e in test])
     out = {}
     for agent in (a for a in AGENTS if obs_train[a]):
         x_train, x_test = np.concatenate(obs_train[agent]), np.concatenate(obs_test[agent])
@@ -176,7 +191,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/state_probe"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    keys = ("image", "action", "state")
+    keys = ("image", "action", "state", "true_object_pos")
     test = list(SequenceDataset(args.data / f"{args.task}-test", 1, split="all", keys=keys).episodes)
     models = dict(m.split("=", 1) for m in args.models)
     if args.jitter:
@@ -189,7 +204,8 @@ def main() -> None:
                   "mean squared step raw / gated:", np.round(j["raw_step"], 3), np.round(j["gated_step"], 3))
         return
     train = list(SequenceDataset(args.data / args.task, 1, split="all", keys=keys).episodes)[:args.episodes]
-    results: dict[str, Any] = {"task": args.task, "state_names": state_names(args.task), "ridge": args.ridge, "mlp_steps": args.mlp_steps,
+    names = state_names(args.task) + object_names(args.data / args.task)
+    results: dict[str, Any] = {"task": args.task, "state_names": names, "ridge": args.ridge, "mlp_steps": args.mlp_steps,
                                "data": str(args.data / args.task), "episodes": {"train": len(train), "test": len(test)},
                                "machine": machine(), "models": {}}
     for name, path in models.items():

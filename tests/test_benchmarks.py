@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -66,11 +67,19 @@ def test_state_probe_scores_each_observation_of_each_model(tmp_path: Path) -> No
     run("state_probe.py", "--data", str(tmp_path / "data"), "--models", f"tiny={tmp_path / 'tiny.pt'}",
         "--mlp-steps", "5", "--notes", "tiny=untrained", "--out", str(tmp_path / "out"))
     report = json.loads((tmp_path / "out" / "cartpole-swingup" / "results.json").read_text())
-    assert report["state_names"] == ["position[0]", "position[1]", "position[2]", "velocity[0]", "velocity[1]"]
+    # the state, then every tracked object's pixel position (cartpole: its bodies)
+    objects = json.loads((tmp_path / "data" / "cartpole-swingup" / "manifest.json").read_text())["object_names"]
+    assert report["state_names"] == ["position[0]", "position[1]", "position[2]", "velocity[0]", "velocity[1]"] + [
+        f"{name}.{axis}" for name in objects for axis in "xy"] and objects
     assert report["episodes"] == {"train": 3, "test": 3}
     scores = report["models"]["tiny"]
     assert set(scores) == {"keypoints", "keypoints x2", "keypoints+belief"}
-    assert all(len(v) == 5 and all(r <= 1.0 for r in v) for probes in scores.values() for v in probes.values())
+    width = len(report["state_names"])
+    assert all(len(v) == width for probes in scores.values() for v in probes.values())
+    # R² is at most 1; nan only for a column constant on the held-out episodes (the cart's pixel row)
+    assert all(r <= 1.0 for probes in scores.values() for v in probes.values() for r in v[:5])
+    assert all(r <= 1.0 or (math.isnan(r) and name == "cart.y") for probes in scores.values()
+               for v in probes.values() for r, name in zip(v, report["state_names"]))
     assert "| tiny | keypoints+belief | mlp |" in (tmp_path / "out" / "cartpole-swingup" / "README.md").read_text()
     run("state_probe.py", "--data", str(tmp_path / "data"), "--models", f"tiny={tmp_path / 'tiny.pt'}", "--jitter",
         "--out", str(tmp_path / "out"))
