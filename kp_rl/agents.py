@@ -369,6 +369,15 @@ def _size_replay_buffer(buffer: Any, transitions: int) -> None:
     buffer.buffer_size, buffer.pos, buffer.full = size, held % size, held == size
 
 
+def _check_checkpoint(out: Path, algo: Any, curve: dict[str, Any]) -> None:
+    """Refuse to resume from parts of different checkpoints: an agent saved at other agent steps than its curve
+    (a checkpoint torn by a save stopped half-way, as saves could be before they were staged)."""
+    saved = curve.get("agent_steps", algo.num_timesteps)
+    if algo.num_timesteps != saved:
+        raise ValueError(f"{out} holds a torn checkpoint (the agent at {algo.num_timesteps} agent steps, its curve "
+                         f"at {saved}); delete the folder to rerun the run")
+
+
 def _train(spec: AgentSpec, venv: Any, eval_env: Any, steps: int, out: Path, identity: dict[str, Any],
            found: dict[str, Any] | None, seed: int, eval_every: int, eval_episodes: int, device: str,
            checkpoint_every: int, progress: bool, previous: dict[str, Any] | None,
@@ -389,6 +398,7 @@ def _train(spec: AgentSpec, venv: Any, eval_env: Any, steps: int, out: Path, ide
                                             tensorboard_log=str(out / "tb"))
         if buffer_path.exists() and hasattr(algo, "load_replay_buffer"):
             algo.load_replay_buffer(buffer_path)
+        _check_checkpoint(out, algo, curve)
     else:
         algo = build_agent(spec, venv, seed=seed, tensorboard_log=str(out / "tb"), device=device)
         if online is not None:  # the random-action prefix is the SAC warm-up: nothing learns before the first fit
@@ -401,18 +411,22 @@ def _train(spec: AgentSpec, venv: Any, eval_env: Any, steps: int, out: Path, ide
     start_run(out, identity, found)  # the work starts: the folder and its run.json exist from here on
 
     def save() -> None:
-        tmp = out / ".agent.tmp.zip"
-        algo.save(tmp)
-        tmp.replace(agent_path)
+        """A checkpoint: every part written in full under a temporary name first, then all renamed into place
+        (the slow writes, e.g. a pixel replay buffer, are over before the first rename): a run stopped while
+        saving keeps its previous checkpoint whole, not a newer agent beside an older buffer or curve."""
+        staged = [(out / ".agent.tmp.zip", agent_path)]
+        algo.save(staged[0][0])
         if hasattr(algo, "save_replay_buffer"):
-            tmp_buffer = out / ".replay_buffer.tmp.pkl"
-            algo.save_replay_buffer(tmp_buffer)
-            tmp_buffer.replace(buffer_path)
+            staged.append((out / ".replay_buffer.tmp.pkl", buffer_path))
+            algo.save_replay_buffer(staged[-1][0])
         curve["agent_steps"] = int(algo.num_timesteps)
         if online is not None:
-            online.save()
+            staged.append(online.save())
             curve["perception_fits"] = online.fits
-        write_json(curve_path, curve)
+        staged.append((out / ".curve.tmp.json", curve_path))
+        write_json(staged[-1][0], curve)
+        for tmp, final in staged:
+            tmp.replace(final)
 
     clock = {"start": time.perf_counter(), "spent": curve["seconds"][-1] if curve["seconds"] else 0.0}
     bar = tqdm(total=steps, initial=algo.num_timesteps, unit="step", desc=f"rl {spec.name}", disable=not progress)

@@ -219,15 +219,19 @@ class OnlinePerception:
         return {"image": np.stack(episode["image"]).astype(np.uint8), "action": np.stack(episode["action"]),
                 "reward": np.asarray(episode["reward"], np.float32)}
 
-    def save(self) -> None:
+    def save(self) -> tuple[Path, Path]:
         """Persist what a resume needs (called with every agent checkpoint): the episode in progress is kept as a
-        finished one (a resumed agent starts a new episode), with the replay buffer's map to episode steps."""
+        finished one (a resumed agent starts a new episode), with the replay buffer's map to episode steps. The
+        state is written under a temporary name: returns ``(temporary, final)`` for the caller to rename when the
+        rest of its checkpoint is written."""
         episodes = len(self.episodes)
         if self.current is not None and len(self.current["image"]) > 1:
             save_episode(self._episode_file(episodes), self._finish(self.current))
             episodes += 1
-        write_json(self.root / "state.json", {"episodes": episodes, "fits": self.fits,
-                                              "buffer_map": {str(k): list(v) for k, v in self.buffer_map.items()}})
+        staged = self.root / ".state.tmp.json", self.root / "state.json"
+        write_json(staged[0], {"episodes": episodes, "fits": self.fits,
+                               "buffer_map": {str(k): list(v) for k, v in self.buffer_map.items()}})
+        return staged
 
     def maybe_fit(self, agent_steps: int, algo: Any) -> bool:
         """Fit when the schedule says so (fit n at ``prefix + n * refit_every`` agent steps; only the first if

@@ -164,6 +164,35 @@ def test_grid_cells_checkpoint_at_every_evaluation(tmp_path, monkeypatch):
     assert calls[0]["checkpoint_every"] == calls[0]["eval_every"] == 20
 
 
+def test_a_run_stopped_while_saving_keeps_its_previous_checkpoint_whole(tmp_path, monkeypatch):
+    """A session that ends during a checkpoint's slow replay-buffer write must not leave a newer agent beside an
+    older curve and buffer (it did: a resumed pixel run lost an evaluation and 1,250 transitions)."""
+    from stable_baselines3 import SAC
+
+    kwargs = dict(eval_every=8, checkpoint_every=8, eval_episodes=1, env_kwargs={"image_size": 32}, progress=False)
+    save_buffer, calls = SAC.save_replay_buffer, []
+
+    def stopped_at_the_second(self, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the session ends half-way through the second checkpoint
+        save_buffer(self, path)
+
+    monkeypatch.setattr(SAC, "save_replay_buffer", stopped_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        train_agent("kp_rl/cartpole-swingup-v0", "sac-state", 24, tmp_path, **kwargs)
+    monkeypatch.setattr(SAC, "save_replay_buffer", save_buffer)
+    curve = json.loads((tmp_path / "curve.json").read_text())
+    assert curve["steps"] == [8] and curve["agent_steps"] == 8 and SAC.load(tmp_path / "agent.zip").num_timesteps == 8
+    again = train_agent("kp_rl/cartpole-swingup-v0", "sac-state", 24, tmp_path, **kwargs)
+    assert again["steps"] == [8, 16, 24] and again["done"]
+    # a torn checkpoint left by an older version (agent and curve at different steps) is refused, not resumed
+    torn = json.loads((tmp_path / "curve.json").read_text())
+    (tmp_path / "curve.json").write_text(json.dumps({**torn, "agent_steps": 16, "done": False}))
+    with pytest.raises(ValueError, match="torn checkpoint .the agent at 24 agent steps, its curve at 16"):
+        train_agent("kp_rl/cartpole-swingup-v0", "sac-state", 32, tmp_path, **kwargs)
+
+
 def test_replay_buffers_hold_the_budget_and_grow_when_a_run_is_extended(tmp_path):
     """SB3 allocates (and a checkpoint pickles) the whole buffer_size: a run sizes it to its budget, keeping the
     same transitions and samples; a bigger budget later grows it with what it holds."""
