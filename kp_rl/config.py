@@ -47,6 +47,10 @@ class KeypointConfig:
     separation_weight: float = 10.0
     separation_sigma: float = 0.1
     leaky_relu_slope: float = 0.2
+    # the appearance reference a training sequence is reconstructed from: "own" (its first frame, the paper's) or
+    # "other" (the first frame of another sequence of the batch), so that what stands still through an episode but
+    # differs between episodes (reacher's target) cannot be copied from the reference and needs a keypoint
+    reference: str = "own"
 
     @property
     def heatmap_width(self) -> int:
@@ -60,6 +64,8 @@ class KeypointConfig:
         _at_least(0, "keypoints", self, "layers_per_scale")
         if self.keypoint_sigma <= 0:
             raise ConfigError(f"keypoints.keypoint_sigma must be > 0, got {self.keypoint_sigma}")
+        if self.reference not in ("own", "other"):
+            raise ConfigError(f"keypoints.reference must be 'own' or 'other', got {self.reference!r}")
 
 
 @dataclass(frozen=True)

@@ -287,21 +287,26 @@ class _FrameAutoencoder(nn.Module):
         change = self.decoder(x).unflatten(0, (batch, steps))
         return change + first_frame[:, None]
 
-    def forward(self, frames: np.ndarray | Tensor) -> tuple[Tensor, Any]:
-        """Reconstruct ``(B, T, 3, H, W)`` frames from their code (reference: frame 0): ``(reconstruction, code)``."""
+    def forward(self, frames: np.ndarray | Tensor, reference_shift: int = 0) -> tuple[Tensor, Any]:
+        """Reconstruct ``(B, T, 3, H, W)`` frames from their code: ``(reconstruction, code)``. The appearance
+        reference of sequence ``b`` is frame 0 of sequence ``b - reference_shift`` (0: its own)."""
         frames = self._frames(frames, min_dim=5)
         code = self.encode(frames)
         first_features = self._flat(code, step=0)  # sliced before flattening: the order autograd sums gradients in
-        return self.decode_features(self._flat(code), frames[:, 0], first_features), code
+        first_frame = frames[:, 0]
+        if reference_shift:
+            first_frame, first_features = first_frame.roll(reference_shift, 0), first_features.roll(reference_shift, 0)
+        return self.decode_features(self._flat(code), first_frame, first_features), code
 
     def loss(self, frames: np.ndarray | Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Reconstruction loss plus the model's weighted regularisers on ``(B, T, 3, H, W)`` frames.
+        """Reconstruction loss plus the model's weighted regularisers on ``(B, T, 3, H, W)`` frames (with
+        ``keypoints.reference: other``, each sequence reconstructed from the next sequence's reference frame).
 
         Returns:
             ``(total, terms)`` with terms ``loss``, ``reconstruction`` and each regulariser's (detached).
         """
         frames = self._frames(frames, min_dim=5)
-        reconstruction, code = self(frames)
+        reconstruction, code = self(frames, reference_shift=int(self.cfg.reference == "other"))
         total = reconstruction_loss(reconstruction, frames)
         terms = {"reconstruction": total}
         for name, (weight, value) in self._regularisers(code).items():

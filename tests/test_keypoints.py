@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kp_rl.config import CNNConfig, KeypointConfig, get_preset
+from kp_rl.config import CNNConfig, ConfigError, KeypointConfig, get_preset
 from kp_rl.keypoints import (
     CNNAutoencoder,
     KeypointAutoencoder,
@@ -180,3 +180,31 @@ def test_loss_goes_down_on_moving_squares(kind: str) -> None:
     # ... and beyond what copying the reference frame gives: the code carries where the square is
     copy_first = reconstruction_loss(frames[:, :1].expand_as(frames), frames)
     assert history[-1] < 0.95 * float(copy_first), (history[-1], float(copy_first))
+
+
+@pytest.mark.parametrize("kind", ["keypoints", "cnn"])
+def test_reference_other_reconstructs_each_sequence_from_another_ones_first_frame(kind: str) -> None:
+    """``keypoints.reference: other``: what stands still within a sequence but differs between sequences (a
+    static target) cannot be copied from the reference frame; the decoder starts from the next sequence's."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    other_cfg = dataclasses.replace(TINY, reference="other")
+    build = (lambda cfg: KeypointAutoencoder(cfg)) if kind == "keypoints" else (
+        lambda cfg: CNNAutoencoder(cfg, CNNConfig(latent_dim=8)))
+    own, other = build(TINY), build(other_cfg)
+    other.load_state_dict(own.state_dict())
+    frames = torch.rand(3, 2, 3, 32, 32) - 0.5
+    with torch.no_grad():
+        for model in (own, other):  # the decoder outputs the reference frame: the reconstruction shows which
+            model.decoder.output.weight.zero_()
+            model.decoder.output.bias.zero_()
+        reconstruction, _ = own(frames, reference_shift=1)
+        torch.testing.assert_close(reconstruction, frames.roll(1, 0)[:, :1].expand_as(frames))
+        expected = reconstruction_loss(reconstruction, frames)
+        assert float(other.loss(frames)[1]["reconstruction"]) == pytest.approx(float(expected))
+        assert float(own.loss(frames)[1]["reconstruction"]) < float(expected)  # its own first frame is closer
+        same = frames[:1].expand(3, -1, -1, -1, -1)  # identical sequences: either reference is the same frame
+        assert float(other.loss(same)[0]) == pytest.approx(float(own.loss(same)[0]))
+    with pytest.raises(ConfigError, match="keypoints.reference must be 'own' or 'other'"):
+        dataclasses.replace(TINY, reference="first").validate()
