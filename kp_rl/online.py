@@ -119,7 +119,13 @@ def shared_prefix(schedule: PerceptionSchedule, task: str, representation: str, 
     spec = get_spec(task).replace(**(env_kwargs or {}))
     episodes = -(-schedule.prefix // spec.max_episode_steps)
     collect(task, out / "episodes", episodes, seed=0, progress=progress, env_kwargs=env_kwargs)
-    if (out / "fit.json").exists():
+    recipe = dataclasses.asdict(schedule)
+    if (out / "fit.json").exists():  # fitted: by this schedule (a prefix fitted before schedules were recorded: as is)
+        fitted = read_json(out / "fit.json").get("schedule", recipe)
+        if fitted != recipe:
+            differ = sorted(k for k in recipe if fitted.get(k) != recipe[k])
+            raise ValueError(f"{out} was fitted with another perception schedule ({', '.join(differ)} differ); "
+                             f"delete it to fit this one")
         return out
     data = [load_episode(path, keys=_KEYS) for path in episode_files(out / "episodes")]
     action_dim = data[0]["action"].shape[-1]
@@ -129,7 +135,8 @@ def shared_prefix(schedule: PerceptionSchedule, task: str, representation: str, 
     fit_perception(model, data, schedule, 0, out, progress)
     write_json(out / "fit.json", {"agent_steps": sum(len(e["image"]) - 1 for e in data),
                                   "frames": sum(len(e["image"]) for e in data),
-                                  "seconds": round(time.perf_counter() - tick, 1), "shared": True})
+                                  "seconds": round(time.perf_counter() - tick, 1), "shared": True,
+                                  "schedule": recipe})
     return out
 
 
@@ -178,7 +185,7 @@ class OnlinePerception:
         for stage in stages:
             shutil.copytree(prefix / stage, self.root / stage, dirs_exist_ok=True)
         self.model.load_state_dict(load(prefix / stages[-1]).state_dict())
-        self.fits = [read_json(prefix / "fit.json")]
+        self.fits = [{k: v for k, v in read_json(prefix / "fit.json").items() if k != "schedule"}]
         buffer = algo.replay_buffer
         for path in episode_files(prefix / "episodes"):
             episode = load_episode(path, keys=_KEYS)

@@ -408,6 +408,11 @@ def test_online_agents_can_start_from_a_shared_prefix(tmp_path):
     model = kp_rl.load(tmp_path / "run" / "perception" / "dynamics")
     assert model.representation == "cnn"
     assert kp_rl.model.read_checkpoint(tmp_path / "prefix" / "dynamics")["train_state"]["step"] == 6  # untouched
+    # the prefix is reused only by the schedule that fitted it: another recipe is refused, not silently given it
+    assert shared_prefix(spec.schedule, "cartpole-swingup", "cnn", True, prefix, env_kwargs=env_kwargs) == prefix
+    changed = dataclasses.replace(spec.schedule, config={"keypoints": {"reference": "other"}})
+    with pytest.raises(ValueError, match="fitted with another perception schedule .config differ"):
+        shared_prefix(changed, "cartpole-swingup", "cnn", True, prefix, env_kwargs=env_kwargs)
     buffer = load_from_pkl(tmp_path / "run" / "replay_buffer.pkl")
     venv = make_vec_env("kp_rl/cartpole-swingup-v0", spec, model, env_kwargs=env_kwargs)
     online = OnlinePerception(spec.schedule, tmp_path / "run", venv)
