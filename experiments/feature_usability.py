@@ -18,9 +18,9 @@ and ``state+kpb`` runs saw the raw keypoints.
 network's own loss): does a learned bottleneck let SAC ignore what it does not need? ``--pca N`` projects the
 ``kpb`` observation on its first N principal components (whitened; fitted on 40 episodes of ``data/<task>``,
 random-policy data the agent did not collect: a diagnostic of width, not a counted recipe). ``--gradient-steps N``
-makes N SAC updates per agent step instead of the catalog's 1. ``--n-steps N`` bootstraps the critics' targets
-from N-step returns (SB3's ``n_steps``; DrQ-v2 uses 3) instead of the catalog's 1; ``--sac KEY=VALUE`` sets any
-other SAC hyperparameter. ``--layer-norm`` normalises every hidden layer of SAC's actor and critics (LayerNorm
+makes N SAC updates per agent step instead of the catalog's 1. ``--sac KEY=VALUE`` sets any other SAC
+hyperparameter, e.g. ``n_steps=3`` (N-step returns in the critics' targets, DrQ-v2's) or ``learning_rate=1e-3``.
+``--layer-norm`` normalises every hidden layer of SAC's actor and critics (LayerNorm
 without gain or bias, before the ReLU), a known remedy for critics that extrapolate badly on wide inputs (Ball et
 al. 2023, RLPD).
 Evaluation as ``kp-rl rl``: every ``--eval-every`` agent steps, 10 episodes, deterministic policy.
@@ -148,7 +148,7 @@ def make_env(task: str, variant: str, model: str | PerceptionModel, seed: int, w
 
 def run(task: str, variant: str, model: str, seed: int, env_steps: int, eval_every: int, out: Path,
         trunk: int = 0, components: int = 0, gradient_steps: int = 1, layer_norm: bool = False,
-        n_steps: int = 1, sac: dict[str, Any] | None = None) -> dict:
+        sac: dict[str, Any] | None = None) -> dict:
     from stable_baselines3 import SAC
     from stable_baselines3.common.evaluation import evaluate_policy
 
@@ -164,7 +164,7 @@ def run(task: str, variant: str, model: str, seed: int, env_steps: int, eval_eve
         policy_kwargs.update(features_extractor_class=Trunk, features_extractor_kwargs={"features_dim": trunk})
     if layer_norm:
         policy_kwargs.update(activation_fn=LayerNormReLU)
-    hyperparameters = {**agent.hyperparameters, "gradient_steps": gradient_steps, "n_steps": n_steps, **(sac or {})}
+    hyperparameters = {**agent.hyperparameters, "gradient_steps": gradient_steps, **(sac or {})}
     algo = SAC("MlpPolicy", env, seed=seed, verbose=0, policy_kwargs=policy_kwargs, **hyperparameters)
     steps, curve = env_steps // spec.action_repeat, {"steps": [], "returns": [], "seconds": []}
     trained, seconds = 0, 0.0
@@ -178,19 +178,20 @@ def run(task: str, variant: str, model: str, seed: int, env_steps: int, eval_eve
         curve["steps"].append(trained)
         curve["returns"].append(float(np.mean(returns)))
         curve["seconds"].append(round(seconds, 1))
-        print(f"{name(variant, trunk, components, gradient_steps, layer_norm, n_steps, sac)} seed {seed}: {trained} agent steps, return {np.mean(returns):.1f}", flush=True)
+        print(f"{name(variant, trunk, components, gradient_steps, layer_norm, sac)} seed {seed}: {trained} agent steps, return {np.mean(returns):.1f}", flush=True)
     result = {"task": task, "variant": variant, "trunk": trunk, "pca": components, "gradient_steps": gradient_steps,
-              "layer_norm": layer_norm, "n_steps": n_steps, "sac": sac or {}, "keypoints_gated": True, "model": model, "seed": seed, "agent_steps": steps,
+              "layer_norm": layer_norm, "sac": sac or {}, "keypoints_gated": True, "model": model, "seed": seed,
+              "agent_steps": steps,
               "env_steps": steps * spec.action_repeat, "eval_episodes": 10, **curve}
-    write_json(out / f"{name(variant, trunk, components, gradient_steps, layer_norm, n_steps, sac)}-seed{seed}.json", result)
+    write_json(out / f"{name(variant, trunk, components, gradient_steps, layer_norm, sac)}-seed{seed}.json", result)
     return result
 
 
 def name(variant: str, trunk: int, components: int = 0, gradient_steps: int = 1, layer_norm: bool = False,
-         n_steps: int = 1, sac: dict[str, Any] | None = None) -> str:
+         sac: dict[str, Any] | None = None) -> str:
     return (variant + (f"-pca{components}" if components and variant == "kpb" else "")
             + (f"-trunk{trunk}" if trunk else "") + (f"-utd{gradient_steps}" if gradient_steps != 1 else "")
-            + ("-ln" if layer_norm else "") + (f"-n{n_steps}" if n_steps != 1 else "")
+            + ("-ln" if layer_norm else "")
             + "".join(f"-{key}{value}" for key, value in sorted((sac or {}).items())))
 
 
@@ -214,19 +215,18 @@ def main() -> None:
     parser.add_argument("--pca", type=int, default=0, help="kpb: project on this many principal components")
     parser.add_argument("--gradient-steps", type=int, default=1, help="SAC updates per agent step")
     parser.add_argument("--layer-norm", action="store_true", help="LayerNorm in SAC's hidden layers")
-    parser.add_argument("--n-steps", type=int, default=1, help="N-step returns in the critics' targets")
     parser.add_argument("--sac", nargs="+", default=[], metavar="KEY=VALUE",
                         help="other SAC hyperparameters instead of the catalog's, e.g. learning_rate=1e-3")
     parser.add_argument("--out", type=Path, default=Path("results/structured_vs_unstructured_cpu/feature_usability"))
     args = parser.parse_args()
     sac = {key: _value(value) for key, value in (item.split("=", 1) for item in args.sac)}
     for variant in args.variants:
-        path = args.out / f"{name(variant, args.trunk, args.pca, args.gradient_steps, args.layer_norm, args.n_steps, sac)}-seed{args.seed}.json"
+        path = args.out / f"{name(variant, args.trunk, args.pca, args.gradient_steps, args.layer_norm, sac)}-seed{args.seed}.json"
         if path.exists():
             print(f"{path} exists: skipped")
             continue
         run(args.task, variant, args.model, args.seed, args.env_steps, args.eval_every, args.out, args.trunk,
-            args.pca, args.gradient_steps, args.layer_norm, args.n_steps, sac)
+            args.pca, args.gradient_steps, args.layer_norm, sac)
 
 
 if __name__ == "__main__":

@@ -48,11 +48,10 @@ def state_names(task: str) -> list[str]:
 
 
 def targets(episode: dict[str, np.ndarray]) -> np.ndarray:
-    """``(L, S [+ 2 * objects])``: the true state, then each tracked object's pixel column and row (when the
-    dataset has them: e.g. reacher's target, which sits still through an episode)."""
-    objects = episode.get("true_object_pos")
-    return episode["state"] if objects is None else np.concatenate(
-        [episode["state"], objects.reshape(len(objects), -1)], axis=1)
+    """``(L, S + 2 * objects)``: the true state, then each tracked object's pixel column and row (e.g. reacher's
+    target, which sits still through an episode)."""
+    objects = episode["true_object_pos"]
+    return np.concatenate([episode["state"], objects.reshape(len(objects), -1)], axis=1)
 
 
 def object_names(root: Path) -> list[str]:
@@ -140,7 +139,7 @@ def mlp_predictions(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray
 
 def probe(model: str, train: list[dict[str, np.ndarray]], test: list[dict[str, np.ndarray]], ridge: float,
           mlp_steps: int) -> dict[str, dict[str, list[float]]]:
-    """Per agent: held-out R² per state dimension of the linear and the MLP readout."""
+    """Per agent: held-out R² per :func:`targets` column of the linear and the MLP readout."""
     perception = Perception(model, need_dynamics=False, who="state_probe", num_threads=None)
     obs_train, obs_test = observations(perception, train), observations(perception, test)
     y_train = np.concatenate([targets(e) for e in train])
