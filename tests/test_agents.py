@@ -344,6 +344,31 @@ def test_random_shift_moves_whole_images_within_the_padding(tmp_path):
     venv.close()
 
 
+def test_drq_agent_normalises_sampled_images_once_with_the_same_updates():
+    # the catalog's DrQ agent takes its samples as floats divided by 255 (once per sample, not once per network
+    # that reads them); its updates must be SB3's own, to the bit
+    import torch
+    from stable_baselines3.common.utils import set_random_seed
+
+    spec = get_agent("sac-pixels-drq")
+    params = []
+    for normalize in (True, False):
+        venv = make_vec_env("kp_rl/cartpole-swingup-v0", spec, n_envs=1)
+        agent = kp_rl.agents.build_agent(spec, venv, seed=0)
+        assert agent.replay_buffer.normalize_images  # what the catalog's agent gets
+        agent.replay_buffer.normalize_images = normalize
+        agent.learning_starts, agent.batch_size = 24, 8
+        agent.learn(24)  # random-action warm-up: the same transitions for both
+        batch = agent.replay_buffer.sample(2)
+        assert batch.observations.dtype == (torch.float32 if normalize else torch.uint8)
+        assert normalize is False or 0 <= float(batch.observations.min()) <= float(batch.observations.max()) <= 1
+        set_random_seed(0)
+        agent.train(gradient_steps=2, batch_size=8)
+        params.append(agent.policy.state_dict())
+        venv.close()
+    assert all(params[0][name].equal(params[1][name]) for name in params[0])
+
+
 def test_online_perception_learns_from_the_agents_own_steps_and_resumes(tmp_path):
     """No --model: the random prefix trains perception, refits follow the schedule, the replay buffer holds what
     the latest model sees, every frame perception trained on is an agent step, and a resume continues all of it."""
