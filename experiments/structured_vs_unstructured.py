@@ -6,7 +6,7 @@ shared by a task's seeds, then refits on the replay data); their budget includes
 The grid is a spec in this folder (tasks x agents x seeds x budget); this script is `kp-rl run SPEC` plus the
 report:
 
-    python experiments/structured_vs_unstructured.py --ray         # cpu spec, two cells at a time (~6 h, 2 cores)
+    python experiments/structured_vs_unstructured.py --ray         # cpu spec, two cells at a time (~10-12 h on 2 cores, measured)
     python experiments/structured_vs_unstructured.py --spec gpu --ray
     python experiments/structured_vs_unstructured.py --report-only # the committed cells -> README, results.json
 
