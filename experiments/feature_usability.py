@@ -23,6 +23,11 @@ hyperparameter, e.g. ``n_steps=3`` (N-step returns in the critics' targets, DrQ-
 ``--layer-norm`` normalises every hidden layer of SAC's actor and critics (LayerNorm
 without gain or bias, before the ReLU), a known remedy for critics that extrapolate badly on wide inputs (Ball et
 al. 2023, RLPD).
+``--augment KIND:SIZE`` perturbs every sampled batch's observations and next observations (each its own draw)
+in SAC's updates, as DrQ shifts images: ``shift:S`` moves all keypoints of a sample by one offset drawn from
+[-S, S]^2 (on the gated keypoints ``(mu x, mu y, mu)``: ``mu d`` added; the belief untouched), ``noise:A`` adds
+Gaussian noise of A times each value's standard deviation in the batch: does a critic that cannot memorise the
+features' jitter learn more from them?
 Evaluation as ``kp-rl rl``: every ``--eval-every`` agent steps, 10 episodes, deterministic policy.
 
     python experiments/feature_usability.py --model pretrained:cartpole-swingup --seed 0
@@ -41,7 +46,9 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from stable_baselines3.common.type_aliases import ReplayBufferSamples
 
 from kp_rl.agents import get_agent
 from kp_rl.envs import get_spec
@@ -69,6 +76,28 @@ class LayerNormReLU(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(torch.nn.functional.layer_norm(x, x.shape[-1:]))
+
+
+class AugmentedReplayBuffer(ReplayBuffer):
+    """SB3's replay buffer whose sampled observations and next observations are perturbed (``--augment``)."""
+
+    def __init__(self, *args: Any, kind: str = "noise", size: float = 0.1, keypoint_values: int = 0,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kind, self.size, self.keypoint_values = kind, size, keypoint_values
+
+    def _perturb(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "noise":
+            return x + self.size * x.std(0, keepdim=True) * torch.randn_like(x)
+        keypoints = x[:, :self.keypoint_values].unflatten(1, (-1, 3))  # (B, K, (mu x, mu y, mu))
+        offset = (torch.rand(len(x), 1, 2) * 2 - 1) * self.size
+        moved = torch.cat([keypoints[..., :2] + keypoints[..., 2:] * offset, keypoints[..., 2:]], -1)
+        return torch.cat([moved.flatten(1), x[:, self.keypoint_values:]], 1)
+
+    def _get_samples(self, batch_inds: np.ndarray, env: Any = None) -> ReplayBufferSamples:
+        samples = super()._get_samples(batch_inds, env)
+        return samples._replace(observations=self._perturb(samples.observations),
+                                next_observations=self._perturb(samples.next_observations))
 
 
 class AppendState(gym.Wrapper):
@@ -148,7 +177,7 @@ def make_env(task: str, variant: str, model: str | PerceptionModel, seed: int, w
 
 def run(task: str, variant: str, model: str, seed: int, env_steps: int, eval_every: int, out: Path,
         trunk: int = 0, components: int = 0, gradient_steps: int = 1, layer_norm: bool = False,
-        sac: dict[str, Any] | None = None) -> dict:
+        sac: dict[str, Any] | None = None, augment: str = "") -> dict:
     from stable_baselines3 import SAC
     from stable_baselines3.common.evaluation import evaluate_policy
 
@@ -165,6 +194,12 @@ def run(task: str, variant: str, model: str, seed: int, env_steps: int, eval_eve
     if layer_norm:
         policy_kwargs.update(activation_fn=LayerNormReLU)
     hyperparameters = {**agent.hyperparameters, "gradient_steps": gradient_steps, **(sac or {})}
+    if augment:
+        kind, size = augment.split(":")
+        if kind not in ("shift", "noise") or (kind == "shift" and variant != "kpb"):
+            raise ValueError(f"--augment: shift:S (variant kpb only) or noise:A, got {augment!r}")
+        hyperparameters.update(replay_buffer_class=AugmentedReplayBuffer, replay_buffer_kwargs={
+            "kind": kind, "size": float(size), "keypoint_values": loaded.feature_dim})
     algo = SAC("MlpPolicy", env, seed=seed, verbose=0, policy_kwargs=policy_kwargs, **hyperparameters)
     steps, curve = env_steps // spec.action_repeat, {"steps": [], "returns": [], "seconds": []}
     trained, seconds = 0, 0.0
@@ -178,21 +213,22 @@ def run(task: str, variant: str, model: str, seed: int, env_steps: int, eval_eve
         curve["steps"].append(trained)
         curve["returns"].append(float(np.mean(returns)))
         curve["seconds"].append(round(seconds, 1))
-        print(f"{name(variant, trunk, components, gradient_steps, layer_norm, sac)} seed {seed}: {trained} agent steps, return {np.mean(returns):.1f}", flush=True)
+        print(f"{name(variant, trunk, components, gradient_steps, layer_norm, sac, augment)} seed {seed}: {trained} agent steps, return {np.mean(returns):.1f}", flush=True)
     result = {"task": task, "variant": variant, "trunk": trunk, "pca": components, "gradient_steps": gradient_steps,
-              "layer_norm": layer_norm, "sac": sac or {}, "keypoints_gated": True, "model": model, "seed": seed,
+              "layer_norm": layer_norm, "sac": sac or {}, "augment": augment, "keypoints_gated": True, "model": model, "seed": seed,
               "agent_steps": steps,
               "env_steps": steps * spec.action_repeat, "eval_episodes": 10, **curve}
-    write_json(out / f"{name(variant, trunk, components, gradient_steps, layer_norm, sac)}-seed{seed}.json", result)
+    write_json(out / f"{name(variant, trunk, components, gradient_steps, layer_norm, sac, augment)}-seed{seed}.json", result)
     return result
 
 
 def name(variant: str, trunk: int, components: int = 0, gradient_steps: int = 1, layer_norm: bool = False,
-         sac: dict[str, Any] | None = None) -> str:
+         sac: dict[str, Any] | None = None, augment: str = "") -> str:
     return (variant + (f"-pca{components}" if components and variant == "kpb" else "")
             + (f"-trunk{trunk}" if trunk else "") + (f"-utd{gradient_steps}" if gradient_steps != 1 else "")
             + ("-ln" if layer_norm else "")
-            + "".join(f"-{key}{value}" for key, value in sorted((sac or {}).items())))
+            + "".join(f"-{key}{value}" for key, value in sorted((sac or {}).items()))
+            + (f"-aug{augment.replace(':', '')}" if augment else ""))
 
 
 def _value(text: str) -> Any:
@@ -217,16 +253,18 @@ def main() -> None:
     parser.add_argument("--layer-norm", action="store_true", help="LayerNorm in SAC's hidden layers")
     parser.add_argument("--sac", nargs="+", default=[], metavar="KEY=VALUE",
                         help="other SAC hyperparameters instead of the catalog's, e.g. learning_rate=1e-3")
+    parser.add_argument("--augment", default="", metavar="KIND:SIZE",
+                        help="perturb sampled observations in SAC's updates: shift:S (keypoints) or noise:A")
     parser.add_argument("--out", type=Path, default=Path("results/structured_vs_unstructured_cpu/feature_usability"))
     args = parser.parse_args()
     sac = {key: _value(value) for key, value in (item.split("=", 1) for item in args.sac)}
     for variant in args.variants:
-        path = args.out / f"{name(variant, args.trunk, args.pca, args.gradient_steps, args.layer_norm, sac)}-seed{args.seed}.json"
+        path = args.out / f"{name(variant, args.trunk, args.pca, args.gradient_steps, args.layer_norm, sac, args.augment)}-seed{args.seed}.json"
         if path.exists():
             print(f"{path} exists: skipped")
             continue
         run(args.task, variant, args.model, args.seed, args.env_steps, args.eval_every, args.out, args.trunk,
-            args.pca, args.gradient_steps, args.layer_norm, sac)
+            args.pca, args.gradient_steps, args.layer_norm, sac, args.augment)
 
 
 if __name__ == "__main__":

@@ -145,3 +145,26 @@ def test_feature_usability_pca_whitens_the_observations_it_was_fitted_on(tmp_pat
     episodes = list(SequenceDataset(tmp_path / "cartpole-swingup", 1, split="all", keys=("image", "action")).episodes)
     x = np.concatenate(observations(Perception("pretrained:cartpole-swingup"), episodes)["keypoints+belief"])
     np.testing.assert_allclose(np.cov((x - mean) @ basis, rowvar=False, bias=True), np.eye(4), atol=1e-3)
+
+
+def test_feature_usability_augmentation_moves_keypoints_by_their_intensity_and_leaves_the_belief() -> None:
+    import torch
+
+    sys.path.insert(0, str(EXPERIMENTS))
+    from feature_usability import AugmentedReplayBuffer
+
+    buffer = AugmentedReplayBuffer.__new__(AugmentedReplayBuffer)  # _perturb only: no storage needed
+    buffer.kind, buffer.size, buffer.keypoint_values = "shift", 0.125, 6
+    mu = torch.tensor([1.0, 0.0])  # one keypoint fully on, one off
+    x, y = torch.tensor([0.3, -0.2]), torch.tensor([0.1, 0.4])
+    sample = torch.stack([mu * x, mu * y, mu], -1).flatten()  # gated (mu x, mu y, mu), then a 3-value belief
+    batch = torch.cat([sample, torch.tensor([7.0, -7.0, 0.5])])[None].repeat(64, 1)
+    moved = buffer._perturb(batch)
+    assert torch.equal(moved[:, 6:], batch[:, 6:]) and torch.equal(moved[:, 2::3][:, :2], batch[:, 2::3][:, :2])
+    assert torch.equal(moved[:, 3:5], batch[:, 3:5])  # the off keypoint stays at 0
+    offsets = moved[:, :2] - batch[:, :2]
+    assert offsets.abs().max() <= 0.125 + 1e-6 and offsets.std(0).min() > 0.03  # each sample its own shift
+    buffer.kind, buffer.size = "noise", 0.5
+    wide = torch.randn(4096, 2) * torch.tensor([1.0, 10.0])
+    change = (buffer._perturb(wide) - wide).std(0)
+    assert torch.allclose(change, torch.tensor([0.5, 5.0]), rtol=0.1)  # noise of A times each value's spread
