@@ -6,11 +6,13 @@ shared by a task's seeds, then refits on the replay data); their budget includes
 The grid is a spec in this folder (tasks x agents x seeds x budget); this script is `kp-rl run SPEC` plus the
 report:
 
-    python experiments/structured_vs_unstructured.py --ray         # cpu spec, two cells at a time (~10-12 h on 2 cores, measured)
+    python experiments/structured_vs_unstructured.py --ray         # cpu spec, two cells at a time (~10-12 h, 2 cores)
     python experiments/structured_vs_unstructured.py --spec gpu --ray
     python experiments/structured_vs_unstructured.py --report-only # the committed cells -> README, results.json
 
-Finished cells are committed under results/<spec name>/cells/ and never rerun. Writes results/<spec name>/
+Finished cells are committed under results/<spec name>/cells/ and never rerun, and so are the online agents'
+shared prefixes (random-action episodes and first fit, a few MB each) under prefixes/: every seed of a task
+starts from the same one, on any machine. Writes results/<spec name>/
 {results.json, README.md, curves_steps.png, curves_seconds.png} and, per task, keypoints_<task>.png (the keypoints
 the seed-0 keypoint agent saw at the end of its run). The README sets the IQM of our final returns beside the
 published 100k figures (PUBLISHED below, named as such).

@@ -118,14 +118,21 @@ def _resources(path: Path, data: Any) -> dict[str, dict[str, float]]:
     return out
 
 
+PREFIXES = "prefixes"  # in a grid's results folder: the online agents' shared prefixes (episodes, first fit), committed
+
+
 def cell_dir(runs_dir: Path, task: str, agent: str, seed: int) -> Path:
     """The run directory of one (task, agent, seed) cell."""
     return Path(runs_dir) / task / agent / f"seed{seed}"
 
 
 def perception_models(spec: ExperimentSpec, task: str, data_root: Path, runs: Path,
-                      progress: bool = True, device: str = "auto") -> dict[str, Path]:
-    """Collect the task's data and train the models its agents need; returns run name (keypoints-dyn, ...) -> path."""
+                      progress: bool = True, device: str = "auto", prefixes: Path | None = None) -> dict[str, Path]:
+    """Collect the task's data and train the models its agents need; returns run name (keypoints-dyn, ...) -> path.
+
+    The online agents' shared prefixes go to ``prefixes/<task>/<agent>-prefix`` (default ``runs/models``; the grid
+    runners put them beside the committed cells, so every seed of a grid starts from the same one on any machine).
+    """
     from kp_rl.config import get_preset
     from kp_rl.data import collect
     from kp_rl.train import train_autoencoder, train_dynamics
@@ -139,7 +146,8 @@ def perception_models(spec: ExperimentSpec, task: str, data_root: Path, runs: Pa
             if agent_spec.schedule is not None:
                 paths[f"{agent}-prefix"] = shared_prefix(
                     agent_spec.schedule, task, "cnn" if agent_spec.observation == "cnn-vrnn" else "keypoints",
-                    agent_spec.observation != "keypoints", runs / "models" / task / f"{agent}-prefix", progress)
+                    agent_spec.observation != "keypoints", (prefixes or runs / "models") / task / f"{agent}-prefix",
+                    progress)
     autoencoders = {models_needed(a)[0] for a in spec.agents_for(task) if models_needed(a)}
     if not autoencoders:
         return paths
@@ -248,7 +256,8 @@ def run_experiment(path: str | Path, runs: str | Path = "runs", data: str | Path
                     todo.append((agent, seed))
                 else:
                     curves[(task, agent, seed)] = curve
-        models = perception_models(spec, task, Path(data), runs_dir, progress, device=device) if todo else {}
+        models = perception_models(spec, task, Path(data), runs_dir, progress, device=device,
+                                   prefixes=out / PREFIXES) if todo else {}
         for agent, seed in todo:
             curve = run_cell(spec, task, agent, seed, model_for(agent, models), runs_dir, progress, device=device)
             write_json(cell_result(out, task, agent, seed), curve)

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kp_rl.agents import finished_curve, get_agent
-from kp_rl.experiment import (ExperimentSpec, cell_dir, cell_result, committed_curve, model_for, perception_models,
-                              run_cell, summarise)
+from kp_rl.experiment import (PREFIXES, ExperimentSpec, cell_dir, cell_result, committed_curve, model_for,
+                              perception_models, run_cell, summarise)
 from kp_rl.files import write_json
 
 
@@ -92,7 +92,7 @@ def run_experiment_ray(path: str | Path, address: str | None = None, runs: str |
         models: Any = {}
         if any(get_agent(a).needs_model for a, _ in todo):  # pre-trained models, or the online agents' prefixes
             models = perceive.options(**options(spec.resources_for("perception"))).remote(
-                spec, task, data_dir, runs_dir, False)
+                spec, task, data_dir, runs_dir, False, prefixes=out.resolve() / PREFIXES)
         for agent, seed in todo:
             need = spec.resources_for(agent)
             device = "cuda" if need.get("gpus", 0) > 0 else "cpu"

@@ -139,7 +139,7 @@ def test_local_grid_runs_perception_and_agents_on_the_chosen_device(tmp_path, mo
 
     seen = []
     monkeypatch.setattr(experiment, "perception_models",
-                        lambda spec, task, data, runs, progress, device: seen.append(("perception", device)) or {})
+                        lambda spec, task, data, runs, progress, device, prefixes: seen.append(("perception", device)) or {})
     monkeypatch.setattr(experiment, "run_cell", lambda *args, device, **kw: seen.append(("cell", device)) or {})
     monkeypatch.setattr(experiment, "summarise", lambda *args, **kw: {})
     spec = tmp_path / "tiny.yaml"
@@ -476,7 +476,7 @@ def test_grid_with_online_agents_shares_the_prefix_and_reports(tmp_path):
     summary = json.loads((out / "results.json").read_text())["summary"]
     row = summary["cartpole-swingup"]["sac-keypoints-belief"]
     assert row["env_steps"] == 140 * 8 and row["pretrained_perception_env_steps"] == 0 and row["perception_fits"] == 1
-    prefixes = list((tmp_path / "runs" / "tiny" / "models" / "cartpole-swingup").iterdir())
+    prefixes = list((out / "prefixes" / "cartpole-swingup").iterdir())  # committed beside the cells
     assert [p.name for p in prefixes] == ["sac-keypoints-belief-prefix"]  # one for both seeds
     shared = json.loads((prefixes[0] / "fit.json").read_text())["seconds"]  # the first fit, made once for both
     curves = json.loads((out / "results.json").read_text())["curves"]
@@ -491,6 +491,17 @@ def test_grid_with_online_agents_shares_the_prefix_and_reports(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["summary"]["cartpole-swingup"].keys() == summary[
         "cartpole-swingup"].keys()
+    # a fresh machine (no runs/) that adds a seed starts it from the committed prefix, not from a refit
+    fitted = (prefixes[0] / "fit.json").read_text()
+    spec.write_text(spec.read_text().replace("seeds: [0, 1]", "seeds: [0, 1, 2]").replace(", sac-state]", "]"))
+    more = subprocess.run([sys.executable, str(script), "--spec", str(spec), *dirs], capture_output=True, text=True,
+                          env=env)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert (prefixes[0] / "fit.json").read_text() == fitted
+    assert not (tmp_path / "runs" / "tiny" / "models").exists()
+    run = json.loads((tmp_path / "runs" / "tiny" / "cartpole-swingup" / "sac-keypoints-belief" / "seed2" /
+                      "run.json").read_text())
+    assert Path(run["perception_prefix"]) == prefixes[0].resolve()
 
 
 def test_a_perception_fit_leaves_the_agents_random_stream_alone(tmp_path):

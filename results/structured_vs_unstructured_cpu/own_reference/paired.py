@@ -1,0 +1,38 @@
+"""Paired by seed: the current grid's online cells (keypoints.reference: other) minus the same seeds' cells made
+with the paper's reference frame (this folder). Prints a Markdown table and writes paired.json here.
+
+    python results/structured_vs_unstructured_cpu/own_reference/paired.py
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[2] / "experiments"))
+from reward_prediction import bootstrap_ci  # noqa: E402  (the percentile bootstrap of the project's paired figures)
+
+
+def final(path: Path) -> float:
+    return float(json.loads(path.read_text())["returns"][-1])
+
+
+rows = []
+for own in sorted((HERE / "cells").glob("*/*/seed*.json")):
+    task, agent, seed = own.parts[-3], own.parts[-2], own.stem
+    other = HERE.parent / "cells" / task / agent / own.name
+    if other.is_file() and json.loads(other.read_text()).get("done"):
+        rows.append((task, agent, int(seed[4:]), final(own), final(other)))
+table, out = ["| task | agent | seeds | own reference | other reference | other - own [95% CI] |", "|---|---|---|---|---|---|"], {}
+for task, agent in sorted({(r[0], r[1]) for r in rows}):
+    pairs = [r for r in rows if r[:2] == (task, agent)]
+    own, other = np.array([r[3] for r in pairs]), np.array([r[4] for r in pairs])
+    diff = other - own
+    low, high = bootstrap_ci([diff]) if len(diff) > 1 else (float("nan"), float("nan"))
+    out[f"{task}/{agent}"] = {"seeds": [r[2] for r in pairs], "own": own.tolist(), "other": other.tolist(),
+                              "diff_mean": float(diff.mean()), "diff_ci": [low, high]}
+    table.append(f"| {task} | {agent} | {', '.join(str(r[2]) for r in pairs)} | {' / '.join(f'{v:.0f}' for v in own)} | "
+                 f"{' / '.join(f'{v:.0f}' for v in other)} | {diff.mean():+.0f} [{low:+.0f}, {high:+.0f}] |")
+(HERE / "paired.json").write_text(json.dumps(out, indent=1) + "\n")
+print("\n".join(table))
