@@ -202,6 +202,7 @@ def run(task: str, variant: str, model: str, seed: int, env_steps: int, eval_eve
             "kind": kind, "size": float(size), "keypoint_values": loaded.feature_dim})
     algo = SAC("MlpPolicy", env, seed=seed, verbose=0, policy_kwargs=policy_kwargs, **hyperparameters)
     steps, curve = env_steps // spec.action_repeat, {"steps": [], "returns": [], "seconds": []}
+    label = name(variant, trunk, components, gradient_steps, layer_norm, sac, augment)
     trained, seconds = 0, 0.0
     while trained < steps:
         chunk = min(eval_every, steps - trained)
@@ -213,12 +214,13 @@ def run(task: str, variant: str, model: str, seed: int, env_steps: int, eval_eve
         curve["steps"].append(trained)
         curve["returns"].append(float(np.mean(returns)))
         curve["seconds"].append(round(seconds, 1))
-        print(f"{name(variant, trunk, components, gradient_steps, layer_norm, sac, augment)} seed {seed}: {trained} agent steps, return {np.mean(returns):.1f}", flush=True)
+        print(f"{label} seed {seed}: {trained} agent steps, return {np.mean(returns):.1f}", flush=True)
     result = {"task": task, "variant": variant, "trunk": trunk, "pca": components, "gradient_steps": gradient_steps,
-              "layer_norm": layer_norm, "sac": sac or {}, "augment": augment, "keypoints_gated": True, "model": model, "seed": seed,
+              "layer_norm": layer_norm, "sac": sac or {}, "augment": augment, "keypoints_gated": True, "model": model,
+              "seed": seed,
               "agent_steps": steps,
               "env_steps": steps * spec.action_repeat, "eval_episodes": 10, **curve}
-    write_json(out / f"{name(variant, trunk, components, gradient_steps, layer_norm, sac, augment)}-seed{seed}.json", result)
+    write_json(out / f"{label}-seed{seed}.json", result)
     return result
 
 
@@ -259,7 +261,8 @@ def main() -> None:
     args = parser.parse_args()
     sac = {key: _value(value) for key, value in (item.split("=", 1) for item in args.sac)}
     for variant in args.variants:
-        path = args.out / f"{name(variant, args.trunk, args.pca, args.gradient_steps, args.layer_norm, sac, args.augment)}-seed{args.seed}.json"
+        label = name(variant, args.trunk, args.pca, args.gradient_steps, args.layer_norm, sac, args.augment)
+        path = args.out / f"{label}-seed{args.seed}.json"
         if path.exists():
             print(f"{path} exists: skipped")
             continue

@@ -139,7 +139,8 @@ def test_local_grid_runs_perception_and_agents_on_the_chosen_device(tmp_path, mo
 
     seen = []
     monkeypatch.setattr(experiment, "perception_models",
-                        lambda spec, task, data, runs, progress, device, prefixes: seen.append(("perception", device)) or {})
+                        lambda spec, task, data, runs, progress, device, prefixes:
+                        seen.append(("perception", device)) or {})
     monkeypatch.setattr(experiment, "run_cell", lambda *args, device, **kw: seen.append(("cell", device)) or {})
     monkeypatch.setattr(experiment, "summarise", lambda *args, **kw: {})
     spec = tmp_path / "tiny.yaml"
