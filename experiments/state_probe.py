@@ -158,15 +158,16 @@ def readme(task: str, names: list[str], results: dict[str, Any], notes: dict[str
     for model, per_agent in results["models"].items():
         for agent, probes in per_agent.items():
             for kind, values in probes.items():
-                cells = " | ".join(f"{v:.2f}" for v in values)
-                rows.append(f"| {model} | {agent} | {kind} | {cells} | {np.mean(values):.2f} |")
+                cells = " | ".join("constant" if np.isnan(v) else f"{v:.2f}" for v in values)
+                rows.append(f"| {model} | {agent} | {kind} | {cells} | {np.nanmean(values):.2f} |")
     described = "\n".join(f"- `{k}`: {v}" for k, v in notes.items())
     return f"""# State probe: {task}
 
 Held-out R² of a ridge readout (ridge {results['ridge']}) and of an MLP (256-256, {results['mlp_steps']} Adam steps)
 from an agent's observation to each dimension of the true state, fitted on {results['episodes']['train']} training episodes, scored on {results['episodes']['test']}
 held-out ones (random-policy data: `{results['data']}`). Made with `experiments/state_probe.py` at commit
-{results['machine'].get('commit')} on {results['machine'].get('cpu', 'this machine')}.
+{results['machine'].get('commit')} on {results['machine'].get('cpu', 'this machine')}. A target that does not vary
+(e.g. the cart's height on its rail) has no R² ("constant"); the mean is over the others.
 
 {chr(10).join(rows)}
 
