@@ -127,11 +127,11 @@ def cell_dir(runs_dir: Path, task: str, agent: str, seed: int) -> Path:
 
 
 def perception_models(spec: ExperimentSpec, task: str, data_root: Path, runs: Path,
-                      progress: bool = True, device: str = "auto", prefixes: Path | None = None) -> dict[str, Path]:
+                      progress: bool = True, device: str = "auto", *, prefixes: Path) -> dict[str, Path]:
     """Collect the task's data and train the models its agents need; returns run name (keypoints-dyn, ...) -> path.
 
-    The online agents' shared prefixes go to ``prefixes/<task>/<agent>-prefix`` (default ``runs/models``; the grid
-    runners put them beside the committed cells, so every seed of a grid starts from the same one on any machine).
+    The online agents' shared prefixes go to ``prefixes/<task>/<agent>-prefix``: the grid runners put them beside
+    the committed cells (:data:`PREFIXES`), so every seed of a grid starts from the same one on any machine.
     """
     from kp_rl.config import get_preset
     from kp_rl.data import collect
@@ -146,8 +146,7 @@ def perception_models(spec: ExperimentSpec, task: str, data_root: Path, runs: Pa
             if agent_spec.schedule is not None:
                 paths[f"{agent}-prefix"] = shared_prefix(
                     agent_spec.schedule, task, "cnn" if agent_spec.observation == "cnn-vrnn" else "keypoints",
-                    agent_spec.observation != "keypoints", (prefixes or runs / "models") / task / f"{agent}-prefix",
-                    progress)
+                    agent_spec.observation != "keypoints", prefixes / task / f"{agent}-prefix", progress)
     autoencoders = {models_needed(a)[0] for a in spec.agents_for(task) if models_needed(a)}
     if not autoencoders:
         return paths
