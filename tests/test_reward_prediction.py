@@ -11,9 +11,10 @@ METHODS = ["struct", "cnn", "state", "struct_no_kp_losses", "struct_deterministi
            "struct_stop_prior_grad"]
 
 
-def run(tmp_path: Path) -> subprocess.CompletedProcess:
+def run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [sys.executable, str(ROOT / "experiments" / "reward_prediction.py"), "--spec", "quick",
-               "--data", str(tmp_path / "data"), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+               "--data", str(tmp_path / "data"), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
+               *extra]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -74,6 +75,12 @@ def test_a_fresh_machine_reencodes_with_the_committed_autoencoder_instead_of_ret
     assert "2 to run" in again.stdout
     ae_run = tmp_path / "runs" / "quick" / "cartpole-swingup" / "ae_keypoints_seed0"
     assert (ae_run / "features.npz").exists() and not (ae_run / "history.json").exists()  # not retrained
+
+
+def test_only_the_autoencoders_the_chosen_methods_need_are_trained(tmp_path):
+    run(tmp_path, "--methods", "state", "cnn")
+    cells = sorted(p.stem for p in (tmp_path / "out" / "cells" / "cartpole-swingup").glob("*_seed*.json"))
+    assert cells == ["ae_cnn_seed0", "cnn_seed0", "cnn_seed1", "state_seed0", "state_seed1"]
 
 
 def test_the_committed_weights_are_not_git_ignored():
