@@ -55,7 +55,11 @@ def machine() -> dict[str, Any]:
     }
     try:
         with open("/proc/cpuinfo") as f:
-            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+            lines = f.read().splitlines()
+        info["cpu"] = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+        flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+        # what sets a CPU's torch speed apart when the model name does not (virtual machines: "AMD EPYC")
+        info["cpu_simd"] = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
     except OSError:
-        info["cpu"] = None
+        info["cpu"] = info["cpu_simd"] = None
     return info

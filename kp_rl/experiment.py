@@ -182,16 +182,19 @@ def run_cell(spec: ExperimentSpec, task: str, agent: str, seed: int, model: Path
     """Train one cell's agent (resumes an unfinished run; a finished one returns its curve at once). The cell's
     folder records what it holds (:mod:`kp_rl.runs`), so a cell never resumes another agent's or model's run.
     It checkpoints at every evaluation: a pixel cell takes hours on a CPU core, and a session that ends loses
-    only the steps since the last evaluation."""
+    only the steps since the last evaluation. The curve records the machine it finished on (its seconds are that
+    machine's)."""
     from kp_rl.agents import train_agent
+    from kp_rl.bench import machine
     from kp_rl.envs import get_spec
 
     out = cell_dir(runs, task, agent, seed)
     online = get_agent(agent).perception is not None  # ``model`` is then its shared prefix (or None)
-    return train_agent(get_spec(task).env_id, agent, spec.agent_steps(task), out, seed=seed,
-                       model=None if online else model, perception_prefix=model if online else None,
-                       eval_every=spec.eval_every, eval_episodes=spec.eval_episodes, checkpoint_every=spec.eval_every,
-                       device=device, progress=progress)
+    curve = train_agent(get_spec(task).env_id, agent, spec.agent_steps(task), out, seed=seed,
+                        model=None if online else model, perception_prefix=model if online else None,
+                        eval_every=spec.eval_every, eval_episodes=spec.eval_episodes, checkpoint_every=spec.eval_every,
+                        device=device, progress=progress)
+    return {**curve, "machine": machine()}
 
 
 def cell_result(results_dir: Path, task: str, agent: str, seed: int | None = None) -> Path:

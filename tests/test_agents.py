@@ -113,6 +113,8 @@ def test_kp_rl_run_state_grid_end_to_end(tmp_path):
     assert pair["ci"][0] <= pair["point"] <= pair["ci"][1]
     cells = tmp_path / "results" / "tiny" / "cells" / "cartpole-swingup"
     assert sorted(p.name for p in (cells / "ppo-state").iterdir()) == ["seed0.json", "seed1.json"]
+    machine = json.loads((cells / "ppo-state" / "seed0.json").read_text())["machine"]  # its seconds are this machine's
+    assert machine["cpu_count"] == os.cpu_count() and "cpu_simd" in machine
     shutil.rmtree(tmp_path / "runs")  # another machine: the committed cell files are enough
     assert (tmp_path / "results" / "tiny" / "curves_seconds.png").exists()
     rerun = subprocess.run(cmd, capture_output=True, text=True)  # finished cells are skipped
