@@ -34,10 +34,11 @@ class RunMismatchError(ValueError):
 
 
 def checkpoint_hash(path: str | Path) -> str:
-    """First 12 hex digits of the sha256 of a checkpoint file's bytes (a run directory: its ``model.pt``)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.pt"
+    """First 12 hex digits of the sha256 of a checkpoint file's bytes (a run directory: its ``model.pt``; a
+    ``pretrained:<task>`` name: the shipped bundle)."""
+    from kp_rl.model import checkpoint_file
+
+    path = checkpoint_file(path)
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()[:12]  # checkpoints are a few MB
     except FileNotFoundError as exc:

@@ -35,3 +35,16 @@ def test_kp_rl_rl_takes_a_pretrained_model(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     identity = json.loads((tmp_path / "run" / "run.json").read_text())
     assert identity["model"].endswith("pretrained/cartpole-swingup.pt") and len(identity["model_sha256"]) == 12
+
+
+def test_dynamics_train_on_a_pretrained_autoencoder(tmp_path):
+    """kp-rl train dynamics --keypoints pretrained:<task>: new dynamics on the shipped keypoint model."""
+    from kp_rl.data import collect
+    from kp_rl.train import train_dynamics
+
+    collect("cartpole-swingup", tmp_path / "data", 3, max_steps=17, progress=False)
+    path = train_dynamics("pretrained:cartpole-swingup", tmp_path / "data", tmp_path / "dyn",
+                          {"train": {"dynamics_steps": 2, "dynamics_batch_size": 2, "log_every": 1}}, progress=False)
+    assert kp_rl.load(path).has_dynamics
+    identity = json.loads((tmp_path / "dyn" / "run.json").read_text())
+    assert identity["model"] == str(PRETRAINED_DIR / "cartpole-swingup.pt") and len(identity["model_sha256"]) == 12
