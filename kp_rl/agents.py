@@ -20,10 +20,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import gymnasium as gym
 import numpy as np
-import yaml
 
 from kp_rl.envs import catalog_dir
-from kp_rl.files import read_json, write_json
+from kp_rl.files import read_json, read_yaml, write_json
 from kp_rl.runs import check_output_dir, check_run, checkpoint_hash, start_run
 
 if TYPE_CHECKING:
@@ -99,7 +98,7 @@ def agents_dir() -> Path:
 def _shared(folder: Path) -> dict[str, dict[str, Any]]:
     """``defaults.yaml`` of the catalog: per algorithm the hyperparameters and policy_kwargs all agents share."""
     path = folder / DEFAULTS_FILE
-    data = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    data = read_yaml(path) if path.is_file() else {}
     if not isinstance(data, dict) or set(data) - set(ALGOS):
         raise ValueError(f"{path}: expected a mapping of {ALGOS} to hyperparameters / policy_kwargs")
     return data
@@ -128,7 +127,7 @@ def load_agent_catalog() -> dict[str, AgentSpec]:
     specs = {}
     for path in sorted(folder.glob("*.yaml")):
         if path.name != DEFAULTS_FILE:
-            specs[path.stem] = _spec(path, yaml.safe_load(path.read_text()), shared)
+            specs[path.stem] = _spec(path, read_yaml(path), shared)
     return specs
 
 
@@ -138,11 +137,7 @@ def get_agent(name: str | Path) -> AgentSpec:
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise UnknownAgentError(f"agent file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
-        return _spec(path, data, _shared(agents_dir()))
+        return _spec(path, read_yaml(path), _shared(agents_dir()))
     catalog = load_agent_catalog()
     if str(name) not in catalog:
         raise UnknownAgentError(f"unknown agent {str(name)!r}; known agents: {', '.join(sorted(catalog))}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
+from kp_rl.files import read_yaml
 
 T = TypeVar("T")
 
@@ -258,12 +258,10 @@ def get_preset(name: str) -> Config:
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The mapping a YAML config file holds (``preset`` and section overrides), unvalidated beyond its shape."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
+        data = read_yaml(path, "config file") or {}
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data

@@ -35,7 +35,8 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-import yaml
+
+from kp_rl.files import read_yaml
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering on the CPU; must precede dm_control's import
 
@@ -114,7 +115,7 @@ class TaskSpec:
 
     @classmethod
     def from_yaml(cls, path: Path) -> "TaskSpec":
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml(path)
         fields = {f.name for f in dataclasses.fields(cls)}
         if not isinstance(data, dict) or not {"domain", "task"} <= set(data) or set(data) - fields:
             raise ValueError(f"{path}: expected a mapping with domain, task and some of {sorted(fields)}")

@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import yaml
 
 from kp_rl.agents import get_agent
-from kp_rl.files import read_json, save_figure, write_json
+from kp_rl.files import read_json, read_yaml, save_figure, write_json
 
 PERCEPTION_DEFAULTS = {"preset": "cpu", "episodes": 100, "autoencoder_steps": 1000, "dynamics_steps": 2000}
 # Observation kind -> the perception models it needs (run folders under models/<task>/; the last one is loaded)
@@ -60,9 +59,7 @@ class ExperimentSpec:
         from kp_rl.envs import get_spec
 
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"experiment spec not found: {path}")
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml(path, "experiment spec")
         required = {"tasks", "agents", "seeds"}
         if not isinstance(data, dict) or not required <= set(data) or ("steps" in data) == ("env_steps" in data):
             raise ValueError(f"{path}: an experiment spec needs {sorted(required)} and one of steps / env_steps")

@@ -1,4 +1,4 @@
-"""File helpers every module uses: atomic writes (bytes, text, JSON, matplotlib figures) and JSON reading.
+"""File helpers every module uses: atomic writes (bytes, text, JSON, matplotlib figures), JSON and YAML reading.
 
 An atomic write goes to a temporary file beside the target and is renamed over it, so an interrupted run
 leaves either the old file or the new one, never half of one.
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["read_json", "save_figure", "write_bytes", "write_json", "write_text"]
+__all__ = ["read_json", "read_yaml", "save_figure", "write_bytes", "write_json", "write_text"]
 
 
 def write_bytes(path: str | Path, data: bytes | Callable[[IO[bytes]], Any]) -> None:
@@ -63,6 +63,19 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def read_yaml(path: str | Path, what: str = "file") -> Any:
+    """Read a YAML file; a missing file is a FileNotFoundError and bad YAML a ValueError, both naming ``path``."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
 
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> None:

@@ -125,6 +125,8 @@ BAD_INPUTS = [
       "--out", "{data}"], "holds a dataset with max_steps=12, not 5; collect into another directory"),
     (["collect", "--env", "cartpole-flip", "--episodes", "3", "--out", "{new}"], "unknown task 'cartpole-flip'"),
     (["run", "{new}.yaml", "--runs", "{new}"], "experiment spec not found"),
+    (["run", "{broken.yaml}", "--runs", "{new}"], "broken.yaml: not valid YAML"),
+    (KP + ["--out", "{new}", "--config", "{broken.yaml}"], "broken.yaml: not valid YAML"),
     (["train", "keypoints", "--data", "{data}", "--out", "{new}", "--streaming", "sometimes"], "invalid choice"),
     (["catalog", "tasks"], "invalid choice: 'tasks'"),
     ([], "the following arguments are required: COMMAND"),
