@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -37,6 +38,18 @@ def commit() -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+@functools.cache
+def cpu_info() -> tuple[str | None, frozenset[str]]:
+    """The CPU's model name and feature flags from ``/proc/cpuinfo`` (None and no flags where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None, frozenset()
+    field = lambda name: next((line.split(":", 1)[1].strip() for line in lines if line.startswith(name)), None)
+    return field("model name"), frozenset((field("flags") or "").split())
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on, when, and at which commit."""
     import torch
@@ -53,13 +66,7 @@ def machine() -> dict[str, Any]:
         # other work on the machine when the figures were taken (1-min load average: ~0 idle, ~cores busy)
         "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-        info["cpu"] = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
-        flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
-        # what sets a CPU's torch speed apart when the model name does not (virtual machines: "AMD EPYC")
-        info["cpu_simd"] = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
-    except OSError:
-        info["cpu"] = info["cpu_simd"] = None
+    info["cpu"], flags = cpu_info()
+    # what sets a CPU's torch speed apart when the model name does not (virtual machines: "AMD EPYC")
+    info["cpu_simd"] = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
     return info

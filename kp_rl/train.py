@@ -21,7 +21,6 @@ Example (a few steps on a tiny dataset):
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import math
 import os
@@ -39,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from kp_rl import distributed
+from kp_rl.bench import cpu_info
 from kp_rl.config import Config, TrainConfig, get_preset
 from kp_rl.data import (MANIFEST, DatasetError, EpisodeBlockSampler, FeatureSequences, SequenceDataset,
                         StreamingSequenceDataset, read_manifest, sequence_dataset)
@@ -224,14 +224,9 @@ def _train_loader(data: Dataset, batch_size: int, shuffle: bool, seed: int, num_
                       num_workers=num_workers)
 
 
-@functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): only there does bf16 autocast pay."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    return bool(cpu_info()[1] & {"avx512_bf16", "amx_bf16"})
 
 
 def _autocast(device: torch.device, cfg: TrainConfig, graphed: bool, stage: str) -> contextlib.AbstractContextManager:
