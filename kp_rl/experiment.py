@@ -210,6 +210,27 @@ def committed_curve(results_dir: Path, spec: ExperimentSpec, task: str, agent: s
     return curve if _finished(curve, spec.agent_steps(task)) else None
 
 
+def finished_cells(spec: ExperimentSpec, task: str, out: Path, runs_dir: Path
+                   ) -> tuple[dict[tuple[str, str, int], dict[str, Any]], list[tuple[str, int]]]:
+    """A task's finished cells' curves and its ``(agent, seed)`` cells still to run. A cell is finished when its
+    result is committed, or when its run folder finished the budget (its result, not yet committed, is written)."""
+    from kp_rl.agents import finished_curve
+
+    curves, todo = {}, []
+    for agent in spec.agents_for(task):
+        for seed in spec.seeds:
+            curve = committed_curve(out, spec, task, agent, seed)
+            if curve is None:
+                curve = finished_curve(cell_dir(runs_dir, task, agent, seed), spec.agent_steps(task))
+                if curve is not None:
+                    write_json(cell_result(out, task, agent, seed), curve)
+            if curve is None:
+                todo.append((agent, seed))
+            else:
+                curves[(task, agent, seed)] = curve
+    return curves, todo
+
+
 def random_policy(task: str, episodes: int, seed: int = 0) -> dict[str, Any]:
     """Returns of the uniform random policy on ``task`` (the reference row of a grid)."""
     import gymnasium as gym
@@ -247,14 +268,8 @@ def run_experiment(path: str | Path, runs: str | Path = "runs", data: str | Path
     curves: dict[tuple[str, str, int], dict[str, Any]] = {}
     out = Path(results) / spec.name
     for task in spec.tasks:
-        todo = []
-        for agent in spec.agents_for(task):
-            for seed in spec.seeds:
-                curve = committed_curve(out, spec, task, agent, seed)
-                if curve is None:
-                    todo.append((agent, seed))
-                else:
-                    curves[(task, agent, seed)] = curve
+        finished, todo = finished_cells(spec, task, out, runs_dir)
+        curves.update(finished)
         models = perception_models(spec, task, Path(data), runs_dir, progress, device=device,
                                    prefixes=out / PREFIXES) if todo else {}
         for agent, seed in todo:

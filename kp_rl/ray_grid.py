@@ -21,9 +21,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from kp_rl.agents import finished_curve, get_agent
-from kp_rl.experiment import (PREFIXES, ExperimentSpec, cell_dir, cell_result, committed_curve, model_for,
-                              perception_models, run_cell, summarise)
+from kp_rl.agents import get_agent
+from kp_rl.experiment import (PREFIXES, ExperimentSpec, cell_result, finished_cells, model_for, perception_models,
+                              run_cell, summarise)
 from kp_rl.files import write_json
 
 
@@ -80,13 +80,8 @@ def run_experiment_ray(path: str | Path, address: str | None = None, runs: str |
     curves: dict[tuple[str, str, int], dict[str, Any]] = {}
     pending: dict[Any, tuple[str, str, int]] = {}
     for task in spec.tasks:
-        todo = [(a, s) for a in spec.agents_for(task) for s in spec.seeds]
-        for agent, seed in list(todo):
-            curve = (committed_curve(out, spec, task, agent, seed)
-                     or finished_curve(cell_dir(runs_dir, task, agent, seed), spec.agent_steps(task)))
-            if curve is not None:
-                curves[(task, agent, seed)] = curve
-                todo.remove((agent, seed))
+        finished, todo = finished_cells(spec, task, out, runs_dir)
+        curves.update(finished)
         if not todo:
             continue
         models: Any = {}
