@@ -83,6 +83,18 @@ def test_only_the_autoencoders_the_chosen_methods_need_are_trained(tmp_path):
     assert cells == ["ae_cnn_seed0", "cnn_seed0", "cnn_seed1", "state_seed0", "state_seed1"]
 
 
+def test_a_spec_s_keypoint_settings_reach_its_keypoint_autoencoders_under_the_methods_own():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import reward_prediction
+
+    spec = {**reward_prediction.SPECS["cpu_tasks_other"], "name": "cpu_tasks_other"}
+    assert reward_prediction.autoencoder_config(spec, "keypoints", 0).keypoints.reference == "other"
+    ablation = reward_prediction.autoencoder_config(spec, "no_kp_losses", 1).keypoints
+    assert ablation.reference == "other" and ablation.sparsity_weight == 0.0 == ablation.separation_weight
+    plain = {**reward_prediction.SPECS["cpu_tasks"], "name": "cpu_tasks"}
+    assert reward_prediction.autoencoder_config(plain, "keypoints", 0).keypoints.reference == "own"
+
+
 def test_the_committed_weights_are_not_git_ignored():
     """results/**/*.pt is ignored (large artefacts) but for these: a fresh machine needs them."""
     path = "results/reward_prediction/models/cartpole-swingup/ae_keypoints_seed0.pt"
