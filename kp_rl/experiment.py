@@ -215,6 +215,7 @@ def finished_cells(spec: ExperimentSpec, task: str, out: Path, runs_dir: Path
     """A task's finished cells' curves and its ``(agent, seed)`` cells still to run. A cell is finished when its
     result is committed, or when its run folder finished the budget (its result, not yet committed, is written)."""
     from kp_rl.agents import finished_curve
+    from kp_rl.bench import machine
 
     curves, todo = {}, []
     for agent in spec.agents_for(task):
@@ -222,7 +223,8 @@ def finished_cells(spec: ExperimentSpec, task: str, out: Path, runs_dir: Path
             curve = committed_curve(out, spec, task, agent, seed)
             if curve is None:
                 curve = finished_curve(cell_dir(runs_dir, task, agent, seed), spec.agent_steps(task))
-                if curve is not None:
+                if curve is not None:  # finished here (run folders are this machine's) but never committed
+                    curve = {**curve, "machine": machine()}
                     write_json(cell_result(out, task, agent, seed), curve)
             if curve is None:
                 todo.append((agent, seed))

@@ -51,7 +51,8 @@ def test_grid_retries_a_dead_worker_and_skips_finished_cells(tmp_path, local_ray
     committed = tmp_path / "results" / "tiny" / "cells" / "cartpole-swingup" / "ppo-state" / "seed1.json"
     committed.unlink()  # finished in its run folder, its result not committed (a runner stopped in between)
     assert run_experiment_ray(spec, progress=False, cell_fn=never, **dirs)["summary"] == summary["summary"]
-    assert committed.exists()  # committed now, without training again
+    assert committed.exists()  # committed now, without training again, stamped with this machine
+    assert "cpu_count" in json.loads(committed.read_text())["machine"]
 
 
 def test_failed_cells_are_named_and_the_others_kept(tmp_path, local_ray):
