@@ -282,11 +282,18 @@ def run_experiment(path: str | Path, runs: str | Path = "runs", data: str | Path
 
 
 def _bootstrap(scores: Any, statistic: Callable, reps: int, seed: int) -> tuple[float, float, float]:
-    """rliable's point estimate and 95% stratified-bootstrap CI of ``statistic`` over ``scores``."""
+    """rliable's point estimate and 95% stratified-bootstrap CI of ``statistic`` over ``scores``; the same for the
+    same scores whatever ran before (rliable 1.2 draws its resamples from NumPy's global generator, whatever
+    ``random_state`` says: it is seeded here and restored after)."""
     from rliable import library as rly
 
-    point, interval = rly.get_interval_estimates({"x": scores}, statistic, reps=reps,
-                                                 random_state=np.random.RandomState(seed))
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        point, interval = rly.get_interval_estimates({"x": scores}, statistic, reps=reps,
+                                                     random_state=np.random.RandomState(seed))
+    finally:
+        np.random.set_state(state)
     return float(np.squeeze(point["x"])), float(np.squeeze(interval["x"][0])), float(np.squeeze(interval["x"][1]))
 
 

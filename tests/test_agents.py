@@ -11,7 +11,7 @@ import pytest
 
 import kp_rl
 from kp_rl.agents import OBSERVATION_KINDS, UnknownAgentError, get_agent, load_agent_catalog, make_vec_env, train_agent
-from kp_rl.experiment import ExperimentSpec, iqm_with_ci
+from kp_rl.experiment import ExperimentSpec, iqm_with_ci, probability_of_improvement
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,20 @@ def test_train_agent_writes_curve_and_resumes(model_path, tmp_path):
 def test_iqm_confidence_interval_brackets_the_point_estimate():
     iqm, low, high = iqm_with_ci(np.array([1.0, 2.0, 3.0, 4.0, 100.0]))
     assert low <= iqm <= high and iqm < 10  # robust to the outlier
+
+
+def test_bootstrap_cis_do_not_depend_on_what_ran_before():
+    """A grid's report computes many CIs in one process: each must be the one a fresh process computes."""
+    scores = np.array([323.2, 357.4, 366.2, 378.9, 291.8])
+    first = iqm_with_ci(scores)
+    np.random.seed(123)
+    np.random.rand(7)
+    assert iqm_with_ci(scores) == first == iqm_with_ci(scores)
+    x, y = np.array([[3.0], [4.0], [5.0]]), np.array([[1.0], [4.5], [2.0]])
+    assert probability_of_improvement(x, y) == probability_of_improvement(x, y)
+    state = np.random.get_state()
+    iqm_with_ci(scores)
+    assert np.array_equal(np.random.get_state()[1], state[1])  # the caller's global stream is left as it was
 
 
 def test_experiment_spec_errors(tmp_path):
