@@ -261,7 +261,8 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
     Returns:
         The learning curve (also in ``out/curve.json``): ``steps``, ``seconds`` (wall-clock spent training,
         evaluation excluded, summed over resumed sessions), ``returns`` (mean eval return), ``returns_std``,
-        ``budget`` (the ``steps`` asked for), ``agent_steps`` (trained at the last checkpoint), ``done``.
+        ``budget`` (the ``steps`` asked for), ``agent_steps`` (trained at the last checkpoint), ``done``, and when
+        done ``machine`` (:func:`kp_rl.bench.machine` of the one it finished on: its last seconds are that one's).
     """
     from kp_rl.model import checkpoint_file, resolve_device
 
@@ -476,6 +477,7 @@ def _train(spec: AgentSpec, venv: Any, eval_env: Any, steps: int, out: Path, ide
         def _on_rollout_end(self) -> None:
             online.maybe_fit(self.num_timesteps, algo)
 
+    from kp_rl.bench import machine
     from kp_rl.train import STAGE_THREADS, torch_threads
 
     remaining = steps - algo.num_timesteps
@@ -483,6 +485,6 @@ def _train(spec: AgentSpec, venv: Any, eval_env: Any, steps: int, out: Path, ide
     with torch_threads(STAGE_THREADS["agent"]):
         algo.learn(remaining, callback=CallbackList(callbacks), reset_num_timesteps=False, tb_log_name="sb3")
     bar.close()
-    curve["done"] = True
+    curve.update(done=True, machine=machine())
     save()
     return curve

@@ -182,16 +182,14 @@ def run_cell(spec: ExperimentSpec, task: str, agent: str, seed: int, model: Path
     only the steps since the last evaluation. The curve records the machine it finished on (its seconds are that
     machine's)."""
     from kp_rl.agents import train_agent
-    from kp_rl.bench import machine
     from kp_rl.envs import get_spec
 
     out = cell_dir(runs, task, agent, seed)
     online = get_agent(agent).perception is not None  # ``model`` is then its shared prefix (or None)
-    curve = train_agent(get_spec(task).env_id, agent, spec.agent_steps(task), out, seed=seed,
-                        model=None if online else model, perception_prefix=model if online else None,
-                        eval_every=spec.eval_every, eval_episodes=spec.eval_episodes, checkpoint_every=spec.eval_every,
-                        device=device, progress=progress)
-    return {**curve, "machine": machine()}
+    return train_agent(get_spec(task).env_id, agent, spec.agent_steps(task), out, seed=seed,
+                       model=None if online else model, perception_prefix=model if online else None,
+                       eval_every=spec.eval_every, eval_episodes=spec.eval_episodes, checkpoint_every=spec.eval_every,
+                       device=device, progress=progress)
 
 
 def cell_result(results_dir: Path, task: str, agent: str, seed: int | None = None) -> Path:
@@ -215,7 +213,6 @@ def finished_cells(spec: ExperimentSpec, task: str, out: Path, runs_dir: Path
     """A task's finished cells' curves and its ``(agent, seed)`` cells still to run. A cell is finished when its
     result is committed, or when its run folder finished the budget (its result, not yet committed, is written)."""
     from kp_rl.agents import finished_curve
-    from kp_rl.bench import machine
 
     curves, todo = {}, []
     for agent in spec.agents_for(task):
@@ -223,8 +220,7 @@ def finished_cells(spec: ExperimentSpec, task: str, out: Path, runs_dir: Path
             curve = committed_curve(out, spec, task, agent, seed)
             if curve is None:
                 curve = finished_curve(cell_dir(runs_dir, task, agent, seed), spec.agent_steps(task))
-                if curve is not None:  # finished here (run folders are this machine's) but never committed
-                    curve = {**curve, "machine": machine()}
+                if curve is not None:  # finished in its run folder but never committed
                     write_json(cell_result(out, task, agent, seed), curve)
             if curve is None:
                 todo.append((agent, seed))
