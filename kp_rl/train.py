@@ -82,6 +82,12 @@ class Trainable(Protocol):
 
     def train(self, mode: bool = True) -> Any: ...
 
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -306,8 +312,10 @@ def fit(
         start_step, history = 0, {"train": [], "val": []}
         best_weights: dict[str, Tensor] | None = None  # with early stopping: the weights of the best validation
         if path.exists():
-            state = read_checkpoint(path)["train_state"] or {}
+            checkpoint = read_checkpoint(path)
+            state = checkpoint["train_state"] or {}
             if state.get("stage") == stage:
+                _restore_trained(model, parameters, checkpoint["state_dict"])
                 optimizer.load_state_dict(state["optimizer"])
                 _set_capturable(optimizer, graphed)  # the checkpoint may come from the other kind of run
                 start_step, history = state["step"], state["history"]
@@ -444,6 +452,17 @@ def fit(
             if writer is not None:
                 writer.close()
         return path
+
+
+def _restore_trained(model: Trainable, parameters: list[torch.nn.Parameter], stored: dict[str, Tensor]) -> None:
+    """Load the checkpointed state of the submodules whose parameters a resumed run trains (``autoencoder.*`` or
+    ``dynamics.*``): the caller may hand :func:`fit` a freshly built model, and the stored optimiser state and
+    step only make sense with the weights they were saved with. The rest of the model (e.g. the frozen
+    autoencoder under a VRNN refit on it) stays as the caller set it."""
+    trained = {id(p) for p in parameters}
+    owners = {name.split(".")[0] for name, p in model.named_parameters() if id(p) in trained}
+    current = model.state_dict()
+    model.load_state_dict({**current, **{k: v for k, v in stored.items() if k.split(".")[0] in owners}})
 
 
 # -- stage 1: autoencoder ----------------------------------------------------------------------------------

@@ -538,3 +538,31 @@ def test_a_perception_fit_leaves_the_agents_random_stream_alone(tmp_path):
     torch.manual_seed(7)
     fit_perception(model, episodes, dataclasses.replace(schedule, refit_autoencoder_steps=1), 1, tmp_path)  # resumes
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_an_interrupted_perception_fit_resumes_its_weights(tmp_path):
+    """A shared prefix's fit, interrupted and resumed by a fresh process (a freshly built model), continues from the
+    checkpointed weights, not from new random ones under the stored optimiser state and step."""
+    import torch
+
+    from kp_rl.online import PerceptionSchedule, fit_perception
+
+    schedule = PerceptionSchedule(autoencoder_steps=3, dynamics_steps=3, preset="tiny")
+    rng = np.random.default_rng(0)
+    episodes = [{"image": rng.integers(0, 256, (12, 32, 32, 3)).astype(np.uint8),
+                 "action": rng.uniform(-1, 1, (12, 1)).astype(np.float32),
+                 "reward": rng.uniform(0, 1, 12).astype(np.float32)} for _ in range(2)]
+    fitted = kp_rl.PerceptionModel(schedule.model_config(), action_dim=1, with_dynamics=True)
+    fit_perception(fitted, episodes, schedule, 0, tmp_path)
+    torch.manual_seed(123)  # another initialisation than the first model's
+    resumed = kp_rl.PerceptionModel(schedule.model_config(), action_dim=1, with_dynamics=True)
+    fit_perception(resumed, episodes, schedule, 0, tmp_path)  # both stages finished: nothing left to train
+    for (name, a), b in zip(fitted.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    # a refit resumes the VRNN's run with the VRNN's weights alone: the autoencoder it has just refitted is kept
+    before = {k: v.clone() for k, v in resumed.autoencoder.state_dict().items()}
+    fit_perception(resumed, episodes, dataclasses.replace(schedule, refit_autoencoder_steps=1), 1, tmp_path)
+    refitted = kp_rl.model.read_checkpoint(tmp_path / "autoencoder")["state_dict"]
+    for name, value in resumed.autoencoder.state_dict().items():
+        assert torch.equal(value, refitted[f"autoencoder.{name}"]), name
+    assert any(not torch.equal(before[k], v) for k, v in resumed.autoencoder.state_dict().items())
