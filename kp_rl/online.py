@@ -25,7 +25,7 @@ from kp_rl.data import FeatureSequences, encode_episodes, load_episode, save_epi
 from kp_rl.files import read_json, write_json
 from kp_rl.keypoints import preprocess_frames
 from kp_rl.model import PerceptionModel, load
-from kp_rl.train import fit
+from kp_rl.train import fit, training_seconds
 
 _KEYS = ("image", "action", "reward")  # what an online run keeps of each episode
 __all__ = ["OnlinePerception", "PerceptionSchedule", "fit_perception", "shared_prefix"]
@@ -131,11 +131,13 @@ def shared_prefix(schedule: PerceptionSchedule, task: str, representation: str, 
     action_dim = data[0]["action"].shape[-1]
     model = PerceptionModel(schedule.model_config(), representation, action_dim, with_dynamics=belief,
                             data_spec={"env_id": spec.env_id, "action_dim": action_dim, "online": True})
+    histories = [out / stage / "history.json" for stage in ("autoencoder", "dynamics")]
+    earlier = sum(training_seconds(read_json(h)) for h in histories if h.exists())  # an interrupted fit's sessions
     tick = time.perf_counter()
     fit_perception(model, data, schedule, 0, out, progress)
     write_json(out / "fit.json", {"agent_steps": sum(len(e["image"]) - 1 for e in data),
                                   "frames": sum(len(e["image"]) for e in data),
-                                  "seconds": round(time.perf_counter() - tick, 1), "shared": True,
+                                  "seconds": round(earlier + time.perf_counter() - tick, 1), "shared": True,
                                   "schedule": recipe})
     return out
 

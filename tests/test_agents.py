@@ -455,6 +455,15 @@ def test_online_agents_can_start_from_a_shared_prefix(tmp_path):
     changed = dataclasses.replace(spec.schedule, config={"keypoints": {"reference": "other"}})
     with pytest.raises(ValueError, match="fitted with another perception schedule .config differ"):
         shared_prefix(changed, "cartpole-swingup", "cnn", True, prefix, env_kwargs=env_kwargs)
+    # a fit finished by a later process counts the earlier sessions' training time (logged in the stages'
+    # histories; every agent's wall-clock includes it): here an earlier process trained both stages for 2 x 1,000 s
+    (prefix / "fit.json").unlink()
+    for stage in ("autoencoder", "dynamics"):
+        history = json.loads((prefix / stage / "history.json").read_text())
+        history["train"] = [{**row, "steps_per_s": row["step"] / 1000} for row in history["train"][-1:]]
+        (prefix / stage / "history.json").write_text(json.dumps(history))
+    assert shared_prefix(spec.schedule, "cartpole-swingup", "cnn", True, prefix, env_kwargs=env_kwargs) == prefix
+    assert 2000 <= json.loads((prefix / "fit.json").read_text())["seconds"] < 2100
     buffer = load_from_pkl(tmp_path / "run" / "replay_buffer.pkl")
     venv = make_vec_env("kp_rl/cartpole-swingup-v0", spec, model, env_kwargs=env_kwargs)
     online = OnlinePerception(spec.schedule, tmp_path / "run", venv)
