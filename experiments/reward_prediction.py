@@ -623,6 +623,13 @@ def export_pretrained(task: str, out: Path, spec: dict[str, Any], roots: tuple[P
     write_bytes(dest / f"{task}.pt", buffer.getvalue())
     scores = vrnn["scores"]["prior_mean"]
     size = model.image_size
+    caveat = ""
+    if model.config.keypoints.reference == "other":
+        caveat += ("\n- Each training sequence was reconstructed from another episode's first frame (`keypoints.reference:"
+                   "\n  other`), so keypoints also sit on what stands still through an episode (e.g. a goal).")
+    if scores["r2_mean"] <= 0:
+        caveat += ("\n- **Its predicted rewards are no better than always predicting the mean reward** (R² <= 0): use its"
+                   "\n  keypoints, not `info[\"predicted_reward\"]` or `imagine()`'s rewards.")
     write_bytes(dest / f"{task}.md", f"""\
 # pretrained:{task}
 
@@ -638,7 +645,7 @@ reward-prediction experiment (seed 0 of each; {out.as_posix()}/README.md).
   {ae['tracking_rmse_px']:.2f} px RMSE by a linear read-out (always predicting the mean position: {ae['mean_position_rmse_px']:.2f} px).
 - Held-out reward prediction, open loop from the prior mean, {len(scores['r2'])} steps after
   {model.config.dynamics.observed_steps} observed: R² {scores['r2_mean']:.3f} averaged over the steps
-  ({', '.join(f'{v:.2f}' for v in scores['r2'])} per step).
+  ({', '.join(f'{v:.2f}' for v in scores['r2'])} per step).{caveat}
 """.encode())
     return dest / f"{task}.pt"
 
