@@ -98,6 +98,8 @@ def keypoint_figures(spec_path: Path, runs: str, data: str, results: str) -> lis
     written = []
     for task in spec.tasks:
         online = Path(runs) / spec.name / task / "sac-keypoints-belief" / "seed0" / "perception"
+        if online.is_dir() and not (Path(results) / spec.name / "cells" / task / "sac-keypoints-belief" / "seed0.json").exists():
+            continue  # a run in progress: its figure waits for the end of the run
         model_dir = online / "dynamics" if online.is_dir() else Path(runs) / spec.name / "models" / task / "keypoints"
         if not (model_dir / "model.pt").exists():
             continue
