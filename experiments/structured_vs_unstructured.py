@@ -91,14 +91,14 @@ def keypoint_figures(spec_path: Path, runs: str, data: str, results: str) -> lis
     """keypoints_<task>.png for every task of the spec whose grid trained a keypoint model."""
     import kp_rl
     from kp_rl.data import episode_files, load_episode
-    from kp_rl.experiment import ExperimentSpec
+    from kp_rl.experiment import ExperimentSpec, cell_result
     from kp_rl.report import keypoint_strip
 
     spec = ExperimentSpec.from_yaml(spec_path)
     written = []
     for task in spec.tasks:
         online = Path(runs) / spec.name / task / "sac-keypoints-belief" / "seed0" / "perception"
-        if online.is_dir() and not (Path(results) / spec.name / "cells" / task / "sac-keypoints-belief" / "seed0.json").exists():
+        if online.is_dir() and not cell_result(Path(results) / spec.name, task, "sac-keypoints-belief", 0).exists():
             continue  # a run in progress: its figure waits for the end of the run
         model_dir = online / "dynamics" if online.is_dir() else Path(runs) / spec.name / "models" / task / "keypoints"
         if not (model_dir / "model.pt").exists():

@@ -88,6 +88,8 @@ class Trainable(Protocol):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
 
+    def get_submodule(self, target: str) -> torch.nn.Module: ...
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -460,9 +462,9 @@ def _restore_trained(model: Trainable, parameters: list[torch.nn.Parameter], sto
     step only make sense with the weights they were saved with. The rest of the model (e.g. the frozen
     autoencoder under a VRNN refit on it) stays as the caller set it."""
     trained = {id(p) for p in parameters}
-    owners = {name.split(".")[0] for name, p in model.named_parameters() if id(p) in trained}
-    current = model.state_dict()
-    model.load_state_dict({**current, **{k: v for k, v in stored.items() if k.split(".")[0] in owners}})
+    for owner in {name.split(".")[0] for name, p in model.named_parameters() if id(p) in trained}:
+        model.get_submodule(owner).load_state_dict(
+            {k[len(owner) + 1:]: v for k, v in stored.items() if k.startswith(f"{owner}.")})  # strict: all of it
 
 
 # -- stage 1: autoencoder ----------------------------------------------------------------------------------
