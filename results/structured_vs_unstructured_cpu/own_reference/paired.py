@@ -1,7 +1,8 @@
-"""Paired by seed: the current grid's online cells (keypoints.reference: other) minus the same seeds' cells made
-with the paper's reference frame (this folder). Prints a Markdown table and writes paired.json here.
+"""Paired by seed: the current grid's online cells (keypoints.reference: other) minus the same seeds' cells kept in
+a folder beside them: by default this one (made with the paper's reference frame), or another folder's cells/
+(e.g. ../cnn_prefix_resume_bug). Prints a Markdown table and writes paired.json into that folder.
 
-    python results/structured_vs_unstructured_cpu/own_reference/paired.py
+    python results/structured_vs_unstructured_cpu/own_reference/paired.py [FOLDER]
 """
 import json
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+KEPT = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else HERE
 sys.path.insert(0, str(HERE.parents[2] / "experiments"))
 from reward_prediction import bootstrap_ci  # noqa: E402  (the percentile bootstrap of the project's paired figures)
 
@@ -19,12 +21,12 @@ def final(path: Path) -> float:
 
 
 rows = []
-for own in sorted((HERE / "cells").glob("*/*/seed*.json")):
+for own in sorted((KEPT / "cells").glob("*/*/seed*.json")):
     task, agent, seed = own.parts[-3], own.parts[-2], own.stem
     other = HERE.parent / "cells" / task / agent / own.name
     if other.is_file() and json.loads(other.read_text()).get("done"):
         rows.append((task, agent, int(seed[4:]), final(own), final(other)))
-table, out = ["| task | agent | seeds | own reference | other reference | other - own [95% CI] |", "|---|---|---|---|---|---|"], {}
+table, out = [f"| task | agent | seeds | {KEPT.name} | current grid | current - {KEPT.name} [95% CI] |", "|---|---|---|---|---|---|"], {}
 for task, agent in sorted({(r[0], r[1]) for r in rows}):
     pairs = [r for r in rows if r[:2] == (task, agent)]
     own, other = np.array([r[3] for r in pairs]), np.array([r[4] for r in pairs])
@@ -34,5 +36,5 @@ for task, agent in sorted({(r[0], r[1]) for r in rows}):
                               "diff_mean": float(diff.mean()), "diff_ci": [low, high]}
     table.append(f"| {task} | {agent} | {', '.join(str(r[2]) for r in pairs)} | {' / '.join(f'{v:.0f}' for v in own)} | "
                  f"{' / '.join(f'{v:.0f}' for v in other)} | {diff.mean():+.0f} [{low:+.0f}, {high:+.0f}] |")
-(HERE / "paired.json").write_text(json.dumps(out, indent=1) + "\n")
+(KEPT / "paired.json").write_text(json.dumps(out, indent=1) + "\n")
 print("\n".join(table))
