@@ -53,6 +53,7 @@ from kp_rl.data import FeatureSequences, collect, encode_episodes, episode_files
 from kp_rl.dynamics import KeypointVRNN
 from kp_rl.envs import pixels_to_unit
 from kp_rl.evaluate import evaluate_reward_prediction
+from kp_rl.experiment import bootstrap_ci
 from kp_rl.files import read_json, save_figure, write_bytes, write_json
 from kp_rl.metrics import reward_prediction_error, tracking_error
 from kp_rl.model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, read_checkpoint, resolve_device
@@ -416,18 +417,6 @@ def jsonable(value: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ statistics
-def bootstrap_ci(values: list[np.ndarray], resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap CI of the mean over strata: each stratum (a task's per-seed values) is resampled
-    on its own, the statistic is the mean over strata of their means (one stratum: a plain bootstrap)."""
-    rng = np.random.default_rng(seed)
-    stats = np.zeros(resamples)
-    for stratum in values:
-        stratum = np.asarray(stratum, float)
-        stats += stratum[rng.integers(0, len(stratum), (resamples, len(stratum)))].mean(1) / len(values)
-    low, high = np.percentile(stats, [2.5, 97.5])
-    return float(low), float(high)
-
-
 def summarise(cells: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
     """``summary[task][method]`` (r2_mean, r2_ci, mse_mean, seeds, ...) and ``summary["struct_minus_cnn"]``."""
     summary: dict[str, Any] = {}

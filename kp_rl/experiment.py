@@ -302,6 +302,18 @@ def iqm_with_ci(scores: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[fl
     return _bootstrap(scores, lambda x: np.array([metrics.aggregate_iqm(x)]), reps, seed)
 
 
+def bootstrap_ci(values: list[np.ndarray], resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap CI of the mean over strata: each stratum (a task's per-seed values) is resampled
+    on its own, the statistic is the mean over strata of their means (one stratum: a plain bootstrap)."""
+    rng = np.random.default_rng(seed)
+    stats = np.zeros(resamples)
+    for stratum in values:
+        stratum = np.asarray(stratum, float)
+        stats += stratum[rng.integers(0, len(stratum), (resamples, len(stratum)))].mean(1) / len(values)
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def perception_minutes(runs_dir: Path, task: str) -> dict[str, float]:
     """Training minutes of each perception model a grid trained for ``task`` (``{}`` when none)."""
     from kp_rl.train import training_seconds

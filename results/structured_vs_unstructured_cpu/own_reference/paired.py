@@ -4,27 +4,27 @@ a folder beside them: by default this one (made with the paper's reference frame
 
     python results/structured_vs_unstructured_cpu/own_reference/paired.py [FOLDER]
 """
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from kp_rl.experiment import bootstrap_ci
+from kp_rl.files import read_json, write_json
+
 HERE = Path(__file__).resolve().parent
 KEPT = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else HERE
-sys.path.insert(0, str(HERE.parents[2] / "experiments"))
-from reward_prediction import bootstrap_ci  # noqa: E402  (the percentile bootstrap of the project's paired figures)
 
 
 def final(path: Path) -> float:
-    return float(json.loads(path.read_text())["returns"][-1])
+    return float(read_json(path)["returns"][-1])
 
 
 rows = []
 for own in sorted((KEPT / "cells").glob("*/*/seed*.json")):
     task, agent, seed = own.parts[-3], own.parts[-2], own.stem
     other = HERE.parent / "cells" / task / agent / own.name
-    if other.is_file() and json.loads(other.read_text()).get("done"):
+    if other.is_file() and read_json(other).get("done"):
         rows.append((task, agent, int(seed[4:]), final(own), final(other)))
 table, out = [f"| task | agent | seeds | {KEPT.name} | current grid | current - {KEPT.name} [95% CI] |", "|---|---|---|---|---|---|"], {}
 for task, agent in sorted({(r[0], r[1]) for r in rows}):
@@ -36,5 +36,5 @@ for task, agent in sorted({(r[0], r[1]) for r in rows}):
                               "diff_mean": float(diff.mean()), "diff_ci": [low, high]}
     table.append(f"| {task} | {agent} | {', '.join(str(r[2]) for r in pairs)} | {' / '.join(f'{v:.0f}' for v in own)} | "
                  f"{' / '.join(f'{v:.0f}' for v in other)} | {diff.mean():+.0f} [{low:+.0f}, {high:+.0f}] |")
-(KEPT / "paired.json").write_text(json.dumps(out, indent=1) + "\n")
+write_json(KEPT / "paired.json", out)
 print("\n".join(table))
