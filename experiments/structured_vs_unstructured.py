@@ -69,7 +69,10 @@ def write_report(results_dir: Path, spec_path: Path) -> None:
     table = markdown_table(["task", "agent", "final return: IQM [95% CI]", "seeds", "env steps (all counted)",
                             "wall-clock min / run"], rows)
     pairs = "\n".join(f"- P({pair}) = {row['point']:.2f} [{row['ci'][0]:.2f}, {row['ci'][1]:.2f}] over "
-                      f"{', '.join(row['tasks'])}" for pair, row in summary.get("probability_of_improvement", {}).items())
+                      f"{', '.join(row['tasks'])}"
+                      + "".join(f"; {t} alone {r['point']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
+                                for t, r in row.get("per_task", {}).items())
+                      for pair, row in summary.get("probability_of_improvement", {}).items())
     missing = [f"{t}/{a}/seed{s}" for t, a, s in spec.cells() if f"{t}/{a}/seed{s}" not in results["curves"]]
     experiment_readme(results_dir, "experiments/structured_vs_unstructured.py", __doc__, f"""\
 Spec `{spec.name}` ({spec_path.name}): {len(spec.cells())} cells, {len(spec.cells()) - len(missing)} finished.

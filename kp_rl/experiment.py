@@ -388,8 +388,11 @@ def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str,
             x = np.array([finals[t][spec.compare] for t in tasks]).T  # (runs, tasks)
             y = np.array([finals[t][other] for t in tasks]).T
             point, low, high = probability_of_improvement(x, y)
-            summary["probability_of_improvement"][f"{spec.compare} > {other}"] = {"point": point, "ci": [low, high],
-                                                                                   "tasks": tasks}
+            row = {"point": point, "ci": [low, high], "tasks": tasks}
+            if len(tasks) > 1:  # each task's own, beside the average over tasks
+                row["per_task"] = {t: dict(zip(("point", "low", "high"), probability_of_improvement(x[:, [i]], y[:, [i]])))
+                                   for i, t in enumerate(tasks)}
+            summary["probability_of_improvement"][f"{spec.compare} > {other}"] = row
     print(f"\n{'task':20s} {'agent':24s} {'IQM return':>11s} {'95% CI':>17s} {'env steps':>10s} {'min/run':>8s}")
     for task in spec.tasks:
         for agent, row in summary[task].items():
@@ -399,7 +402,8 @@ def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str,
             print(f"{task:20s} {agent:24s} {row['iqm']:11.1f} [{row['ci'][0]:7.1f},{row['ci'][1]:7.1f}] "
                   f"{row['env_steps']:10d} {row['wall_clock_s'] / 60:8.1f}")
     for pair, row in summary.get("probability_of_improvement", {}).items():
-        print(f"P({pair}) = {row['point']:.2f} [{row['ci'][0]:.2f}, {row['ci'][1]:.2f}]")
+        print(f"P({pair}) = {row['point']:.2f} [{row['ci'][0]:.2f}, {row['ci'][1]:.2f}]"
+              + "".join(f"; {t}: {r['point']:.2f} [{r['low']:.2f}, {r['high']:.2f}]" for t, r in row.get("per_task", {}).items()))
     summary = {"spec": spec.__dict__, "summary": summary, "perception_minutes": perception, "machine": machine(),
                "curves": {f"{t}/{a}/seed{s}": c for (t, a, s), c in curves.items()}}
     write_json(out / "results.json", summary)

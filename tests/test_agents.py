@@ -11,7 +11,7 @@ import pytest
 
 import kp_rl
 from kp_rl.agents import OBSERVATION_KINDS, UnknownAgentError, get_agent, load_agent_catalog, make_vec_env, train_agent
-from kp_rl.experiment import ExperimentSpec, iqm_with_ci, probability_of_improvement
+from kp_rl.experiment import ExperimentSpec, iqm_with_ci, probability_of_improvement, summarise
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +108,20 @@ def test_experiment_spec_errors(tmp_path):
     bad.write_text(good + "compare: sac-pixels\n")
     with pytest.raises(ValueError, match="compare: 'sac-pixels' is not one of the agents"):
         ExperimentSpec.from_yaml(bad)
+
+
+def test_summary_gives_each_tasks_probability_of_improvement_beside_the_average(tmp_path):
+    spec_path = tmp_path / "two.yaml"
+    spec_path.write_text("name: two\ntasks: [cartpole-swingup, reacher-easy]\nagents: [sac-state, ppo-state]\n"
+                         "seeds: [0, 1, 2]\nsteps: 10\nrandom_episodes: 0\ncompare: sac-state\n")
+    spec = ExperimentSpec.from_yaml(spec_path)
+    wins = {"cartpole-swingup": 100.0, "reacher-easy": -100.0}  # sac-state beats ppo-state on one task, loses on the other
+    curves = {(t, a, s): {"returns": [0.0, s + (wins[t] if a == "sac-state" else 0.0)], "steps": [0, 10],
+                          "seconds": [0.0, 1.0]}
+              for t in spec.tasks for a in spec.agents for s in spec.seeds}
+    pair = summarise(spec, curves, tmp_path)["summary"]["probability_of_improvement"]["sac-state > ppo-state"]
+    assert pair["point"] == 0.5 and pair["tasks"] == spec.tasks
+    assert pair["per_task"]["cartpole-swingup"]["point"] == 1.0 and pair["per_task"]["reacher-easy"]["point"] == 0.0
 
 
 def test_kp_rl_run_state_grid_end_to_end(tmp_path):
