@@ -70,7 +70,7 @@ def write_report(results_dir: Path, spec_path: Path) -> None:
                             "wall-clock min / run"], rows)
     pairs = "\n".join(f"- P({pair}) = {row['point']:.2f} [{row['ci'][0]:.2f}, {row['ci'][1]:.2f}] over "
                       f"{', '.join(row['tasks'])}"
-                      + "".join(f"; {t} alone {r['point']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
+                      + "".join(f"; {t} alone {r['point']:.2f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]"
                                 for t, r in row.get("per_task", {}).items())
                       for pair, row in summary.get("probability_of_improvement", {}).items())
     missing = [f"{t}/{a}/seed{s}" for t, a, s in spec.cells() if f"{t}/{a}/seed{s}" not in results["curves"]]

@@ -332,6 +332,11 @@ def probability_of_improvement(x: np.ndarray, y: np.ndarray, reps: int = 2000,
                       reps, seed)
 
 
+def _improvement(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    point, low, high = probability_of_improvement(x, y)
+    return {"point": point, "ci": [low, high]}
+
+
 def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str, Any]], out: Path,
               runs_dir: Path | None = None) -> dict[str, Any]:
     """``summary[task][agent]``: IQM of the final returns with its 95% CI, seeds, env steps (every step counted:
@@ -387,11 +392,9 @@ def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str,
                 continue
             x = np.array([finals[t][spec.compare] for t in tasks]).T  # (runs, tasks)
             y = np.array([finals[t][other] for t in tasks]).T
-            point, low, high = probability_of_improvement(x, y)
-            row = {"point": point, "ci": [low, high], "tasks": tasks}
+            row = {**_improvement(x, y), "tasks": tasks}
             if len(tasks) > 1:  # each task's own, beside the average over tasks
-                row["per_task"] = {t: dict(zip(("point", "low", "high"), probability_of_improvement(x[:, [i]], y[:, [i]])))
-                                   for i, t in enumerate(tasks)}
+                row["per_task"] = {t: _improvement(x[:, [i]], y[:, [i]]) for i, t in enumerate(tasks)}
             summary["probability_of_improvement"][f"{spec.compare} > {other}"] = row
     print(f"\n{'task':20s} {'agent':24s} {'IQM return':>11s} {'95% CI':>17s} {'env steps':>10s} {'min/run':>8s}")
     for task in spec.tasks:
@@ -403,7 +406,7 @@ def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str,
                   f"{row['env_steps']:10d} {row['wall_clock_s'] / 60:8.1f}")
     for pair, row in summary.get("probability_of_improvement", {}).items():
         print(f"P({pair}) = {row['point']:.2f} [{row['ci'][0]:.2f}, {row['ci'][1]:.2f}]"
-              + "".join(f"; {t}: {r['point']:.2f} [{r['low']:.2f}, {r['high']:.2f}]" for t, r in row.get("per_task", {}).items()))
+              + "".join(f"; {t}: {r['point']:.2f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]" for t, r in row.get("per_task", {}).items()))
     summary = {"spec": spec.__dict__, "summary": summary, "perception_minutes": perception, "machine": machine(),
                "curves": {f"{t}/{a}/seed{s}": c for (t, a, s), c in curves.items()}}
     write_json(out / "results.json", summary)
