@@ -334,7 +334,9 @@ def readout_cell(task: str, roots: tuple[Path, Path], steps: int = 4000, seed: i
         x = [np.concatenate([s[1:], s[:-1], e["action"][:len(s) - 1]], 1) for e, s in zip(eps, normalise(eps))]
         return torch.as_tensor(np.concatenate(x)), torch.as_tensor(np.concatenate([e["reward"][1:] for e in eps]))
 
-    def r2(net: nn.Module, x: Tensor, y: Tensor) -> float:
+    def r2(net: nn.Module, x: Tensor, y: Tensor) -> float | None:
+        if not y.var() > 0:  # no reward in these episodes (finger-spin's random policy): R² is undefined
+            return None
         with torch.no_grad():
             return float(1 - ((net(x).squeeze(-1) - y) ** 2).mean() / y.var())
 
@@ -538,7 +540,10 @@ def report(results: dict[str, Any], out: Path) -> None:
                for ae in aes if ae.get("val_loss")]
     autoencoders = markdown_table(["task", "autoencoder", "seed", "steps", "tracking RMSE (px)",
                                    "val loss, last quarter"], ae_rows) if ae_rows else "(none yet)"
-    readout = "\n".join(f"- {task}: " + ", ".join(f"{r['test_r2']:.3f} ({n} episodes; train {r['train_r2']:.2f})"
+    def r2(value: float | None, digits: int) -> str:
+        return "undefined (no reward)" if value is None else f"{value:.{digits}f}"
+
+    readout = "\n".join(f"- {task}: " + ", ".join(f"{r2(r['test_r2'], 3)} ({n} episodes; train {r2(r['train_r2'], 2)})"
                                                    for n, r in row["by_episodes"].items())
                         for task, row in results.get("state_readout", {}).items()) or "(not yet)"
     comparison = ""
