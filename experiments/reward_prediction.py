@@ -622,7 +622,7 @@ def export_pretrained(task: str, out: Path, spec: dict[str, Any], roots: tuple[P
         caveat += ("\n- Each training sequence was reconstructed from another episode's first frame (`keypoints.reference:"
                    "\n  other`), so keypoints also sit on what stands still through an episode (e.g. a goal).")
     if scores["r2_mean"] < 0.1:
-        caveat += ("\n- **Its predicted rewards are no better than always predicting the mean reward** (R² < 0.1): use"
+        caveat += ("\n- **Its predicted rewards are little or no better than always predicting the mean reward** (R² < 0.1): use"
                    "\n  its keypoints, not `info[\"predicted_reward\"]` or `imagine()`'s rewards.")
     write_bytes(dest / f"{task}.md", f"""\
 # pretrained:{task}
