@@ -8,13 +8,14 @@ torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
-    """`slow` tests run only with `-m slow` (or `-m "slow or not slow"`)."""
+    """`slow` tests (end-to-end runs whose parts the fast suite covers) are deselected unless `-m` names them
+    (`-m slow`, or `-m "slow or not slow"` for everything)."""
     if "slow" in (config.getoption("-m") or ""):
         return
-    skip = pytest.mark.skip(reason="slow: run with -m slow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+    slow = [item for item in items if "slow" in item.keywords]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if "slow" not in item.keywords]
 
 
 @pytest.fixture

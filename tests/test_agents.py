@@ -150,6 +150,7 @@ def test_kp_rl_run_state_grid_end_to_end(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # the script's online-agent test below covers it; this one adds the offline-perception spec
 def test_structured_vs_unstructured_script_runs_a_spec(tmp_path):
     spec = tmp_path / "tiny.yaml"
     spec.write_text("name: tiny\ntasks: [cartpole-swingup]\nagents: [ppo-state, ppo-keypoints]\nseeds: [0]\n"
@@ -559,7 +560,8 @@ def test_a_perception_fit_leaves_the_agents_random_stream_alone(tmp_path):
     torch.manual_seed(7)
     expected = torch.rand(3)
     torch.manual_seed(7)
-    fit_perception(model, episodes, dataclasses.replace(schedule, refit_autoencoder_steps=1), 1, tmp_path)  # resumes
+    fit_perception(model, episodes, dataclasses.replace(schedule, refit_autoencoder_steps=1, refit_dynamics_steps=1), 1,
+                   tmp_path)  # resumes
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -584,7 +586,8 @@ def test_an_interrupted_perception_fit_resumes_its_weights(tmp_path):
         assert torch.equal(a, b), name
     # a refit resumes the VRNN's run with the VRNN's weights alone: the autoencoder it has just refitted is kept
     before = {k: v.clone() for k, v in resumed.autoencoder.state_dict().items()}
-    fit_perception(resumed, episodes, dataclasses.replace(schedule, refit_autoencoder_steps=1), 1, tmp_path)
+    fit_perception(resumed, episodes, dataclasses.replace(schedule, refit_autoencoder_steps=1, refit_dynamics_steps=1), 1,
+                   tmp_path)
     refitted = kp_rl.model.read_checkpoint(tmp_path / "autoencoder")["state_dict"]
     for name, value in resumed.autoencoder.state_dict().items():
         assert torch.equal(value, refitted[f"autoencoder.{name}"]), name

@@ -84,6 +84,7 @@ def test_resources_per_agent_and_bad_resources(tmp_path):
         ExperimentSpec.from_yaml(spec)
 
 
+@pytest.mark.slow  # the Ray runner's tests above cover the grid; this one adds a fresh instance and perception
 def test_cli_ray_flag_with_a_keypoint_agent(tmp_path):
     """`kp-rl run SPEC --ray` on a fresh local instance (its own process): the perception task runs first and
     the keypoint agent's cell gets the trained model from it."""

@@ -20,7 +20,7 @@ def run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     return result
 
 
-def test_quick_spec_runs_every_cell_and_resumes_from_the_cell_files(tmp_path):
+def test_quick_spec_runs_every_cell_resumes_and_a_fresh_machine_reuses_the_committed_autoencoder(tmp_path):
     first = run(tmp_path)
     assert "0 of" in first.stdout and "cells already done" in first.stdout
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -65,10 +65,8 @@ def test_quick_spec_runs_every_cell_and_resumes_from_the_cell_files(tmp_path):
     seed0 = json.loads((tmp_path / "out" / "cells" / "cartpole-swingup" / "struct_seed0.json").read_text())
     assert "pretrained:cartpole-swingup" in card and f"R² {seed0['scores']['prior_mean']['r2_mean']:.3f}" in card
 
-
-def test_a_fresh_machine_reencodes_with_the_committed_autoencoder_instead_of_retraining(tmp_path):
-    run(tmp_path)
-    shutil.rmtree(tmp_path / "runs")  # a fresh machine: only the committed files are left
+    # a fresh machine re-encodes with the committed autoencoder instead of retraining it
+    shutil.rmtree(tmp_path / "runs")  # only the committed files are left
     for cell in (tmp_path / "out" / "cells" / "cartpole-swingup").glob("struct_seed*.json"):
         cell.unlink()
     again = run(tmp_path)
