@@ -19,6 +19,23 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def cli(capsys):
+    """Run ``kp-rl argv`` in this process: (exit status, stdout, stderr)."""
+    from kp_rl.cli import main
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exc:  # argparse
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
 def checker_findings():
     """Run Gymnasium's and SB3's env checkers on an env; return what they warned about (errors raise).
 

@@ -13,22 +13,6 @@ from kp_rl.model import read_checkpoint
 QUIET = ["--quiet"]
 
 
-@pytest.fixture
-def cli(capsys):
-    """Run ``kp-rl argv`` in this process: (exit status, stdout, stderr)."""
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            code = main([str(a) for a in argv])
-        except SystemExit as exc:  # argparse
-            code = exc.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A dataset, a finished keypoints run and dynamics run on it, a finished sac-state run, and some junk."""

@@ -138,27 +138,21 @@ def test_unwritable_output(tmp_path):
             collect("cartpole-swingup", locked / "d", 1, progress=False)
 
 
-def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path, capsys):
-    from kp_rl.cli import main
-
-    def run(*args):  # in this process (the first case also as a user's own process)
-        code = main(list(args))
-        out, err = capsys.readouterr()
-        return code, out, err
-
+def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path, cli):
     bad = [
         ["collect", "--env", "kp_rl/nope-v0", "--episodes", "1", "--out", str(tmp_path / "a")],
         ["collect", "--env", "cartpole-swingup", "--episodes", "1", "--out", str(tmp_path / "a"), "--image-size", "2"],
         ["collect", "--env", "cartpole-swingup", "--episodes", "1", "--out", "/proc/kp_rl_cannot_write"],
         ["inspect", str(tmp_path / "missing")],
     ]
+    # each in this process, the first also as a user's own process (its real exit status)
     process = subprocess.run([sys.executable, "-m", "kp_rl.cli", *bad[0]], capture_output=True, text=True)
-    results = [(process.returncode, process.stdout, process.stderr)] + [run(*args) for args in bad]
+    results = [(process.returncode, process.stdout, process.stderr)] + [cli(*args) for args in bad]
     for args, (code, _, err) in zip([bad[0], *bad], results):
         assert code == 2, (args, err)
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("kp-rl: error:"), err
     assert not (tmp_path / "a").exists()
-    code, out, _ = run("collect", "--env", "cartpole-swingup", "--episodes", "1", "--out", str(tmp_path / "ok"),
+    code, out, _ = cli("collect", "--env", "cartpole-swingup", "--episodes", "1", "--out", str(tmp_path / "ok"),
                        "--max-steps", "3", "--image-size", "16", "--quiet")
     assert code == 0 and "1 episodes, 4 frames" in out
