@@ -73,6 +73,10 @@ def write_report(results_dir: Path, spec_path: Path) -> None:
                       + "".join(f"; {t} alone {r['point']:.2f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]"
                                 for t, r in row.get("per_task", {}).items())
                       for pair, row in summary.get("probability_of_improvement", {}).items())
+    machines = "; ".join(f"{task} {LABELS.get(agent, agent)}: " + ", ".join(f"{n} on {label}" for label, n in
+                                                                        row["machines"].items())
+                         for task in spec.tasks for agent, row in summary[task].items()
+                         if agent != "random" and len(row.get("machines", {})) > 1)
     missing = [f"{t}/{a}/seed{s}" for t, a, s in spec.cells() if f"{t}/{a}/seed{s}" not in results["curves"]]
     experiment_readme(results_dir, "experiments/structured_vs_unstructured.py", __doc__, f"""\
 Spec `{spec.name}` ({spec_path.name}): {len(spec.cells())} cells, {len(spec.cells()) - len(missing)} finished.
@@ -81,6 +85,9 @@ Final return: the mean of the last {spec.final_evaluations} evaluation(s) of {sp
 papers' means ± std at 100k env steps, set beside ours as a level, not a paired comparison.
 
 {table}
+
+Wall-clock is each run's own, on the machine that ran it (named in its cell file where recorded), so it compares agents
+run on the same kind of machine only.{" Agents whose cells ran on different machines: " + machines + "." if machines else ""}
 
 Probability of improvement (a seed of the first agent beats a seed of the second; rliable, 95% CI):
 

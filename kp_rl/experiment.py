@@ -19,6 +19,7 @@ A spec (see ``experiments/structured_vs_unstructured_cpu.yaml``)::
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -337,12 +338,21 @@ def _improvement(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     return {"point": point, "ci": [low, high]}
 
 
+def machine_label(info: dict[str, Any] | None) -> str:
+    """A cell's machine in a few words, for reading wall-clocks measured on different machines side by side."""
+    if not info:
+        return "machine not recorded"
+    simd = "AVX-512" if "avx512f" in info.get("cpu_simd", []) else "AVX2" if "avx2" in info.get("cpu_simd", []) else ""
+    device = info.get("cuda") or " ".join(x for x in (info.get("cpu", "CPU"), simd) if x)
+    return f"{device}, {info.get('torch_threads')} torch thread(s)"
+
+
 def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str, Any]], out: Path,
               runs_dir: Path | None = None) -> dict[str, Any]:
     """``summary[task][agent]``: IQM of the final returns with its 95% CI, seeds, env steps (every step counted:
     the agent's, and the random-policy episodes of a perception model trained before it), wall-clock; the random
     policy's row; the ``compare`` agent's probability of improvement over each other agent; curves against env
-    steps and against wall-clock. Writes ``out/results.json`` and the figures.
+    steps and against wall-clock; ``machines``: how many of an agent's cells ran on which machine. Writes ``out/results.json`` and the figures.
 
     With ``runs_dir`` (the grid's run folder) each task also gets the training minutes of the perception models
     trained before the agents (``perception_minutes``), added to the wall-clock of the agents that use them.
@@ -375,6 +385,7 @@ def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str,
                 "wall_clock_s": float(np.mean([r["seconds"][-1] + sum(f["seconds"] for f in fit if f.get("shared"))
                                                for r, fit in zip(runs, fits)]))
                 + 60 * sum(perception[task].get(n, 0.0) for n in needed),
+                "machines": dict(Counter(machine_label(r.get("machine")) for r in runs)),
                 "perception_fits": len(fits[0]) if fits else 0,
                 "perception_fit_s": float(np.mean([sum(f["seconds"] for f in fit) for fit in fits]))}
         if spec.random_episodes:

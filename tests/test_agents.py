@@ -119,7 +119,12 @@ def test_summary_gives_each_tasks_probability_of_improvement_beside_the_average(
     curves = {(t, a, s): {"returns": [0.0, s + (wins[t] if a == "sac-state" else 0.0)], "steps": [0, 10],
                           "seconds": [0.0, 1.0]}
               for t in spec.tasks for a in spec.agents for s in spec.seeds}
-    pair = summarise(spec, curves, tmp_path)["summary"]["probability_of_improvement"]["sac-state > ppo-state"]
+    curves["cartpole-swingup", "sac-state", 0]["machine"] = {"cpu": "AMD EPYC", "cpu_simd": ["avx2", "avx512f"],
+                                                            "torch_threads": 2, "cuda": None}
+    summary = summarise(spec, curves, tmp_path)["summary"]
+    assert summary["cartpole-swingup"]["sac-state"]["machines"] == {"AMD EPYC AVX-512, 2 torch thread(s)": 1,
+                                                                    "machine not recorded": 2}
+    pair = summary["probability_of_improvement"]["sac-state > ppo-state"]
     assert pair["point"] == 0.5 and pair["tasks"] == spec.tasks
     assert pair["per_task"]["cartpole-swingup"]["point"] == 1.0 and pair["per_task"]["reacher-easy"]["point"] == 0.0
 
