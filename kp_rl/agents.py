@@ -13,10 +13,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
@@ -57,15 +58,11 @@ class AgentSpec:
     perception: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if self.algo not in ALGOS:
-            raise ValueError(f"agent {self.name}: algo must be one of {ALGOS}, got {self.algo!r}")
-        if self.observation not in OBSERVATION_KINDS:
-            raise ValueError(f"agent {self.name}: observation must be one of {OBSERVATION_KINDS}, "
-                             f"got {self.observation!r}")
+        for name, allowed in (("algo", ALGOS), ("observation", OBSERVATION_KINDS), ("augmentation", AUGMENTATIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"agent {self.name}: {name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.frame_stack < 1 or self.n_envs < 1:
             raise ValueError(f"agent {self.name}: frame_stack and n_envs must be >= 1")
-        if self.augmentation not in AUGMENTATIONS:
-            raise ValueError(f"agent {self.name}: augmentation must be one of {AUGMENTATIONS}, got {self.augmentation!r}")
         if self.augmentation != "none" and (self.algo != "SAC" or self.observation != "pixels"):
             raise ValueError(f"agent {self.name}: augmentation {self.augmentation!r} is for SAC on pixels")
         if self.policy == "DrQCnnPolicy" and (self.algo != "SAC" or self.observation != "pixels"):
@@ -81,9 +78,7 @@ class AgentSpec:
         """The online perception schedule (None: the agent needs a trained ``--model``)."""
         from kp_rl.online import PerceptionSchedule
 
-        if self.perception is None:
-            return None
-        return PerceptionSchedule.from_dict(self.perception, f"agent {self.name}")
+        return None if self.perception is None else PerceptionSchedule.from_dict(self.perception, f"agent {self.name}")
 
     @property
     def needs_model(self) -> bool:
@@ -124,11 +119,8 @@ def _spec(path: Path, data: Any, shared: dict[str, dict[str, Any]]) -> AgentSpec
 def load_agent_catalog() -> dict[str, AgentSpec]:
     folder = agents_dir()
     shared = _shared(folder)
-    specs = {}
-    for path in sorted(folder.glob("*.yaml")):
-        if path.name != DEFAULTS_FILE:
-            specs[path.stem] = _spec(path, read_yaml(path), shared)
-    return specs
+    return {path.stem: _spec(path, read_yaml(path), shared) for path in sorted(folder.glob("*.yaml"))
+            if path.name != DEFAULTS_FILE}
 
 
 def get_agent(name: str | Path) -> AgentSpec:
@@ -170,16 +162,13 @@ def _monitored_envs(env_id: str, spec: AgentSpec, n_envs: int, seed: int, env_kw
 
     from kp_rl.wrappers import StateObservation
 
-    def factory(rank: int) -> Callable[[], gym.Env]:
-        def make() -> gym.Env:
-            env = gym.make(env_id, **(env_kwargs or {}))
-            env = Monitor(StateObservation(env) if spec.observation == "state" else env)
-            env.reset(seed=seed + rank)
-            return env
+    def make(rank: int) -> gym.Env:
+        env = gym.make(env_id, **(env_kwargs or {}))
+        env = Monitor(StateObservation(env) if spec.observation == "state" else env)
+        env.reset(seed=seed + rank)
+        return env
 
-        return make
-
-    venv = DummyVecEnv([factory(i) for i in range(n_envs)])
+    venv = DummyVecEnv([functools.partial(make, i) for i in range(n_envs)])
     venv.seed(seed)
     return venv
 
@@ -280,9 +269,8 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
     model_file = checkpoint_file(model).resolve() if isinstance(model, (str, Path)) else None
     schedule = spec.schedule if model is None else None  # no model: perception learned online (kp_rl.online)
     identity = {"command": "rl", "stage": "agent", "agent": spec.name, "algo": spec.algo, "policy": spec.policy,
-                "augmentation": spec.augmentation,
-                "observation": spec.observation, "env_id": env_id, "seed": seed, "env_kwargs": env_kwargs or None,
-                "model": str(model_file) if model_file else None,
+                "augmentation": spec.augmentation, "observation": spec.observation, "env_id": env_id, "seed": seed,
+                "env_kwargs": env_kwargs or None, "model": str(model_file) if model_file else None,
                 "model_sha256": checkpoint_hash(model_file) if model_file else None,
                 "perception": dataclasses.asdict(schedule) if schedule else None,
                 "perception_prefix": str(Path(perception_prefix).resolve()) if schedule and perception_prefix else None}
@@ -307,22 +295,20 @@ def train_agent(env_id: str, agent: str | AgentSpec, steps: int, out: str | Path
     if steps < trained:
         raise ValueError(f"{out} has trained {trained} agent steps, more than the {steps} asked for; "
                          f"ask for {trained} or more to extend it")
-    venv = eval_env = None
+    venv = eval_env = online = None
     try:
-        if schedule is not None:  # the model an online agent starts from is shaped by its env
+        if schedule is None:
+            venv = make_vec_env(env_id, spec, model, seed=seed, device=device, env_kwargs=env_kwargs)
+        else:  # the model an online agent starts from is shaped by its env
+            from kp_rl.online import OnlinePerception
+
             venv = _monitored_envs(env_id, spec, spec.n_envs, seed, env_kwargs)
             model = _online_model(env_id, spec, schedule, out, venv)
             venv = _perceiving(venv, spec, model, device)
-        else:
-            venv = make_vec_env(env_id, spec, model, seed=seed, device=device, env_kwargs=env_kwargs)
-        eval_env = make_vec_env(env_id, spec, model, n_envs=1, seed=seed + 10_000, device=device,
-                                env_kwargs=env_kwargs)
-        online = None
-        if schedule is not None:
-            from kp_rl.online import OnlinePerception
-
             online = OnlinePerception(schedule, out, venv, progress=progress,
                                       prefix=Path(perception_prefix) if perception_prefix else None)
+        eval_env = make_vec_env(env_id, spec, model, n_envs=1, seed=seed + 10_000, device=device,
+                                env_kwargs=env_kwargs)
         return _train(spec, venv, eval_env, steps, out, identity, found, seed, eval_every, eval_episodes, device,
                       checkpoint_every, progress, previous if (out / "agent.zip").exists() else None, online)
     finally:
@@ -353,8 +339,7 @@ def _online_model(env_id: str, spec: AgentSpec, schedule: "PerceptionSchedule", 
 
 def _size_replay_buffer(buffer: Any, transitions: int) -> None:
     """Give an SB3 replay buffer room for ``transitions`` (a run never stores more than its budget): its arrays are
-    cut or grown, what they hold kept. SB3 allocates the whole ``buffer_size`` up front and a checkpoint pickles
-    all of it: 7.4 GB for 100k transitions of 3 stacked 64x64 frames, where a 12,500-step run fills 0.9 GB."""
+    cut or grown, what they hold kept (SB3 allocates, and a checkpoint pickles, the whole ``buffer_size``)."""
     size = max(-(-transitions // buffer.n_envs), 1)
     held = buffer.buffer_size if buffer.full else buffer.pos
     if buffer.buffer_size == size or held > size or (buffer.full and buffer.pos):  # the last: it has evicted
@@ -369,8 +354,7 @@ def _size_replay_buffer(buffer: Any, transitions: int) -> None:
 
 
 def _check_checkpoint(out: Path, algo: Any, curve: dict[str, Any]) -> None:
-    """Refuse to resume from parts of different checkpoints: an agent saved at other agent steps than its curve
-    (a checkpoint torn by a save stopped half-way, as saves could be before they were staged)."""
+    """Refuse to resume from a torn checkpoint: an agent saved at other agent steps than its curve."""
     saved = curve.get("agent_steps", algo.num_timesteps)
     if algo.num_timesteps != saved:
         raise ValueError(f"{out} holds a torn checkpoint (the agent at {algo.num_timesteps} agent steps, its curve "
@@ -393,8 +377,7 @@ def _train(spec: AgentSpec, venv: Any, eval_env: Any, steps: int, out: Path, ide
         import stable_baselines3 as sb3
 
         curve = previous
-        algo = getattr(sb3, spec.algo).load(agent_path, env=venv, device=device,
-                                            tensorboard_log=str(out / "tb"))
+        algo = getattr(sb3, spec.algo).load(agent_path, env=venv, device=device, tensorboard_log=str(out / "tb"))
         if buffer_path.exists() and hasattr(algo, "load_replay_buffer"):
             algo.load_replay_buffer(buffer_path)
         _check_checkpoint(out, algo, curve)
@@ -410,9 +393,8 @@ def _train(spec: AgentSpec, venv: Any, eval_env: Any, steps: int, out: Path, ide
     start_run(out, identity, found)  # the work starts: the folder and its run.json exist from here on
 
     def save() -> None:
-        """A checkpoint: every part written in full under a temporary name first, then all renamed into place
-        (the slow writes, e.g. a pixel replay buffer, are over before the first rename): a run stopped while
-        saving keeps its previous checkpoint whole, not a newer agent beside an older buffer or curve."""
+        """A checkpoint: every part written under a temporary name first, then all renamed into place, so that a run
+        stopped while saving keeps its previous checkpoint whole (not a newer agent beside an older buffer)."""
         staged = [(out / ".agent.tmp.zip", agent_path)]
         algo.save(staged[0][0])
         if hasattr(algo, "save_replay_buffer"):

@@ -28,14 +28,13 @@ def commit() -> str | None:
     from pathlib import Path
 
     here = Path(__file__).resolve().parent  # the checkout kp_rl runs from, wherever the command was started
+    git = lambda *args: subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True,
+                                       check=True).stdout.strip()
     try:
-        head = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True)
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True)
+        head, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    return head + ("+dirty" if dirty else "")
 
 
 @functools.cache

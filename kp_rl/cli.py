@@ -35,8 +35,7 @@ def _collect(args: argparse.Namespace) -> None:
 def _inspect(args: argparse.Namespace) -> None:
     from kp_rl.report import dataset_summary
 
-    summary = dataset_summary(args.data, args.out)
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(dataset_summary(args.data, args.out), indent=2))
 
 
 def _config(args: argparse.Namespace):

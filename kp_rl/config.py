@@ -47,9 +47,8 @@ class KeypointConfig:
     separation_weight: float = 10.0
     separation_sigma: float = 0.1
     leaky_relu_slope: float = 0.2
-    # the appearance reference a training sequence is reconstructed from: "own" (its first frame, the paper's) or
-    # "other" (the first frame of another sequence of the batch), so that what stands still through an episode but
-    # differs between episodes (reacher's target) cannot be copied from the reference and needs a keypoint
+    # the frame a sequence is reconstructed from: "own" (its first, the paper's) or "other" (another sequence's
+    # first), so that what stays still in an episode but differs between episodes (reacher's target) needs a keypoint
     reference: str = "own"
 
     @property
@@ -107,8 +106,8 @@ class DynamicsConfig:
     sampling_predicted_end: float = 0.5
     sampling_ramp_fraction: float = 0.8
     sampling_ramp_steps: int = 0  # > 0: ramp over this many steps instead (a budget that early stopping may cut)
-    # the reference stops the gradient into the prior's mean and std at predicted steps (they are sampled there,
-    # and best-of-many picks among the samples); False lets it flow through the chosen sample (our default so far)
+    # the reference stops the gradient into the prior's mean and std at predicted steps (sampled there, and
+    # best-of-many picks among the samples); False lets it flow through the chosen sample
     stop_prior_gradient: bool = False
     min_std: float = 1e-4
 
@@ -142,8 +141,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU (and by the VRNN stage's CUDA graph, fp32)
-    # bf16 autocast on the CPU; None: in the autoencoder stage where the CPU computes bf16 natively (AVX512-BF16 or
-    # AMX: 2x faster steps on an AMD EPYC, validation losses alike; kp_rl.train.cpu_has_native_bf16)
+    # bf16 autocast on the CPU; None: in the autoencoder stage where the CPU computes bf16 natively (AVX512-BF16
+    # or AMX, about 2x faster steps there; kp_rl.train.cpu_has_native_bf16)
     cpu_amp: bool | None = None
     cuda_graphs: bool = True  # VRNN stage on one GPU: each step replayed from a CUDA graph (launch-bound otherwise)
     # early stopping: end training when the validation loss (at the end-of-training schedules) has not improved on
@@ -169,10 +168,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "Config":
-        self.keypoints.validate()
-        self.cnn.validate()
-        self.dynamics.validate()
-        self.train.validate()
+        for section in (self.keypoints, self.cnn, self.dynamics, self.train):
+            section.validate()
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -209,7 +206,7 @@ def _build(cls: type[T], data: Any, where: str) -> T:
             if not isinstance(value, bool) and not (default is None and value is None):
                 raise ConfigError(f"{where}.{name}: expected true/false, got {value!r}")
             kwargs[name] = value
-        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+        elif isinstance(default, (int, float)):  # (bools were handled above)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{where}.{name}: expected a number, got {value!r}")
             if isinstance(default, int) and not float(value).is_integer():

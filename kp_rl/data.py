@@ -361,8 +361,7 @@ def episode_lengths(root: str | Path, files: Sequence[Path]) -> list[int]:
 
 def count_frames(root: str | Path) -> int:
     """Frames in a dataset directory, without loading any episode."""
-    files = episode_files(root)
-    return sum(episode_lengths(root, files))
+    return sum(episode_lengths(root, episode_files(root)))
 
 
 class StreamingSequenceDataset(Dataset):
@@ -400,11 +399,8 @@ class StreamingSequenceDataset(Dataset):
             raise DatasetError(f"sequence_length and stride must be >= 1, got {sequence_length}, {stride}")
         if cache_size < 1:
             raise DatasetError(f"cache_size must be >= 1, got {cache_size}")
-        self.root = Path(root)
-        self.sequence_length = sequence_length
-        self.stride = stride
-        self.keys = tuple(keys)
-        self.cache_size = cache_size
+        self.root, self.sequence_length, self.stride = Path(root), sequence_length, stride
+        self.keys, self.cache_size = tuple(keys), cache_size
         self.files = split_episodes(episode_files(self.root), split, val_fraction)
         missing = [f for f in self.files if not f.is_file()]
         if missing:
@@ -542,9 +538,8 @@ class EpisodeBlockSampler(Sampler[int]):
         self.epoch = epoch
 
     def _order(self) -> np.ndarray:
-        n = len(self.dataset)
         if not self.shuffle:
-            return np.arange(n)
+            return np.arange(len(self.dataset))
         rng = np.random.default_rng([self.seed, self.epoch])
         episodes = rng.permutation(len(self.dataset.files))
         blocks = [np.concatenate([np.asarray(self.dataset.episode_windows(int(e)), dtype=np.int64)

@@ -10,11 +10,13 @@ the command after an interruption continues where it stopped.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kp_rl.bench import machine
 from kp_rl.config import get_preset
 from kp_rl.files import save_figure, write_json, write_text
 from kp_rl.data import collect
@@ -45,13 +47,14 @@ def run_demo(out: Path, data: Path, quick: bool = False, runs: Path = Path("runs
     config = get_preset("tiny").replace(train={"batch_size": 2, "log_every": 2}) if quick else get_preset("cpu")
     config = config.replace(train={"steps": budget["autoencoder_steps"], "dynamics_steps": budget["dynamics_steps"]})
     out.mkdir(parents=True, exist_ok=True)
-    clock = {"start": time.perf_counter()}
+    start = last = time.perf_counter()
     summary: dict[str, Any] = {"task": TASK, "budget": budget, "seconds": {}}
 
     def stage(name: str) -> None:
+        nonlocal last
         now = time.perf_counter()
-        summary["seconds"][name] = round(now - clock.get("last", clock["start"]), 1)
-        clock["last"] = now
+        summary["seconds"][name] = round(now - last, 1)
+        last = now
         print(f"[demo] {name} done ({summary['seconds'][name]:.0f} s)", flush=True)
 
     # 1. data
@@ -76,16 +79,14 @@ def run_demo(out: Path, data: Path, quick: bool = False, runs: Path = Path("runs
     print(f"\nreward prediction, {scores['Struct-VRNN']['windows']} held-out windows, {dyn.observed_steps} observed "
           f"-> {dyn.predicted_steps} predicted steps (prior mean)")
     print(f"{'model':24s} {'MSE':>8s} {'R^2':>7s}")
-    fig = Figure(figsize=(5, 3))
-    ax = fig.subplots()
+    ax = Figure(figsize=(5, 3)).subplots()
     for label, row in summary["reward_prediction"].items():
         print(f"{label:24s} {row['mse']:8.4f} {row['r2']:7.3f}")
         steps = np.arange(1, len(row["mse_per_step"]) + 1)
         ax.plot(steps, row["mse_per_step"], marker="o", label=f"{label} (R^2 {row['r2']:.2f})")
-    ax.set_xlabel(f"prediction step (after {dyn.observed_steps} observed)")
-    ax.set_ylabel("reward MSE (held-out)")
+    ax.set(xlabel=f"prediction step (after {dyn.observed_steps} observed)", ylabel="reward MSE (held-out)")
     ax.legend(fontsize=7)
-    save_figure(fig, out / "reward_prediction.png")
+    save_figure(ax.figure, out / "reward_prediction.png")
 
     # 4. video prediction: truth | Struct-VRNN samples | CNN-VRNN samples
     write_video_prediction(models, data, out / "video_prediction", num_samples=2,
@@ -95,25 +96,19 @@ def run_demo(out: Path, data: Path, quick: bool = False, runs: Path = Path("runs
     # 5. a short SAC agent on keypoints + VRNN belief
     agent = get_agent("sac-keypoints-belief")
     if quick:
-        from dataclasses import replace
-
         agent = replace(agent, hyperparameters={**agent.hyperparameters, "learning_starts": 10, "batch_size": 8})
     curve = train_agent(get_spec(TASK).env_id, agent, budget["sac_steps"], runs / "sac-keypoints-belief",
                         model=runs / "keypoints-dyn" / "model.pt", eval_every=budget["eval_every"],
                         eval_episodes=2 if quick else 5, env_kwargs={"image_size": budget["image_size"]})
     summary["sac"] = curve
-    fig = Figure(figsize=(5, 3))
-    ax = fig.subplots()
+    ax = Figure(figsize=(5, 3)).subplots()
     ax.errorbar(curve["steps"], curve["returns"], yerr=curve["returns_std"], marker="o", capsize=3)
-    ax.set_xlabel("agent steps")
-    ax.set_ylabel("eval return")
+    ax.set(xlabel="agent steps", ylabel="eval return")
     ax.set_title("SAC on keypoints + VRNN belief", fontsize=9)
-    save_figure(fig, out / "sac_curve.png")
+    save_figure(ax.figure, out / "sac_curve.png")
     stage("sac")
 
-    from kp_rl.bench import machine
-
-    summary["seconds"]["total"] = round(time.perf_counter() - clock["start"], 1)
+    summary["seconds"]["total"] = round(time.perf_counter() - start, 1)
     summary["machine"] = machine()
     write_json(out / "summary.json", summary)
     _write_page(summary, out)

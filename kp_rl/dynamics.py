@@ -192,8 +192,7 @@ class KeypointVRNN(nn.Module):
                                                        post_std)
 
     def update_belief(self, state: VRNNState, features_t: Tensor, action_t: Tensor) -> VRNNState:
-        """The state :meth:`observe_step` returns (posterior mean ``z_t``; same arguments), without its prior,
-        decoder and reward head: what an observation wrapper needs, in about half the time on the CPU."""
+        """The state :meth:`observe_step` returns (same arguments), without its prior, decoder and reward head."""
         self._check_step(state, action_t, features_t)
         h = self._transition(state, action_t)
         z, _ = self._posterior(h, features_t)

@@ -135,8 +135,7 @@ def catalog_dir(name: str = "envs") -> Path:
 
 def load_catalog() -> dict[str, TaskSpec]:
     """All catalog entries by env id."""
-    specs = [TaskSpec.from_yaml(p) for p in sorted(catalog_dir().glob("*.yaml"))]
-    return {s.env_id: s for s in specs}
+    return {spec.env_id: spec for spec in map(TaskSpec.from_yaml, sorted(catalog_dir().glob("*.yaml")))}
 
 
 def get_spec(name: str) -> TaskSpec:
@@ -263,9 +262,8 @@ class DMCPixelEnv(gym.Env, gym.utils.EzPickle):
     # -- helpers -----------------------------------------------------------------------------------------
     def _render_frame(self) -> np.ndarray:
         if self._renderer is None:
-            # Made on first use, not in __init__: a process that only builds the env (to read its spaces, as
-            # gymnasium's AsyncVectorEnv does before forking its workers) then holds no GL context, and forked
-            # children can render. A child forked after its parent rendered would hang in EGL: say so instead.
+            # Made on first use: a process that only builds the env (as AsyncVectorEnv does before forking its
+            # workers) holds no GL context, so its forked children can render; one forked after rendering would hang.
             global _RENDERING_PID
             if _RENDERING_PID not in (None, os.getpid()):
                 raise RuntimeError(
@@ -277,9 +275,8 @@ class DMCPixelEnv(gym.Env, gym.utils.EzPickle):
             import mujoco
 
             self._renderer = mujoco.Renderer(self._model, self.task_spec.image_size, self.task_spec.image_size)
-            # An env the user never closes still releases its GL context, silently: when it is collected (the
-            # finalizer), else at interpreter exit by our atexit hook, registered after MuJoCo's eglTerminate hook
-            # so that it runs first (weakref's own exit hook may run after eglTerminate: hence atexit=False).
+            # An unclosed env's GL context is released when it is collected, else by our atexit hook, registered
+            # after MuJoCo's eglTerminate hook so it runs first (weakref's exit hook may not: hence atexit=False).
             _OPEN_RENDERERS.add(self._renderer)
             self._finalizer = weakref.finalize(self, _close_quietly, self._renderer)
             self._finalizer.atexit = False

@@ -54,8 +54,7 @@ def tracking(model: PerceptionModel, data: str | Path) -> dict[str, float]:
         splits[split] = (features, pixels_to_unit(coords, model.image_size))
     err = tracking_error(*splits["train"], *splits["val"])
     pixels = (model.image_size - 1) / 2.0
-    return {**err, "keypoint_rmse_px": err["keypoint_rmse"] * pixels, "mean_baseline_rmse_px":
-            err["mean_baseline_rmse"] * pixels}
+    return {**err, **{f"{name}_px": rmse * pixels for name, rmse in err.items()}}
 
 
 @torch.inference_mode()

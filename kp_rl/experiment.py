@@ -64,8 +64,7 @@ class ExperimentSpec:
         required = {"tasks", "agents", "seeds"}
         if not isinstance(data, dict) or not required <= set(data) or ("steps" in data) == ("env_steps" in data):
             raise ValueError(f"{path}: an experiment spec needs {sorted(required)} and one of steps / env_steps")
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
+        if unknown := set(data) - {f.name for f in fields(cls)}:
             raise ValueError(f"{path}: unknown field(s) {sorted(unknown)}")
         counts = {k: int(data[k]) for k in ("eval_every", "eval_episodes", "final_evaluations", "random_episodes")
                   if k in data}
@@ -75,9 +74,8 @@ class ExperimentSpec:
                       "resources": _resources(path, data.get("resources") or {}),
                       "shared_prefix": bool(data.get("shared_prefix", False)),
                       "exclude": list(data.get("exclude") or [])})
-        pairs = {f"{t}/{a}" for t in spec.tasks for a in spec.agents}
-        if set(spec.exclude) - pairs:
-            raise ValueError(f"{path}: exclude: {sorted(set(spec.exclude) - pairs)} are not task/agent pairs of the grid")
+        if stray := set(spec.exclude) - {f"{t}/{a}" for t in spec.tasks for a in spec.agents}:
+            raise ValueError(f"{path}: exclude: {sorted(stray)} are not task/agent pairs of the grid")
         if spec.compare is not None and spec.compare not in spec.agents:
             raise ValueError(f"{path}: compare: {spec.compare!r} is not one of the agents {spec.agents}")
         for task in spec.tasks:
@@ -179,9 +177,8 @@ def run_cell(spec: ExperimentSpec, task: str, agent: str, seed: int, model: Path
              progress: bool = True, device: str = "cpu") -> dict[str, Any]:
     """Train one cell's agent (resumes an unfinished run; a finished one returns its curve at once). The cell's
     folder records what it holds (:mod:`kp_rl.runs`), so a cell never resumes another agent's or model's run.
-    It checkpoints at every evaluation: a pixel cell takes hours on a CPU core, and a session that ends loses
-    only the steps since the last evaluation. The curve records the machine it finished on (its seconds are that
-    machine's)."""
+    It checkpoints at every evaluation, so a stopped session loses only the steps since the last one; its curve
+    records the machine it finished on (its seconds are that machine's)."""
     from kp_rl.agents import train_agent
     from kp_rl.envs import get_spec
 
@@ -249,8 +246,9 @@ def random_policy(task: str, episodes: int, seed: int = 0) -> dict[str, Any]:
             returns.append(total)
     finally:
         env.close()
-    return {"task": task, "returns": returns, "mean": float(np.mean(returns)), "std": float(np.std(returns, ddof=1))
-            if len(returns) > 1 else 0.0, "episodes": episodes, "seed": seed}
+    std = float(np.std(returns, ddof=1)) if len(returns) > 1 else 0.0
+    return {"task": task, "returns": returns, "mean": float(np.mean(returns)), "std": std, "episodes": episodes,
+            "seed": seed}
 
 
 def run_experiment(path: str | Path, runs: str | Path = "runs", data: str | Path = "data",
@@ -352,7 +350,8 @@ def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str,
     """``summary[task][agent]``: IQM of the final returns with its 95% CI, seeds, env steps (every step counted:
     the agent's, and the random-policy episodes of a perception model trained before it), wall-clock; the random
     policy's row; the ``compare`` agent's probability of improvement over each other agent; curves against env
-    steps and against wall-clock; ``machines``: how many of an agent's cells ran on which machine. Writes ``out/results.json`` and the figures.
+    steps and against wall-clock; ``machines``: how many of an agent's cells ran on which machine. Writes
+    ``out/results.json`` and the figures.
 
     With ``runs_dir`` (the grid's run folder) each task also gets the training minutes of the perception models
     trained before the agents (``perception_minutes``), added to the wall-clock of the agents that use them.
@@ -362,13 +361,11 @@ def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str,
     from kp_rl.bench import machine
     from kp_rl.envs import get_spec
 
-    summary: dict[str, Any] = {}
-    finals: dict[str, dict[str, list[float]]] = {}
-    perception: dict[str, dict[str, float]] = {}
+    summary: dict[str, Any] = {task: {} for task in spec.tasks}
+    finals: dict[str, dict[str, list[float]]] = {task: {} for task in spec.tasks}
+    perception = {task: perception_minutes(runs_dir, task) if runs_dir is not None else {} for task in spec.tasks}
     for task in spec.tasks:
-        summary[task], finals[task] = {}, {}
         task_spec = get_spec(task)
-        perception[task] = perception_minutes(runs_dir, task) if runs_dir is not None else {}
         for agent in spec.agents_for(task):
             runs = [curves[(task, agent, s)] for s in spec.seeds]
             finals[task][agent] = [float(np.mean(r["returns"][-spec.final_evaluations:])) for r in runs]
@@ -416,8 +413,9 @@ def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str,
             print(f"{task:20s} {agent:24s} {row['iqm']:11.1f} [{row['ci'][0]:7.1f},{row['ci'][1]:7.1f}] "
                   f"{row['env_steps']:10d} {row['wall_clock_s'] / 60:8.1f}")
     for pair, row in summary.get("probability_of_improvement", {}).items():
+        per_task = row.get("per_task", {}).items()
         print(f"P({pair}) = {row['point']:.2f} [{row['ci'][0]:.2f}, {row['ci'][1]:.2f}]"
-              + "".join(f"; {t}: {r['point']:.2f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]" for t, r in row.get("per_task", {}).items()))
+              + "".join(f"; {t}: {r['point']:.2f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]" for t, r in per_task))
     summary = {"spec": spec.__dict__, "summary": summary, "perception_minutes": perception, "machine": machine(),
                "curves": {f"{t}/{a}/seed{s}": c for (t, a, s), c in curves.items()}}
     write_json(out / "results.json", summary)

@@ -122,10 +122,8 @@ def heatmaps_to_keypoints(heatmaps: Tensor, eps: float = 1e-6) -> Tensor:
 def gate_by_intensity(flat: Tensor) -> Tensor:
     """Flat keypoints ``(..., K * 3)`` ``(x, y, mu)`` -> ``(mu x, mu y, mu)``: what the agents observe.
 
-    A keypoint that is off (``mu`` near 0) is invisible in the reconstruction and its position is meaningless: on
-    cartpole it jumps from frame to frame (a quarter to two thirds of a position's variance is frame-to-frame
-    change, under a tenth for the true state), which a policy takes for signal
-    (results/structured_vs_unstructured_cpu/pilot). Weighting the coordinates by the intensity hides it.
+    The position of a keypoint that is off (``mu`` near 0) is meaningless and jumps from frame to frame, which a
+    policy takes for signal; weighting the coordinates by the intensity hides it.
     """
     triples = flat.unflatten(-1, (-1, 3))
     return torch.cat([triples[..., :2] * triples[..., 2:], triples[..., 2:]], dim=-1).flatten(-2)
@@ -372,8 +370,7 @@ class KeypointAutoencoder(_FrameAutoencoder):
         return gate_by_intensity(features)
 
     def _feature_maps(self, features: Tensor) -> Tensor:
-        size = self.cfg.heatmap_width
-        return keypoints_to_maps(features.unflatten(-1, (-1, 3)), size, size, self.cfg.keypoint_sigma)
+        return keypoints_to_maps(features.unflatten(-1, (-1, 3)), self.cfg.heatmap_width, sigma=self.cfg.keypoint_sigma)
 
     def _regularisers(self, out: KeypointOutput) -> dict[str, tuple[float, Tensor]]:
         """The keypoint losses with their weights: sparsity and temporal separation."""

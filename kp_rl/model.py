@@ -61,10 +61,8 @@ class PerceptionModel(nn.Module):
         self.representation = representation
         self.action_dim = int(action_dim)
         self.data_spec = dict(data_spec or {})
-        if representation == "keypoints":
-            self.autoencoder: nn.Module = KeypointAutoencoder(config.keypoints)
-        else:
-            self.autoencoder = CNNAutoencoder(config.keypoints, config.cnn)
+        self.autoencoder: nn.Module = (KeypointAutoencoder(config.keypoints) if representation == "keypoints"
+                                       else CNNAutoencoder(config.keypoints, config.cnn))
         self.dynamics: KeypointVRNN | None = None
         if with_dynamics:
             self.add_dynamics()

@@ -59,16 +59,14 @@ class PerceptionSchedule:
             raise ValueError(f"{where}: perception must be a mapping with some of {sorted(known)}")
         schedule = cls(**data)
         for name in known - {"preset", "config"}:
-            value = getattr(schedule, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "prefix" else 0):
-                raise ValueError(f"{where}: perception.{name} must be an integer >= "
-                                 f"{1 if name == 'prefix' else 0}, got {value!r}")
+            value, low = getattr(schedule, name), 1 if name == "prefix" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{where}: perception.{name} must be an integer >= {low}, got {value!r}")
         schedule.model_config()  # an unknown preset or override fails here
         return schedule
 
     def model_config(self) -> Config:
         return get_preset(self.preset).replace(**self.config)
-
 
 
 def fit_perception(model: PerceptionModel, episodes: list[dict[str, np.ndarray]], schedule: PerceptionSchedule,
@@ -80,8 +78,7 @@ def fit_perception(model: PerceptionModel, episodes: list[dict[str, np.ndarray]]
     ae_steps = schedule.autoencoder_steps + index * schedule.refit_autoencoder_steps  # cumulative budgets
     dyn_steps = schedule.dynamics_steps + index * schedule.refit_dynamics_steps
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        length = config.train.sequence_length
-        frames = FeatureSequences(episodes, length, keys=("image",))
+        frames = FeatureSequences(episodes, config.train.sequence_length, keys=("image",))
         ae = model.autoencoder
         model.config = config.replace(train={"steps": ae_steps})
         model.train()
@@ -89,8 +86,7 @@ def fit_perception(model: PerceptionModel, episodes: list[dict[str, np.ndarray]]
             None, root / "autoencoder", steps=ae_steps, batch_size=config.train.batch_size, stage="autoencoder",
             l2_parameters=list(ae.l2_parameters()), progress=progress)
         model.eval()
-        if model.dynamics is not None:
-            dynamics = model.dynamics
+        if (dynamics := model.dynamics) is not None:
             with torch.inference_mode():
                 features = encode_episodes(model, episodes)
             data = FeatureSequences([{**e, "features": f} for e, f in zip(episodes, features)],

@@ -96,8 +96,7 @@ class Perception:
         inf = np.full(model.dynamics.belief_dim if model.dynamics is not None else 0, np.inf, np.float32)
         # (low, high) of the output without / with the belief
         self.bounds = {False: (low, high), True: (np.concatenate([low, -inf]), np.concatenate([high, inf]))}
-        self.tracks_belief = False
-        self.wants_outputs = False
+        self.tracks_belief = self.wants_outputs = False
         self.state: VRNNState | None = None
         self.last_output: StepOutput | None = None
 

@@ -48,11 +48,9 @@ def checkpoint_hash(path: str | Path) -> str:
 def check_output_dir(out: str | Path) -> Path:
     """``out`` as a Path; an existing file there (or above it) is a ValueError, before anything is made."""
     out = Path(out)
-    for path in (out, *out.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise ValueError(f"output folder {out}: {path} is a file, not a folder")
-            break
+    path = next((path for path in (out, *out.parents) if path.exists()), None)
+    if path is not None and not path.is_dir():
+        raise ValueError(f"output folder {out}: {path} is a file, not a folder")
     return out
 
 

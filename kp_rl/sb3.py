@@ -169,8 +169,7 @@ class KeypointOverlayCallback(BaseCallback):
         if log_every < 1 or num_frames < 1 or scale < 1:
             raise ValueError(f"log_every, num_frames and scale must be >= 1, got {log_every}, {num_frames}, {scale}")
         if isinstance(source, gym.Env):
-            self._frame = self.perception.frame_source(source)
-            self._frames = None
+            self._frame, self._frames = self.perception.frame_source(source), None
         else:
             frames = np.asarray(source)
             size = self.perception.model.image_size
@@ -245,8 +244,7 @@ def random_shift(images: Tensor, pad: int = 4, generator: torch.Generator | None
     if pad == 0:
         return images
     batch, _, height, width = images.shape
-    # Replicate padding by concatenating border rows and columns, then one slice per image: on uint8 batches
-    # ~20x faster on a CPU than F.pad (floats only) and an advanced-indexing gather of every pixel.
+    # replicate padding by concatenating border rows and columns (F.pad takes floats only), one slice per image
     rows = torch.cat([images[:, :, :1].expand(-1, -1, pad, -1), images,
                       images[:, :, -1:].expand(-1, -1, pad, -1)], dim=2)
     padded = torch.cat([rows[:, :, :, :1].expand(-1, -1, -1, pad), rows,
@@ -263,9 +261,7 @@ class RandomShiftReplayBuffer(ReplayBuffer):
     Args:
         pad: the largest shift in pixels (default 4, DrQ's for 84x84 and 64x64 frames).
         normalize_images: hand the shifted images over as float32 divided by 255, for :class:`DrQCnnPolicy` only
-            (SB3's policies would divide them again). SB3 divides a sampled batch once per network that reads it,
-            five times per SAC update; doing it once here made a pixel update 1.2-1.5x faster on 2 CPU cores, with
-            the same numbers.
+            (SB3's policies would divide them again): once per sample, not once per network that reads it.
         other arguments: :class:`~stable_baselines3.common.buffers.ReplayBuffer`'s.
     """
 
@@ -316,9 +312,8 @@ class _ActorOnDetachedFeatures(Actor):
 
 class DrQCnnPolicy(CnnPolicy):
     """SAC's ``CnnPolicy`` with one image encoder, as DrQ has it (Kostrikov et al. 2021, after SAC-AE): the critic's
-    loss trains it, the actor reads its features detached, the target critic keeps its own slowly updated copy.
-    SB3's default gives the actor and the critic an encoder each and trains the actor's through the policy loss;
-    with one encoder a SAC update also runs one encoder backward pass instead of three.
+    loss trains it, the actor reads its features detached, the target critic keeps its own slowly updated copy
+    (SB3's default trains an encoder each for actor and critic: three encoder backward passes per update, not one).
     ``SAC(DrQCnnPolicy, env, replay_buffer_class=RandomShiftReplayBuffer, replay_buffer_kwargs={"normalize_images":
     True})``; the keyword arguments are ``CnnPolicy``'s. It reads uint8 images (divided by 255 here) and float ones
     (taken as divided already).
@@ -328,12 +323,12 @@ class DrQCnnPolicy(CnnPolicy):
         super().__init__(*args, **{**kwargs, "share_features_extractor": True})
 
     def make_actor(self, features_extractor: BaseFeaturesExtractor | None = None) -> Actor:
-        return _ActorOnDetachedFeatures(**self._update_features_extractor(self.actor_kwargs, features_extractor)).to(
-            self.device)
+        kwargs = self._update_features_extractor(self.actor_kwargs, features_extractor)
+        return _ActorOnDetachedFeatures(**kwargs).to(self.device)
 
     def make_critic(self, features_extractor: BaseFeaturesExtractor | None = None) -> ContinuousCritic:
-        return _EncoderTrainedByCritic(**self._update_features_extractor(self.critic_kwargs, features_extractor)).to(
-            self.device)
+        kwargs = self._update_features_extractor(self.critic_kwargs, features_extractor)
+        return _EncoderTrainedByCritic(**kwargs).to(self.device)
 
     def _build(self, lr_schedule: Schedule) -> None:
         super()._build(lr_schedule)  # SB3's sharing: the actor's optimizer would train the encoder, the critic's not

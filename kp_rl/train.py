@@ -98,12 +98,10 @@ def seed_everything(seed: int) -> None:
 
 
 def _forever(loader: DataLoader) -> Iterator[Any]:
-    epoch = 0
-    while True:
+    for epoch in itertools.count():
         if hasattr(loader.sampler, "set_epoch"):  # distributed / block samplers: a new order each pass
             loader.sampler.set_epoch(epoch)
         yield from loader
-        epoch += 1
 
 
 def _data_spec(root: Path, dataset: SequenceDataset) -> dict[str, Any]:
@@ -323,19 +321,16 @@ def fit(
                 start_step, history = state["step"], state["history"]
                 torch.set_rng_state(state["torch_rng"])
                 best_weights = state.get("best_weights")
-        if history.get("stopped"):  # the stopping rule ended this run: it has converged, whatever the budget
+        if history.get("stopped") or start_step == steps:  # stopped: the run has converged, whatever the budget
             return path
         if start_step > steps:
             raise ValueError(f"{out} has trained {start_step} {stage} steps, more than the {steps} asked for; "
                              f"ask for {start_step} or more to extend it")
-        if start_step == steps:
-            return path
         if context.rank > 0:  # own noise stream per rank (VRNN samples); rank 0 keeps the one it saves
             torch.manual_seed(int(torch.randint(2**62, ())) + context.rank)
 
-        loader = _train_loader(train_data, batch_size // context.world_size, shuffle, cfg.seed + start_step,
-                               cfg.num_workers, context)
-        batches = _forever(loader)
+        batches = _forever(_train_loader(train_data, batch_size // context.world_size, shuffle, cfg.seed + start_step,
+                                         cfg.num_workers, context))
         writer = SummaryWriter(str(out / "tb"), purge_step=start_step) if main else None
         objective: nn.Module = _Objective(list(parameters), loss_fn, list(l2_parameters), cfg.weight_decay,
                                           lambda: _autocast(device, cfg, graphed, stage))
@@ -401,6 +396,7 @@ def fit(
             return loss.detach(), parts, grad_norm  # (a kept autograd graph would pin the parameters' grad nodes)
 
         graph_step = CudaGraphStep(train_step, device) if graphed else None
+        step_fn = graph_step or train_step
 
         model.train()
         bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=f"train {stage}",
@@ -409,12 +405,9 @@ def fit(
         try:
             for step in bar:
                 batch = to_device(next(batches))
-                if graph_step is None:
-                    loss, parts, grad_norm = train_step(batch, step)
-                else:
-                    loss, parts, grad_norm = graph_step(batch, step)
-                    if not torch.isfinite(loss):  # the update is done: stop before anything is saved
-                        raise FloatingPointError(f"{stage} loss is {float(loss)} at step {step}; lower train.lr")
+                loss, parts, grad_norm = step_fn(batch, step)
+                if graph_step is not None and not torch.isfinite(loss):  # updated already: stop before saving
+                    raise FloatingPointError(f"{stage} loss is {float(loss)} at step {step}; lower train.lr")
                 done = step + 1
                 log = done % cfg.log_every == 0 or done == steps
                 if log:
@@ -434,9 +427,8 @@ def fit(
                     with torch.no_grad():
                         writer.add_image(f"{stage}/frames_reconstructions_keypoints", images_fn(batch), done)
                     model.train()
-                stop = False
-                if done % cfg.eval_every == 0 or done == steps:
-                    stop = distributed.broadcast_flag(validate(done))  # rank 0 validates and decides
+                # rank 0 validates and decides
+                stop = (done % cfg.eval_every == 0 or done == steps) and distributed.broadcast_flag(validate(done))
                 if stop:
                     history["stopped"] = {"step": done, "best_step": history["best"]["step"],
                                           "best_loss": history["best"]["loss"],
@@ -457,10 +449,8 @@ def fit(
 
 
 def _restore_trained(model: Trainable, parameters: list[torch.nn.Parameter], stored: dict[str, Tensor]) -> None:
-    """Load the checkpointed state of the submodules whose parameters a resumed run trains (``autoencoder.*`` or
-    ``dynamics.*``): the caller may hand :func:`fit` a freshly built model, and the stored optimiser state and
-    step only make sense with the weights they were saved with. The rest of the model (e.g. the frozen
-    autoencoder under a VRNN refit on it) stays as the caller set it."""
+    """Load the checkpointed state of the submodules a resumed run trains (``autoencoder.*`` or ``dynamics.*``):
+    the stored optimiser state only fits the weights it was saved with. The rest stays as the caller set it."""
     trained = {id(p) for p in parameters}
     for owner in {name.split(".")[0] for name, p in model.named_parameters() if id(p) in trained}:
         model.get_submodule(owner).load_state_dict(
@@ -476,16 +466,14 @@ def _autoencoder_images(model: PerceptionModel, batch: dict[str, Tensor], rows: 
     reconstruction, out = model.autoencoder(frames)
     to_uint8 = lambda x: ((x.float().clamp(-0.5, 0.5) + 0.5) * 255).round().byte().movedim(-3, -1).cpu().numpy()
     truth, recon = to_uint8(frames), to_uint8(reconstruction)
-    tiles = []
-    for b in range(truth.shape[0]):
-        row = []
-        for t in range(min(4, truth.shape[1])):
-            overlay = truth[b, t]
-            if model.representation == "keypoints":
-                overlay = draw_keypoints(overlay, out.keypoints[b, t].float().cpu().numpy())
-            row.append(np.concatenate([truth[b, t], recon[b, t], overlay], axis=1))
-        tiles.append(np.concatenate(row, axis=1))
-    return torch.from_numpy(np.concatenate(tiles, axis=0)).permute(2, 0, 1)
+    keypoints = out.keypoints.float().cpu().numpy() if model.representation == "keypoints" else None
+
+    def tile(b: int, t: int) -> np.ndarray:
+        overlay = truth[b, t] if keypoints is None else draw_keypoints(truth[b, t], keypoints[b, t])
+        return np.concatenate([truth[b, t], recon[b, t], overlay], axis=1)
+
+    lines = [np.concatenate([tile(b, t) for t in range(min(4, truth.shape[1]))], axis=1) for b in range(len(truth))]
+    return torch.from_numpy(np.concatenate(lines, axis=0)).permute(2, 0, 1)
 
 
 def train_autoencoder(
@@ -540,7 +528,7 @@ def train_autoencoder(
     model.train()
     autoencoder = model.autoencoder
     if next(autoencoder.parameters()).device.type == "cpu":
-        # same numbers, 2.2-2.4x faster training steps on the CPU (oneDNN convolutions; cpu preset, 1-2 threads)
+        # same numbers, about 2x faster training steps on the CPU (oneDNN convolutions)
         autoencoder.to(memory_format=torch.channels_last)
 
     def loss_fn(batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
