@@ -69,3 +69,13 @@ def machine() -> dict[str, Any]:
     # what sets a CPU's torch speed apart when the model name does not (virtual machines: "AMD EPYC")
     info["cpu_simd"] = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
     return info
+
+
+def machine_label(info: dict[str, Any] | None) -> str:
+    """A cell's machine in a few words, for reading wall-clocks measured on different machines side by side."""
+    if not info:
+        return "machine not recorded"
+    flags = info.get("cpu_simd", [])
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    device = info.get("cuda") or " ".join(x for x in (info.get("cpu", "CPU"), simd) if x)
+    return f"{device}, {info.get('torch_threads')} torch thread(s)"

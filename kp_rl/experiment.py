@@ -336,15 +336,6 @@ def _improvement(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     return {"point": point, "ci": [low, high]}
 
 
-def machine_label(info: dict[str, Any] | None) -> str:
-    """A cell's machine in a few words, for reading wall-clocks measured on different machines side by side."""
-    if not info:
-        return "machine not recorded"
-    simd = "AVX-512" if "avx512f" in info.get("cpu_simd", []) else "AVX2" if "avx2" in info.get("cpu_simd", []) else ""
-    device = info.get("cuda") or " ".join(x for x in (info.get("cpu", "CPU"), simd) if x)
-    return f"{device}, {info.get('torch_threads')} torch thread(s)"
-
-
 def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str, Any]], out: Path,
               runs_dir: Path | None = None) -> dict[str, Any]:
     """``summary[task][agent]``: IQM of the final returns with its 95% CI, seeds, env steps (every step counted:
@@ -358,7 +349,7 @@ def summarise(spec: ExperimentSpec, curves: dict[tuple[str, str, int], dict[str,
     """
     from matplotlib.figure import Figure
 
-    from kp_rl.bench import machine
+    from kp_rl.bench import machine, machine_label
     from kp_rl.envs import get_spec
 
     summary: dict[str, Any] = {task: {} for task in spec.tasks}
