@@ -22,9 +22,12 @@ Struct minus CNN as paired differences (seed by seed) with 95% bootstrap CIs, pe
 A progress bar counts the cells; every cell's training logs to TensorBoard (its folder under --runs) and
 checkpoints. Every finished cell (an autoencoder, a VRNN) writes results/reward_prediction/cells/<task>/<cell>.json, which is
 committed: a run on another machine skips it. Checkpoints go to --runs (not committed); a VRNN cell whose
-autoencoder checkpoint is missing retrains it (same seed, same data: the same model on the CPU).
+autoencoder checkpoint is missing retrains it (same seed, same data: the same model on the CPU). An autoencoder
+cell can outlast a session: ``--stash`` copies the unfinished ones' checkpoints to <out>/partial (commit it), and
+a run on another machine resumes them from there.
 
     python experiments/reward_prediction.py --spec cpu [--workers 2] [--tasks ...] [--max-hours H]
+    python experiments/reward_prediction.py --spec cpu --stash      # before a session ends: then commit <out>
     python experiments/reward_prediction.py --spec quick          # a smoke test in seconds (tests)
 
 Writes results/reward_prediction/{results.json, README.md, reward_per_step.png} (another spec than cpu:
@@ -38,6 +41,7 @@ import concurrent.futures as futures
 import fcntl
 import io
 import multiprocessing as mp
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -127,6 +131,12 @@ SPECS["cpu_tasks"] = {**SPECS["cpu"], "tasks": ["reacher-easy", "cheetah-run", "
 # online agents), on cpu_tasks' data: run with --methods struct
 SPECS["cpu_tasks_other"] = {**SPECS["cpu_tasks"], "tasks": ["reacher-easy"], "data": "cpu_tasks",
                             "keypoints": {"reference": "other"}}
+# the cpu spec's 8,000-step autoencoders had not plateaued (validation loss still -10% to -55% over their last
+# quarter): cpu_plateau continues each from its committed 8,000-step weights (a fresh optimiser) until the plateau
+# rule ends it (at most 16,000 more steps), then trains every VRNN again on them; bf16 autocast only on a CPU that
+# computes it natively. Its cells count steps from 0 (the 8,000 included) and carry the whole validation curve.
+SPECS["cpu_plateau"] = {**SPECS["cpu"], "data": "cpu", "ae_steps": 16_000, "ae_cpu_amp": None, "warm_start": "cpu"}
+SPECS["quick_warm"] = {**SPECS["quick"], "data": "quick", "ae_steps": 4, "warm_start": "quick"}  # its test
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -187,18 +197,62 @@ def autoencoder_cell(task: str, kind: str, seed: int, spec: dict[str, Any], root
     tick = time.perf_counter()
     run = runs / task / f"ae_{kind}_seed{seed}"
     config = autoencoder_config(spec, kind, seed)
+    stashed = Path(spec["out"]) / "partial" / task / run.name
+    if not (run / MODEL_FILE).exists() and stashed.exists():  # begun on another machine
+        for file in stashed.iterdir():
+            write_bytes(run / file.name, file.read_bytes())
+    warm_steps, warm_curve = warm_start(spec, task, run, config)
     path = train_autoencoder(roots[0], run, config, "cnn" if kind == "cnn" else "keypoints", progress=False,
                              threads=threads)
     track, model = encode_all(path, run, roots)
     size = model.image_size
     history = read_json(run / "history.json")
     return {"cell": f"ae_{kind}_seed{seed}", "task": task, "kind": kind, "seed": seed,
-            "steps": history["train"][-1]["step"] if history["train"] else 0, "stopped": history.get("stopped"),
-            "val_loss": [(row["step"], row["loss"]) for row in history["val"]],
+            "steps": warm_steps + (history["train"][-1]["step"] if history["train"] else 0),
+            "stopped": history.get("stopped"), "warm_start_steps": warm_steps,
+            "val_loss": warm_curve + [(warm_steps + row["step"], row["loss"]) for row in history["val"]],
             "parameters": sum(p.numel() for p in model.autoencoder.parameters()),
             "tracking_rmse_px": track["keypoint_rmse"] * (size - 1) / 2,
             "mean_position_rmse_px": track["mean_baseline_rmse"] * (size - 1) / 2,
             "seconds": round(time.perf_counter() - tick, 1)}
+
+
+def spec_out(name: str, root: Path = Path("results/reward_prediction")) -> Path:
+    """Where a spec's results go: ``root`` for the cpu spec, ``root/<name>`` for the others."""
+    return root if name == "cpu" else root / name
+
+
+def warm_start(spec: dict[str, Any], task: str, run: Path, config: Config) -> tuple[int, list[tuple[int, float]]]:
+    """For a spec with ``warm_start``: the steps and validation curve of the other spec's finished autoencoder cell
+    this one continues, whose committed weights become the run's start (under this spec's config, fresh optimiser)
+    when the run has no checkpoint yet. Otherwise ``(0, [])``."""
+    if not spec.get("warm_start"):
+        return 0, []
+    source = spec_out(spec["warm_start"], Path(spec["out"]).parent)
+    cell = read_json(cell_path(source, task, run.name))
+    if not (run / MODEL_FILE).exists():
+        checkpoint = read_checkpoint(source / "models" / task / f"{run.name}.pt")
+        checkpoint["config"] = config.to_dict()
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        write_bytes(run / MODEL_FILE, buffer.getvalue())
+    return cell["steps"], [tuple(row) for row in cell["val_loss"]]
+
+
+def stash(spec: dict[str, Any], runs: Path, unfinished: list[tuple[str, str]]) -> list[Path]:
+    """Copy the checkpoints of unfinished autoencoder cells ``(task, name)`` that have trained to ``<out>/partial``
+    (to commit), so that a run on another machine resumes them."""
+    stashed = []
+    for task, name in unfinished:
+        run, dest = runs / task / name, Path(spec["out"]) / "partial" / task / name
+        checkpoint = read_checkpoint(run / MODEL_FILE) if (run / MODEL_FILE).exists() else None
+        if checkpoint is None or not checkpoint["train_state"]:
+            continue
+        for file in (MODEL_FILE, "history.json", "run.json"):
+            if (run / file).exists():
+                write_bytes(dest / file, (run / file).read_bytes())
+        stashed.append(dest)
+    return stashed
 
 
 def encode_all(checkpoint: Path, run: Path, roots: tuple[Path, Path]) -> tuple[dict[str, float], Any]:
@@ -656,6 +710,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None, choices=sorted(METHODS), help="default: all")
     parser.add_argument("--workers", type=int, default=2, help="cells trained at a time (default: 2)")
     parser.add_argument("--max-hours", type=float, default=None, help="start no new cell after this long")
+    parser.add_argument("--stash", action="store_true",
+                        help="train nothing: copy unfinished autoencoder cells' checkpoints to <out>/partial (commit"
+                             " it before a session ends; a run elsewhere resumes them)")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: gather the finished cells into results.json and the README")
     parser.add_argument("--export-pretrained", action="store_true",
@@ -668,12 +725,18 @@ def main() -> None:
     parser.add_argument("--out", default=None,
                         help="default: results/reward_prediction (cpu), results/reward_prediction/<spec> (others)")
     args = parser.parse_args()
-    args.out = args.out or "results/reward_prediction" + ("" if args.spec == "cpu" else f"/{args.spec}")
-    spec = {**SPECS[args.spec], "name": args.spec, "models_dir": str(Path(args.out) / "models")}
+    args.out = args.out or str(spec_out(args.spec))
+    spec = {**SPECS[args.spec], "name": args.spec, "out": args.out, "models_dir": str(Path(args.out) / "models")}
     tasks = args.tasks or spec["tasks"]
     methods = args.methods or list(METHODS)
     out, runs, start = Path(args.out), Path(args.runs) / args.spec, time.perf_counter()
     models = Path(spec["models_dir"])
+    if args.stash:
+        unfinished = [(task, f"ae_{kind}_seed{seed}") for task in tasks for kind in AUTOENCODERS
+                      for seed in range(spec["ae_seeds"]) if not cell_path(out, task, f"ae_{kind}_seed{seed}").exists()]
+        stashed = stash(spec, runs, unfinished)
+        print("\n".join(f"stashed {path}" for path in stashed) or "nothing to stash", flush=True)
+        return
     # (resumes; quick once collected)
     roots = {task: datasets(task, spec, Path(args.data), args.collect_workers) for task in tasks}
 
@@ -738,6 +801,7 @@ def main() -> None:
                 write_json(cell_path(out, job[1], name(job)), row)
                 if job[0] == "ae":
                     commit_weights(runs / job[1] / name(job), models / job[1] / f"{name(job)}.pt")
+                    shutil.rmtree(out / "partial" / job[1] / name(job), ignore_errors=True)  # stashed: done now
                 elif name(job) == "struct_seed0":
                     commit_weights(runs / job[1] / "struct" / "seed0", models / job[1] / "struct_seed0.pt")
                 bar.update()

@@ -121,3 +121,46 @@ def test_compare_specs_pairs_the_same_cells_of_two_specs(tmp_path):
     struct = task["methods"]["struct"]
     assert struct["seeds"] == 2 and abs(struct["r2_diff"] - 0.1) < 1e-9
     assert struct["r2_diff_ci"][0] <= struct["r2_diff"] <= struct["r2_diff_ci"][1]
+
+
+def test_a_warm_started_spec_continues_the_other_spec_s_autoencoders_and_a_stash_resumes_elsewhere(tmp_path):
+    def warm(*extra: str) -> subprocess.CompletedProcess:
+        return run(tmp_path, "--spec", "quick_warm", "--out", str(tmp_path / "out" / "quick_warm"), "--methods", "cnn",
+                   *extra)
+
+    run(tmp_path, "--methods", "cnn", "--out", str(tmp_path / "out" / "quick"))  # specs' folders side by side
+    warm()
+    cells = tmp_path / "out" / "quick_warm" / "cells" / "cartpole-swingup"
+    source = json.loads((tmp_path / "out" / "quick" / "cells" / "cartpole-swingup" / "ae_cnn_seed0.json").read_text())
+    cell = json.loads((cells / "ae_cnn_seed0.json").read_text())
+    assert cell["warm_start_steps"] == source["steps"] == 6 and cell["steps"] == 6 + 4
+    assert cell["val_loss"][:len(source["val_loss"])] == source["val_loss"]  # one curve, the source's first
+    assert [step for step, _ in cell["val_loss"][len(source["val_loss"]):]] == [6 + 3, 6 + 4]
+
+    # an unfinished autoencoder cell (its cell file not written yet) is stashed, and resumed on a fresh machine
+    (cells / "ae_cnn_seed0.json").unlink()
+    stashed = warm("--stash")
+    partial = tmp_path / "out" / "quick_warm" / "partial" / "cartpole-swingup" / "ae_cnn_seed0"
+    assert f"stashed {partial}" in stashed.stdout and (partial / "model.pt").exists()
+    shutil.rmtree(tmp_path / "runs")
+    warm()
+    again = json.loads((cells / "ae_cnn_seed0.json").read_text())
+    assert again["steps"] == 10 and again["val_loss"] == cell["val_loss"]  # resumed at its end, not retrained
+    assert not partial.exists()  # a finished cell's stash goes
+    assert "nothing to stash" in warm("--stash").stdout
+
+    # the continued run starts from the source's committed weights, under this spec's config
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import torch
+
+    import reward_prediction
+    from kp_rl.model import read_checkpoint
+
+    spec = {**reward_prediction.SPECS["quick_warm"], "name": "quick_warm", "out": str(tmp_path / "out" / "quick_warm")}
+    config = reward_prediction.autoencoder_config(spec, "cnn", 0)
+    fresh = tmp_path / "fresh" / "ae_cnn_seed0"
+    assert reward_prediction.warm_start(spec, "cartpole-swingup", fresh, config)[0] == 6
+    started = read_checkpoint(fresh / "model.pt")
+    committed = read_checkpoint(tmp_path / "out" / "quick" / "models" / "cartpole-swingup" / "ae_cnn_seed0.pt")
+    assert started["config"]["train"]["steps"] == 4 and started["train_state"] is None
+    assert all(torch.equal(started["state_dict"][k], v) for k, v in committed["state_dict"].items())
