@@ -95,9 +95,12 @@ def test_a_spec_s_keypoint_settings_reach_its_keypoint_autoencoders_under_the_me
 
 def test_the_committed_weights_are_not_git_ignored():
     """results/**/*.pt is ignored (large artefacts) but for these: a fresh machine needs them."""
-    path = "results/reward_prediction/models/cartpole-swingup/ae_keypoints_seed0.pt"
-    ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
-    assert ignored.returncode == 1  # 1: not ignored
+    for path in ("results/reward_prediction/models/cartpole-swingup/ae_keypoints_seed0.pt",
+                 "results/reward_prediction/cpu_plateau/models/walker-walk/ae_cnn_seed1.pt",
+                 "results/reward_prediction/cpu_plateau/partial/walker-walk/ae_cnn_seed1/model.pt"):  # --stash
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
+        assert ignored.returncode == 1, path  # 1: not ignored
+    assert subprocess.run(["git", "check-ignore", "-q", "results/gpu_cell/model.pt"], cwd=ROOT).returncode == 0
 
 
 def test_compare_specs_pairs_the_same_cells_of_two_specs(tmp_path):
