@@ -135,6 +135,7 @@ SPECS["cpu_tasks_other"] = {**SPECS["cpu_tasks"], "tasks": ["reacher-easy"], "da
 # quarter): cpu_plateau continues each from its committed 8,000-step weights (a fresh optimiser) until the plateau
 # rule ends it (at most 16,000 more steps), then trains every VRNN again on them; bf16 autocast only on a CPU that
 # computes it natively. Its cells count steps from 0 (the 8,000 included) and carry the whole validation curve.
+# The cells that do not depend on the autoencoders (state VRNNs, state read-out, mean reward) are copied from cpu.
 SPECS["cpu_plateau"] = {**SPECS["cpu"], "data": "cpu", "ae_steps": 16_000, "ae_cpu_amp": None, "warm_start": "cpu"}
 SPECS["quick_warm"] = {**SPECS["quick"], "data": "quick", "ae_steps": 4, "warm_start": "quick"}  # its test
 
@@ -737,6 +738,11 @@ def main() -> None:
         stashed = stash(spec, runs, unfinished)
         print("\n".join(f"stashed {path}" for path in stashed) or "nothing to stash", flush=True)
         return
+    if spec.get("warm_start"):  # the cells that do not depend on the autoencoders: the warm-start spec's own
+        source = spec_out(spec["warm_start"], out.parent)
+        for cell in sorted((source / "cells").glob("*/state_*.json")) + sorted((source / "cells").glob("*/mean_*.json")):
+            if cell.parent.name in spec["tasks"] and not cell_path(out, cell.parent.name, cell.stem).exists():
+                write_bytes(cell_path(out, cell.parent.name, cell.stem), cell.read_bytes())
     # (resumes; quick once collected)
     roots = {task: datasets(task, spec, Path(args.data), args.collect_workers) for task in tasks}
 

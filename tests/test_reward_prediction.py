@@ -139,6 +139,8 @@ def test_a_warm_started_spec_continues_the_other_spec_s_autoencoders_and_a_stash
     assert cell["warm_start_steps"] == source["steps"] == 6 and cell["steps"] == 6 + 4
     assert cell["val_loss"][:len(source["val_loss"])] == source["val_loss"]  # one curve, the source's first
     assert [step for step, _ in cell["val_loss"][len(source["val_loss"]):]] == [6 + 3, 6 + 4]
+    for same in ("state_readout.json", "mean_reward.json"):  # they do not depend on the autoencoders: copied
+        assert (cells / same).read_bytes() == (tmp_path / "out" / "quick" / "cells" / "cartpole-swingup" / same).read_bytes()
 
     # an unfinished autoencoder cell (its cell file not written yet) is stashed, and resumed on a fresh machine
     (cells / "ae_cnn_seed0.json").unlink()
