@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as futures
 import fcntl
-import io
 import multiprocessing as mp
 import shutil
 import time
@@ -232,11 +231,9 @@ def warm_start(spec: dict[str, Any], task: str, run: Path, config: Config) -> tu
     source = spec_out(spec["warm_start"], Path(spec["out"]).parent)
     cell = read_json(cell_path(source, task, run.name))
     if not (run / MODEL_FILE).exists():
-        checkpoint = read_checkpoint(source / "models" / task / f"{run.name}.pt")
-        checkpoint["config"] = config.to_dict()
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        write_bytes(run / MODEL_FILE, buffer.getvalue())
+        model = kp_rl.load(source / "models" / task / f"{run.name}.pt")
+        model.config = config
+        model.save(run / MODEL_FILE)
     return cell["steps"], [tuple(row) for row in cell["val_loss"]]
 
 
@@ -274,9 +271,7 @@ def encode_all(checkpoint: Path, run: Path, roots: tuple[Path, Path]) -> tuple[d
 def commit_weights(checkpoint: Path, dest: Path) -> None:
     """A finished model's weights without optimiser state (a few hundred KB), committed beside the cells so that a
     fresh machine re-encodes the data instead of retraining the autoencoder (and ships Struct-VRNN seed 0)."""
-    buffer = io.BytesIO()
-    torch.save(kp_rl.load(checkpoint).checkpoint(train_state=None), buffer)
-    write_bytes(dest, buffer.getvalue())
+    kp_rl.load(checkpoint).save(dest)
 
 
 def cached_features(run: Path) -> dict[str, list[np.ndarray]]:
@@ -432,12 +427,11 @@ class StateDynamics(nn.Module):
         return next(self.parameters()).device
 
     def save(self, path: str | Path, train_state: dict[str, Any] | None = None) -> None:
-        buffer = io.BytesIO()
-        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "representation": "state",
-                    "config": self.config.to_dict(), "state_dim": self.dynamics.feature_dim,
-                    "action_dim": self.dynamics.action_dim, "state_dict": self.state_dict(),
-                    "train_state": train_state}, buffer)
-        write_bytes(Path(path), buffer.getvalue())
+        checkpoint = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "representation": "state",
+                      "config": self.config.to_dict(), "state_dim": self.dynamics.feature_dim,
+                      "action_dim": self.dynamics.action_dim, "state_dict": self.state_dict(),
+                      "train_state": train_state}
+        write_bytes(Path(path), lambda handle: torch.save(checkpoint, handle))
 
     @classmethod
     def load(cls, path: Path) -> "StateDynamics":
@@ -667,9 +661,7 @@ def export_pretrained(task: str, out: Path, spec: dict[str, Any], roots: tuple[P
     if not (ae.exists() and vrnn.exists() and checkpoint.exists()):
         return None
     model, ae, vrnn = kp_rl.load(checkpoint), read_json(ae), read_json(vrnn)
-    buffer = io.BytesIO()
-    torch.save(model.checkpoint(train_state=None), buffer)
-    write_bytes(dest / f"{task}.pt", buffer.getvalue())
+    model.save(dest / f"{task}.pt")
     scores = vrnn["scores"]["prior_mean"]
     size = model.image_size
     caveat = ""
