@@ -145,16 +145,23 @@ class TrainConfig:
     # or AMX, about 2x faster steps there; kp_rl.train.cpu_has_native_bf16)
     cpu_amp: bool | None = None
     cuda_graphs: bool = True  # VRNN stage on one GPU: each step replayed from a CUDA graph (launch-bound otherwise)
-    # early stopping: end training when the validation loss (at the end-of-training schedules) has not improved on
-    # its best by min_improvement (relative) for `patience` evaluations in a row; 0: train the whole budget
+    # early stopping: a plateau is `patience` evaluations in a row without the validation loss (at the end-of-training
+    # schedules) improving on its best by min_improvement (relative); 0: train the whole budget. The first
+    # `lr_reductions` plateaus multiply the learning rate by lr_factor (as torch's ReduceLROnPlateau: at a constant
+    # lr the weights, and so the loss, oscillate by more than min_improvement), the next one ends training
     patience: int = 0
     min_improvement: float = 0.01
+    lr_reductions: int = 0
+    lr_factor: float = 0.3
 
     def validate(self) -> None:
         _at_least(1, "train", self, "batch_size", "sequence_length", "steps", "dynamics_steps", "dynamics_batch_size",
                   "log_every", "checkpoint_every", "eval_every")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        _at_least(0, "train", self, "patience", "lr_reductions")
+        if not 0 < self.lr_factor < 1:
+            raise ConfigError(f"train.lr_factor must be in (0, 1), got {self.lr_factor}")
 
 
 @dataclass(frozen=True)

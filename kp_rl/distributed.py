@@ -127,11 +127,12 @@ def mean_across_ranks(values: dict[str, Tensor]) -> dict[str, Tensor]:
     return dict(zip(values, stacked.unbind()))
 
 
-def broadcast_flag(flag: bool) -> bool:
-    """Rank 0's decision, for every rank (each must call it at the same step); the flag itself in a world of one."""
+def broadcast_int(value: int) -> int:
+    """Rank 0's decision (a small int), for every rank (each must call it at the same step); the value itself in a
+    world of one."""
     if not (dist.is_available() and dist.is_initialized()):
-        return flag
+        return value
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    value = torch.tensor(float(flag), device=device)
-    dist.broadcast(value, src=0)
-    return bool(value.item())
+    tensor = torch.tensor(float(value), device=device)
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())

@@ -286,8 +286,10 @@ def fit(
             losses with no host copies or data-dependent branches that take their step as a tensor.
         threads: torch CPU threads while training (default: :data:`STAGE_THREADS` of ``stage``).
 
-    With early stopping (``train.patience > 0``) training ends once the validation loss stops improving, and a
-    finished run's ``model.pt`` holds the weights of its lowest validation loss (``history["restored_best"]``).
+    With early stopping (``train.patience > 0``) each plateau of the validation loss lowers the learning rate
+    (``train.lr_reductions`` times, ``history["lr_reductions"]``) and the next one ends training; a finished run's
+    ``model.pt`` holds the weights of its lowest validation loss (``history["restored_best"]``). A run stopped under
+    another rule (``history["stopped"]["rule"]``) goes on when resumed if this rule would not have stopped it.
     Returns:
         Path of the final checkpoint.
     """
@@ -321,6 +323,12 @@ def fit(
                 start_step, history = state["step"], state["history"]
                 torch.set_rng_state(state["torch_rng"])
                 best_weights = state.get("best_weights")
+        rule = _stopping_rule(cfg)
+        stopped_under = history["stopped"].get("rule", {**rule, "lr_reductions": 0}) if history.get("stopped") else rule
+        if stopped_under != rule and _plateau_decision(history, cfg) != STOP:
+            del history["stopped"]  # stopped under another rule that this one would not stop at: it goes on
+            if _plateau_decision(history, cfg) == REDUCE_LR:
+                _reduce_lr(optimizer, history, cfg.lr_factor, start_step)
         if history.get("stopped") or start_step == steps:  # stopped: the run has converged, whatever the budget
             return path
         if start_step > steps:
@@ -354,11 +362,11 @@ def fit(
                 write_json(out / "history.json", history)
             distributed.barrier()  # the other ranks go on once the checkpoint is complete
 
-        def validate(step: int) -> bool:
+        def validate(step: int) -> int:
             """Validation loss at the end-of-training schedules, with fixed noise (comparable across evaluations);
-            returns whether the stopping rule (``train.patience``) says training has converged."""
+            returns what the stopping rule (``train.patience``) decides: ``GO_ON``, ``REDUCE_LR`` or ``STOP``."""
             if not main or val_data is None or len(val_data) == 0:
-                return False
+                return GO_ON
             model.eval()
             sums: Counter[str] = Counter()
             count = 0
@@ -383,7 +391,7 @@ def fit(
             if cfg.patience > 0 and (best is None or row["loss"] < best["loss"]):  # any new low, not only 1% ones
                 best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
                 history["best_weights_step"] = step
-            return cfg.patience > 0 and history["stale"] >= cfg.patience
+            return _plateau_decision(history, cfg)
 
         def train_step(batch: dict[str, Tensor], step: int | Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
             loss, parts = objective(batch, step)
@@ -396,7 +404,6 @@ def fit(
             return loss.detach(), parts, grad_norm  # (a kept autograd graph would pin the parameters' grad nodes)
 
         graph_step = CudaGraphStep(train_step, device) if graphed else None
-        step_fn = graph_step or train_step
 
         model.train()
         bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=f"train {stage}",
@@ -405,7 +412,7 @@ def fit(
         try:
             for step in bar:
                 batch = to_device(next(batches))
-                loss, parts, grad_norm = step_fn(batch, step)
+                loss, parts, grad_norm = (graph_step or train_step)(batch, step)
                 if graph_step is not None and not torch.isfinite(loss):  # updated already: stop before saving
                     raise FloatingPointError(f"{stage} loss is {float(loss)} at step {step}; lower train.lr")
                 done = step + 1
@@ -428,12 +435,20 @@ def fit(
                         writer.add_image(f"{stage}/frames_reconstructions_keypoints", images_fn(batch), done)
                     model.train()
                 # rank 0 validates and decides
-                stop = (done % cfg.eval_every == 0 or done == steps) and distributed.broadcast_flag(validate(done))
+                decision = distributed.broadcast_int(validate(done)) if done % cfg.eval_every == 0 or done == steps \
+                    else GO_ON
+                if decision == REDUCE_LR:
+                    lr = _reduce_lr(optimizer, history, cfg.lr_factor, done)
+                    bar.write(f"{stage}: validation loss on a plateau at step {done}: learning rate now {lr:.3g}")
+                    if graph_step is not None:  # the captured update holds the old rate: capture again
+                        graph_step = CudaGraphStep(train_step, device)
+                stop = decision == STOP
                 if stop:
                     history["stopped"] = {"step": done, "best_step": history["best"]["step"],
-                                          "best_loss": history["best"]["loss"],
+                                          "best_loss": history["best"]["loss"], "rule": rule,
                                           "reason": f"no {cfg.min_improvement:.0%} improvement of the validation "
-                                                    f"loss in {cfg.patience} evaluations"}
+                                                    f"loss in {cfg.patience} evaluations after "
+                                                    f"{cfg.lr_reductions} learning-rate reductions"}
                 if (stop or done == steps) and best_weights is not None:  # a finished run keeps its best validation
                     model.load_state_dict(best_weights)
                     history["restored_best"] = history["best_weights_step"]
@@ -446,6 +461,34 @@ def fit(
             if writer is not None:
                 writer.close()
         return path
+
+
+GO_ON, REDUCE_LR, STOP = 0, 1, 2  # the stopping rule's decisions after a validation
+
+
+def _stopping_rule(cfg: TrainConfig) -> dict[str, float]:
+    """The settings that decide convergence, stored with a stopped run (a run stopped under another rule reopens)."""
+    return {"patience": cfg.patience, "min_improvement": cfg.min_improvement, "lr_reductions": cfg.lr_reductions,
+            "lr_factor": cfg.lr_factor}
+
+
+def _plateau_decision(history: dict[str, Any], cfg: TrainConfig) -> int:
+    """After a validation: on a plateau (``patience`` evaluations without a ``min_improvement`` new best) reduce the
+    learning rate while ``lr_reductions`` allow, else stop; otherwise go on."""
+    if cfg.patience <= 0 or history.get("stale", 0) < cfg.patience:
+        return GO_ON
+    return REDUCE_LR if len(history.get("lr_reductions", [])) < cfg.lr_reductions else STOP
+
+
+def _reduce_lr(optimizer: torch.optim.Optimizer, history: dict[str, Any], factor: float, step: int) -> float:
+    """Multiply every group's learning rate by ``factor`` (kept in the optimiser's checkpointed state) and begin a
+    new plateau count; the reduction is recorded in ``history["lr_reductions"]``."""
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+    lr = optimizer.param_groups[0]["lr"]
+    history.setdefault("lr_reductions", []).append({"step": step, "lr": lr})
+    history["stale"] = 0
+    return lr
 
 
 def _restore_trained(model: Trainable, parameters: list[torch.nn.Parameter], stored: dict[str, Tensor]) -> None:
@@ -565,7 +608,8 @@ def train_dynamics(
         data: dataset directory (with actions and rewards).
         out: run directory of the dynamics model; the saved bundle holds autoencoder + VRNN.
         overrides: config changes for this stage, e.g. ``{"dynamics": {"best_of_many": False}}``; on a resume
-            they must agree with the run's config but for ``train.dynamics_steps`` (see :func:`resumed_config`).
+            they must agree with the run's config but for ``train.dynamics_steps`` and the stopping rule
+            (see :func:`resumed_config`).
         preset: when given, the preset the autoencoder must have been trained with (else a ValueError).
         datasets: pre-computed ``(train, val)`` :class:`FeatureSequences` of this autoencoder's features
             (saves re-encoding the data when several dynamics models share one autoencoder).
@@ -642,19 +686,21 @@ def train_dynamics(
 
 
 def resumed_config(path: Path, stored: Config, requested: Config | None, budget: str) -> Config:
-    """The config a resumed run trains under: ``stored`` with ``requested``'s ``train.<budget>`` (a finished run
-    extends to a bigger budget). Any other difference would be silently ignored, so it is refused instead."""
+    """The config a resumed run trains under: ``stored`` with ``requested``'s ``train.<budget>`` and stopping rule
+    (a finished run extends to a bigger budget or a stricter rule). Any other difference would be silently ignored,
+    so it is refused instead."""
     if requested is None:
         return stored
     old, new = _flat_config(stored), _flat_config(requested)
-    differ = [k for k in old if k != f"train.{budget}" and old[k] != new.get(k)]
+    free = [budget, *_stopping_rule(requested.train)]
+    differ = [k for k in old if k not in {f"train.{name}" for name in free} and old[k] != new.get(k)]
     if differ:
         more = ", ..." if len(differ) > 3 else ""
         ours = ", ".join(f"{k}={old[k]!r}" for k in differ[:3]) + more
         theirs = ", ".join(f"{k}={new.get(k)!r}" for k in differ[:3]) + more
         raise ValueError(f"{path} was trained with {ours}, not {theirs}; a resumed run keeps its settings "
                          f"(only its step budget may grow): choose another output folder")
-    return stored.replace(train={budget: getattr(requested.train, budget)})
+    return stored.replace(train={name: getattr(requested.train, name) for name in free})
 
 
 def _flat_config(config: Config) -> dict[str, Any]:

@@ -253,6 +253,25 @@ def test_reward_statistics_are_stored_and_early_stopping_ends_a_converged_run(da
     before = (out / "model.pt").read_bytes()
     train_dynamics(keypoint_run, data, out, cfg, progress=False)  # converged: nothing more to do
     assert (out / "model.pt").read_bytes() == before
+    # a stricter rule reopens the converged run: its plateau now lowers the lr once, and the next plateau stops it
+    strict = {"train": {**cfg["train"], "lr_reductions": 1, "lr_factor": 0.5}}
+    train_dynamics(keypoint_run, data, out, strict, progress=False)
+    history = json.loads((out / "history.json").read_text())
+    state = read_checkpoint(out / "model.pt")["train_state"]
+    lr = load(out).config.train.lr
+    assert history["lr_reductions"] == [{"step": 10, "lr": pytest.approx(lr * 0.5)}]
+    assert history["stopped"]["step"] == 15 and history["stopped"]["rule"]["lr_reductions"] == 1
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr * 0.5)
+    before = (out / "model.pt").read_bytes()
+    train_dynamics(keypoint_run, data, out, strict, progress=False)  # converged under this rule: nothing to do
+    assert (out / "model.pt").read_bytes() == before
+    from kp_rl.config import ConfigError
+    with pytest.raises(ConfigError, match=r"train.lr_factor must be in \(0, 1\), got 1.5"):
+        kp_rl.get_preset("cpu").replace(train={"lr_factor": 1.5}).validate()
+    fresh = tmp_path / "fresh"  # the same rule from the start gives the same schedule
+    train_dynamics(keypoint_run, data, fresh, strict, progress=False)
+    history = json.loads((fresh / "history.json").read_text())
+    assert [r["step"] for r in history["lr_reductions"]] == [10] and history["stopped"]["step"] == 15
     model = load(out)
     frames = SequenceDataset(data, 1, split="train", keys=("image", "action", "reward"))
     episodes = [{**e, "features": f} for e, f in zip(frames.episodes, encode_episodes(model, frames.episodes))]
