@@ -216,6 +216,7 @@ def autoencoder_cell(task: str, kind: str, seed: int, spec: dict[str, Any], root
     return {"cell": f"ae_{kind}_seed{seed}", "task": task, "kind": kind, "seed": seed,
             "steps": warm_steps + (history["train"][-1]["step"] if history["train"] else 0),
             "stopped": history.get("stopped"), "warm_start_steps": warm_steps,
+            "lr_reductions": [(warm_steps + r["step"], r["lr"]) for r in history.get("lr_reductions", [])],
             "val_loss": warm_curve + [(warm_steps + row["step"], row["loss"]) for row in history["val"]],
             "parameters": sum(p.numel() for p in model.autoencoder.parameters()),
             "tracking_rmse_px": track["keypoint_rmse"] * (size - 1) / 2,
@@ -347,6 +348,7 @@ def vrnn_cell(task: str, method: str, seed: int, spec: dict[str, Any], roots: tu
     return {"cell": f"{method}_seed{seed}", "task": task, "method": method, "seed": seed, "video": jsonable(video),
             "autoencoder_seed": None if source == "state" else seed % spec["ae_seeds"],
             "steps": history["train"][-1]["step"] if history["train"] else 0, "stopped": history.get("stopped"),
+            "lr_reductions": [(r["step"], r["lr"]) for r in history.get("lr_reductions", [])],
             "val_loss": [(row["step"], row["loss"]) for row in history["val"]],
             "parameters": sum(p.numel() for p in dynamics.parameters()), "test_windows": len(sets["test"]),
             "reward_mean": float(dynamics.reward_mean), "reward_scale": float(dynamics.reward_scale),
@@ -590,11 +592,12 @@ def report(results: dict[str, Any], out: Path) -> None:
     diffs = markdown_table(["task", "Struct - CNN: R² difference", "95% bootstrap CI", "paired seeds"],
                            diff_rows) if diff_rows \
         else "(not enough paired seeds yet)"
-    ae_rows = [[task, ae["kind"], ae["seed"], ae["steps"], f"{ae['tracking_rmse_px']:.2f}",
+    ae_rows = [[task, ae["kind"], ae["seed"], ae["steps"], "plateau" if ae.get("stopped") else "budget",
+                ", ".join(f"{step:,}" for step, _ in ae.get("lr_reductions", [])), f"{ae['tracking_rmse_px']:.2f}",
                 f"{late_change(ae['val_loss']):+.0%}"] for task, aes in results.get("autoencoders", {}).items()
                for ae in aes if ae.get("val_loss")]
-    autoencoders = markdown_table(["task", "autoencoder", "seed", "steps", "tracking RMSE (px)",
-                                   "val loss, last quarter"], ae_rows) if ae_rows else "(none yet)"
+    autoencoders = markdown_table(["task", "autoencoder", "seed", "steps", "ended by", "lr lowered at",
+                                   "tracking RMSE (px)", "val loss, last quarter"], ae_rows) if ae_rows else "(none yet)"
     def r2(value: float | None, digits: int) -> str:
         return "undefined (no reward)" if value is None else f"{value:.{digits}f}"
 
