@@ -439,7 +439,8 @@ def fit(
                     else GO_ON
                 if decision == REDUCE_LR:
                     lr = _reduce_lr(optimizer, history, cfg.lr_factor, done)
-                    bar.write(f"{stage}: validation loss on a plateau at step {done}: learning rate now {lr:.3g}")
+                    if progress and main:
+                        bar.write(f"{stage}: validation loss on a plateau at step {done}: learning rate now {lr:.3g}")
                     if graph_step is not None:  # the captured update holds the old rate: capture again
                         graph_step = CudaGraphStep(train_step, device)
                 stop = decision == STOP
