@@ -6,8 +6,8 @@ accepts. Per task (random-policy data):
 * data: a training dataset (train/val split by episode; val drives early stopping) and a separate test dataset
   of >= 20 episodes collected with another seed, used only for the figures;
 * autoencoders, each with ``--ae-seeds`` seeds, trained until their validation loss plateaus (early stopping,
-  ``train.patience``; a spec's ``lr_reductions`` first lower the learning rate at a plateau): ``keypoints``, ``cnn`` (the unstructured baseline), ``no_kp_losses`` (keypoints without
-  the sparsity and separation losses);
+  ``train.patience``; a spec's ``lr_reductions`` first lower the learning rate at a plateau): ``keypoints``,
+  ``cnn`` (the unstructured baseline), ``no_kp_losses`` (keypoints without the sparsity and separation losses);
 * VRNNs, ``--seeds`` per method (seed s runs on autoencoder seed s mod ae-seeds), to a plateau as well:
   ``struct``, ``cnn`` (same VRNN class and sizes), the ablations ``struct_no_kp_losses``, ``struct_deterministic``,
   ``struct_no_best_of_many``, ``struct_stop_prior_grad`` (the reference's stop-gradient into the prior at predicted

@@ -324,10 +324,11 @@ def fit(
                 torch.set_rng_state(state["torch_rng"])
                 best_weights = state.get("best_weights")
         rule = _stopping_rule(cfg)
-        stopped_under = history["stopped"].get("rule", {**rule, "lr_reductions": 0}) if history.get("stopped") else rule
-        if stopped_under != rule and _plateau_decision(history, cfg) != STOP:
-            del history["stopped"]  # stopped under another rule that this one would not stop at: it goes on
-            if _plateau_decision(history, cfg) == REDUCE_LR:
+        if history.get("stopped") and history["stopped"].get("rule", {**rule, "lr_reductions": 0}) != rule:
+            decision = _plateau_decision(history, cfg)  # stopped under another rule: does this one stop it too?
+            if decision != STOP:
+                del history["stopped"]
+            if decision == REDUCE_LR:
                 _reduce_lr(optimizer, history, cfg.lr_factor, start_step)
         if history.get("stopped") or start_step == steps:  # stopped: the run has converged, whatever the budget
             return path
@@ -700,7 +701,7 @@ def resumed_config(path: Path, stored: Config, requested: Config | None, budget:
         ours = ", ".join(f"{k}={old[k]!r}" for k in differ[:3]) + more
         theirs = ", ".join(f"{k}={new.get(k)!r}" for k in differ[:3]) + more
         raise ValueError(f"{path} was trained with {ours}, not {theirs}; a resumed run keeps its settings "
-                         f"(only its step budget may grow): choose another output folder")
+                         f"(only its step budget and stopping rule may change): choose another output folder")
     return stored.replace(train={name: getattr(requested.train, name) for name in free})
 
 
